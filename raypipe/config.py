@@ -1,0 +1,346 @@
+"""The job config: typed pydantic models loaded from YAML, with ``--set`` overrides.
+
+Validation never touches hardware, network or heavy libraries (no torch, no vllm):
+``import raypipe.config`` is cheap and a test proves it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from raypipe.errors import ConfigError
+
+__all__ = [
+    "AnnotateConfig",
+    "CacheConfig",
+    "CEConfig",
+    "EmbedConfig",
+    "EvaluateConfig",
+    "GenePTSConfig",
+    "GenePTWConfig",
+    "GenesConfig",
+    "InputConfig",
+    "JobConfig",
+    "LLMConfig",
+    "LimitsConfig",
+    "Price",
+    "RayConfig",
+    "ShardsConfig",
+    "TextModelConfig",
+    "apply_overrides",
+    "config_hash",
+    "load_config",
+]
+
+EmbedMethod = Literal["genept_w", "genept_s", "ce"]
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class InputConfig(_Section):
+    """Where the atlas comes from and which obs columns hold labels and batches."""
+
+    path: str = Field(description="Atlas `.zarr` written by `raypipe ingest`, or `.h5ad`/AnnData `.zarr`/10x folder (ingested on the fly).")
+    label_key: str | None = Field(None, description="obs column with cell-type labels (enables evaluation).")
+    batch_key: str | None = Field(None, description="obs column with batches/donors (enables batch metrics).")
+    x_kind: Literal["auto", "counts", "lognorm"] = Field("auto", description="What X holds; `auto` detects it at ingest.")
+    rows_per_chunk: int = Field(1024, gt=0, description="Zarr row-chunk size when ingesting on the fly.")
+    name: str | None = Field(None, description="Dataset name used in metrics.parquet (default: the file stem).")
+
+    @model_validator(mode="after")
+    def _keys_differ(self) -> InputConfig:
+        if self.label_key is not None and self.label_key == self.batch_key:
+            raise ValueError(
+                f"input.batch_key equals input.label_key ({self.label_key!r}); batch metrics "
+                "would measure label mixing. Set input.batch_key to the donor/sample column."
+            )
+        return self
+
+
+class ShardsConfig(_Section):
+    """How the atlas is split into row-range shards (aligned to Zarr row chunks)."""
+
+    rows: int = Field(4096, description="Target rows per shard (rounded up to whole Zarr chunks).")
+
+    @field_validator("rows")
+    @classmethod
+    def _positive(cls, v: int) -> int:
+        if v <= 0:
+            raise ValueError(f"shards.rows must be > 0 (got {v}); e.g. 4096")
+        return v
+
+
+class GenesConfig(_Section):
+    """Gene identity and the text that describes each gene."""
+
+    text_source: Literal["table", "orgdb", "ncbi", "symbol", "llm"] = Field(
+        "orgdb", description="Registry name of the gene text source."
+    )
+    table: str | None = Field(None, description="Path of a gene→text table (TSV/CSV/parquet/JSON) for `table`.")
+    orgdb: str | None = Field(
+        None,
+        description="orgdb source: a `orgHs_gene_text_go.tsv.gz`-style TSV, or a folder holding "
+        "Bioconductor's org.Hs.eg.sqlite and GO.sqlite. Default: searched in known places.",
+    )
+    id_table: str | None = Field(None, description="Symbol↔Ensembl table (CSV/TSV); default: built from the text source.")
+    aliases: str | None = Field(None, description="Alias→symbol table (TSV: alias, symbol).")
+    ncbi_url: str = Field("https://mygene.info/v3", description="MyGene.info base URL for the `ncbi` source.")
+    ncbi_batch_size: int = Field(1000, gt=0, le=1000, description="Genes per MyGene.info POST.")
+    min_coverage: float = Field(0.5, ge=0.0, le=1.0, description="Stop when fewer atlas genes than this share have text.")
+
+
+class TextModelConfig(_Section):
+    """The text-embedding model that embeds gene and cell-type texts."""
+
+    backend: Literal["local", "openai", "vllm"] = Field("local", description="Registry name of the embedding backend.")
+    model: str = Field("all-MiniLM-L6-v2", description="Model id or local directory (`all-MiniLM-L6-v2` = the packaged offline model).")
+    base_url: str | None = Field(None, description="OpenAI-compatible endpoint (openai backend).")
+    api_key_env: str = Field("OPENAI_API_KEY", description="Name of the environment variable holding the API key.")
+    batch_size: int = Field(64, gt=0, description="Texts per embedding request/batch.")
+    dimensions: int | None = Field(None, gt=0, description="Requested embedding size, where the API supports it.")
+    num_gpus: float = Field(1.0, ge=0, description="GPUs per vLLM actor.")
+    device: str | None = Field(None, description="torch device for the local backend (default: cuda if present, else cpu).")
+
+
+class LLMConfig(_Section):
+    """The generative model that writes gene descriptions (`genes.text_source: llm`)."""
+
+    backend: Literal["openai", "vllm"] = Field("openai", description="Registry name of the generation backend.")
+    model: str = Field("gpt-4o-mini", description="Chat model id or local directory (vllm).")
+    base_url: str | None = Field(None, description="OpenAI-compatible endpoint.")
+    api_key_env: str = Field("OPENAI_API_KEY", description="Name of the environment variable holding the API key.")
+    prompt_version: str = Field("v1", description="Version of the gene-description prompt template.")
+    max_tokens: int = Field(300, gt=0, description="Max output tokens per description.")
+    temperature: float = Field(0.0, ge=0.0, le=2.0)
+    num_gpus: float = Field(1.0, ge=0, description="GPUs per vLLM actor.")
+
+
+class LimitsConfig(_Section):
+    """One cluster-wide budget shared by every LLM actor."""
+
+    requests_per_minute: float = Field(500, gt=0)
+    tokens_per_minute: float = Field(1_000_000, gt=0)
+    max_in_flight: int = Field(8, gt=0, description="Concurrent requests per actor.")
+    max_retries: int = Field(6, ge=0)
+    timeout_s: float = Field(60.0, gt=0, description="Per-request timeout.")
+    max_failure_share: float = Field(0.01, ge=0, le=1, description="Run fails when more items than this share fail.")
+    actors: int = Field(2, gt=0, description="LLM client actors.")
+
+
+class CacheConfig(_Section):
+    """Durable content-addressed cache of every paid LLM result."""
+
+    path: str | None = Field(None, description="Cache folder (default: <output_dir>/cache); shareable across runs.")
+
+
+class Price(_Section):
+    """USD per 1M tokens."""
+
+    input: float = 0.0
+    output: float = 0.0
+
+
+class GenePTWConfig(_Section):
+    """GenePT-w options (see README, 'GenePT-w variants')."""
+
+    hvg: int | None = Field(None, gt=0, description="Restrict to the N most variable genes (None = all genes).")
+    center: bool = Field(False, description="Centre gene embeddings (subtract their mean) before weighting.")
+    target_sum: float = Field(1e4, gt=0, description="Counts per cell after normalisation.")
+
+
+class GenePTSConfig(_Section):
+    """GenePT-s options."""
+
+    top_n: int = Field(100, gt=0, description="Genes per cell sentence.")
+    warn_calls: int = Field(10_000, ge=0, description="Warn with a cost estimate above this many embedding calls.")
+
+
+class CEConfig(_Section):
+    """Cell-encoder (Geneformer / LangCell) options."""
+
+    model: str | None = Field(None, description="Local HF directory or hub id of the cell encoder checkpoint.")
+    variant: Literal["geneformer_v1", "geneformer_v2", "langcell"] = Field("langcell")
+    dictionary: str = Field("V1", description="`V1`, `V2` or a folder/file with token/median dictionaries.")
+    gene_name_id: str | None = Field(None, description="Symbol→Ensembl table (Geneformer's gene_name_id_dict or GENCODE CSV).")
+    pooling: Literal["cls", "mean"] | None = Field(None, description="Default: cls for langcell, mean for geneformer.")
+    max_tokens_per_batch: int = Field(65_536, gt=0)
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    num_gpus: float = Field(0.0, ge=0, description="GPUs per CE actor (0 = CPU).")
+    actors: int = Field(1, gt=0)
+    min_coverage: float = Field(0.5, ge=0, le=1)
+
+
+class EmbedConfig(_Section):
+    """Which cell embeddings to compute."""
+
+    methods: list[EmbedMethod] = Field(default_factory=lambda: ["genept_w"])
+    genept_w: GenePTWConfig = Field(default_factory=GenePTWConfig)
+    genept_s: GenePTSConfig = Field(default_factory=GenePTSConfig)
+    ce: CEConfig = Field(default_factory=CEConfig)
+
+
+class AnnotateConfig(_Section):
+    """Zero-shot annotation."""
+
+    enabled: bool = False
+    candidates: list[str] = Field(default_factory=list, description="Cell-type names or CL ids; empty = from input.label_key.")
+    ontology: str | None = Field(None, description="Cell Ontology JSON(.gz); default: cellxgene-ontology-guide.")
+    scorers: dict[str, float] = Field(default_factory=lambda: {"text": 1.0}, description="Scorer name → weight.")
+    markers: dict[str, list[str]] = Field(default_factory=dict, description="Candidate → marker genes.")
+    center: bool = Field(True, description="Centre cells and candidate texts against their means before cosine.")
+    unassigned_threshold: float | None = Field(None, description="Margin below which a cell is `unassigned`.")
+    top_k: int = Field(3, gt=0)
+    llm_descriptions: bool = Field(False, description="Add LLM-written candidate descriptions.")
+
+
+class EvaluateConfig(_Section):
+    """Evaluation reductions."""
+
+    enabled: bool = False
+    sample_size: int = Field(20_000, gt=0, description="Cap for quadratic metrics (seeded subsample).")
+    seed: int = 0
+    pca_components: int = Field(50, gt=0)
+    leiden_resolution: float = Field(1.0, gt=0)
+    knn_k: int = Field(15, gt=0)
+    report: bool = True
+
+
+class RayConfig(_Section):
+    """Where and how the job runs on Ray."""
+
+    address: str = Field("local", description="`local` starts an embedded Ray; anything else is passed to ray.init.")
+    num_cpus: int | None = Field(None, gt=0, description="CPUs for the embedded Ray (local only).")
+    object_store_memory: int | None = Field(None, gt=0, description="Bytes of object store for the embedded Ray.")
+    actors: int = Field(2, gt=0, description="Actor-pool size for the embedding stages.")
+    actor_cpus: float = Field(0.5, gt=0, description="CPUs per actor (fractional on small machines).")
+
+
+class JobConfig(_Section):
+    """A whole raypipe job."""
+
+    input: InputConfig
+    output_dir: str = Field(description="Folder for all outputs (embeddings, manifest, metrics, report).")
+    shards: ShardsConfig = Field(default_factory=ShardsConfig)
+    genes: GenesConfig = Field(default_factory=GenesConfig)
+    text_model: TextModelConfig = Field(default_factory=TextModelConfig)
+    llm: LLMConfig = Field(default_factory=LLMConfig)
+    limits: LimitsConfig = Field(default_factory=LimitsConfig)
+    cache: CacheConfig = Field(default_factory=CacheConfig)
+    prices: dict[str, Price] = Field(default_factory=dict, description="Model id → USD per 1M tokens.")
+    embed: EmbedConfig = Field(default_factory=EmbedConfig)
+    annotate: AnnotateConfig = Field(default_factory=AnnotateConfig)
+    evaluate: EvaluateConfig = Field(default_factory=EvaluateConfig)
+    ray: RayConfig = Field(default_factory=RayConfig)
+
+    def cache_dir(self) -> Path:
+        """Return the LLM cache folder."""
+        return Path(self.cache.path) if self.cache.path else Path(self.output_dir) / "cache"
+
+
+def _valid_keys(model: type[BaseModel], loc: tuple[Any, ...]) -> list[str]:
+    cur: Any = model
+    for part in loc[:-1]:
+        field = cur.model_fields.get(part) if isinstance(part, str) else None
+        if field is None:
+            return []
+        ann = field.annotation
+        if isinstance(ann, type) and issubclass(ann, BaseModel):
+            cur = ann
+        else:
+            return []
+    return sorted(cur.model_fields)
+
+
+def _format(err: ValidationError, source: str) -> str:
+    lines = []
+    for e in err.errors():
+        loc = ".".join(str(p) for p in e["loc"])
+        if e["type"] == "extra_forbidden":
+            valid = _valid_keys(JobConfig, e["loc"])
+            lines.append(f"unknown key {loc!r}; valid keys here: {', '.join(valid)}")
+        elif e["type"] == "missing":
+            lines.append(f"missing key {loc!r}")
+        else:
+            lines.append(f"{loc}: {e['msg']} (got {e.get('input')!r})")
+    return f"invalid config {source}:\n  " + "\n  ".join(lines)
+
+
+def _parse_value(text: str) -> Any:
+    return yaml.safe_load(text) if text != "" else ""
+
+
+def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Apply ``key.sub=value`` overrides (values parsed as YAML) to a config dict.
+
+    Parameters
+    ----------
+    data
+        The config as loaded from YAML (changed in place and returned).
+    overrides
+        Strings like ``"shards.rows=2048"`` or ``"embed.methods=[genept_w,ce]"``.
+    """
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"--set {item!r} is not key=value", fix="write e.g. --set shards.rows=2048")
+        key, value = item.split("=", 1)
+        parts = key.strip().split(".")
+        cur = data
+        for p in parts[:-1]:
+            nxt = cur.setdefault(p, {})
+            if not isinstance(nxt, dict):
+                raise ConfigError(f"--set {key}: {p!r} is not a section")
+            cur = nxt
+        cur[parts[-1]] = _parse_value(value)
+    return data
+
+
+def load_config(
+    source: str | Path | dict[str, Any], overrides: list[str] | None = None
+) -> JobConfig:
+    """Load and validate a job config.
+
+    Parameters
+    ----------
+    source
+        Path of a YAML file, or an already-parsed dict.
+    overrides
+        ``key.sub=value`` strings applied before validation.
+
+    Raises
+    ------
+    ConfigError
+        With one line per problem, unknown keys listing the valid ones.
+    """
+    if isinstance(source, dict):
+        data, name = dict(source), "(dict)"
+    else:
+        path = Path(source)
+        if not path.is_file():
+            raise ConfigError(f"config file {path} not found", fix="pass the path of a YAML config, e.g. configs/demo.yaml")
+        try:
+            data = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"config file {path} is not valid YAML: {exc}") from None
+        if not isinstance(data, dict):
+            raise ConfigError(f"config file {path} must hold a mapping at the top level")
+        name = str(path)
+    data = apply_overrides(data, overrides or [])
+    try:
+        return JobConfig.model_validate(data)
+    except ValidationError as exc:
+        raise ConfigError(_format(exc, name), fix="see the config reference in README.md") from None
+
+
+def config_hash(obj: BaseModel | dict[str, Any]) -> str:
+    """Return a short stable hash of a config (or a section of it)."""
+    data = obj.model_dump(mode="json") if isinstance(obj, BaseModel) else obj
+    blob = json.dumps(data, sort_keys=True, default=str).encode()
+    return hashlib.sha256(blob).hexdigest()[:16]

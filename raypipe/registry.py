@@ -1,0 +1,70 @@
+"""A small named registry: backends and sources are looked up by name, never by if/elif."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from typing import Generic, TypeVar
+
+from raypipe.errors import ConfigError
+
+__all__ = ["Registry"]
+
+T = TypeVar("T")
+
+
+class Registry(Generic[T]):
+    """Map names to factories.
+
+    Parameters
+    ----------
+    kind
+        What the registry holds (used in error messages), e.g. ``"gene text source"``.
+
+    Examples
+    --------
+    >>> sources = Registry[type]("gene text source")
+    >>> @sources.register("symbol")
+    ... class SymbolSource: ...
+    >>> sources.get("symbol").__name__
+    'SymbolSource'
+    """
+
+    def __init__(self, kind: str) -> None:
+        self.kind = kind
+        self._items: dict[str, T] = {}
+
+    def register(self, name: str) -> Callable[[T], T]:
+        """Register the decorated object under ``name``."""
+
+        def deco(obj: T) -> T:
+            if name in self._items:
+                raise ConfigError(f"{self.kind} {name!r} is registered twice")
+            self._items[name] = obj
+            return obj
+
+        return deco
+
+    def add(self, name: str, obj: T) -> None:
+        """Register ``obj`` under ``name`` (non-decorator form)."""
+        self.register(name)(obj)
+
+    def get(self, name: str) -> T:
+        """Return the object registered as ``name``; unknown names list the known ones."""
+        try:
+            return self._items[name]
+        except KeyError:
+            known = ", ".join(sorted(self._items)) or "(none)"
+            raise ConfigError(
+                f"unknown {self.kind} {name!r}; known: {known}",
+                fix=f"use one of: {known}",
+            ) from None
+
+    def names(self) -> list[str]:
+        """Return the registered names, sorted."""
+        return sorted(self._items)
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._items
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(sorted(self._items))
