@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import importlib
 from collections.abc import Callable, Iterator
-from typing import Generic, TypeVar
+from typing import Any, Generic, TypeVar
 
 from raypipe.errors import ConfigError
 
@@ -44,20 +45,29 @@ class Registry(Generic[T]):
 
         return deco
 
-    def add(self, name: str, obj: T) -> None:
-        """Register ``obj`` under ``name`` (non-decorator form)."""
-        self.register(name)(obj)
+    def add(self, name: str, obj: T | str) -> None:
+        """Register ``obj`` under ``name``.
+
+        ``obj`` may be a ``"package.module:attr"`` string: the module is imported on the
+        first :meth:`get`, so heavy backends (torch, openai, vllm) stay unimported until used.
+        """
+        self.register(name)(obj)  # type: ignore[arg-type]
 
     def get(self, name: str) -> T:
         """Return the object registered as ``name``; unknown names list the known ones."""
         try:
-            return self._items[name]
+            obj: Any = self._items[name]
         except KeyError:
             known = ", ".join(sorted(self._items)) or "(none)"
             raise ConfigError(
                 f"unknown {self.kind} {name!r}; known: {known}",
                 fix=f"use one of: {known}",
             ) from None
+        if isinstance(obj, str):
+            module, _, attr = obj.partition(":")
+            obj = getattr(importlib.import_module(module), attr)
+            self._items[name] = obj
+        return obj  # type: ignore[no-any-return]
 
     def names(self) -> list[str]:
         """Return the registered names, sorted."""

@@ -1,0 +1,1 @@
+"""genes stage."""
