@@ -18,8 +18,8 @@ from raypipe.errors import ConfigError
 
 __all__ = [
     "AnnotateConfig",
-    "CacheConfig",
     "CEConfig",
+    "CacheConfig",
     "EmbedConfig",
     "EvaluateConfig",
     "GenePTSConfig",
@@ -53,6 +53,7 @@ class InputConfig(_Section):
     batch_key: str | None = Field(None, description="obs column with batches/donors (enables batch metrics).")
     x_kind: Literal["auto", "counts", "lognorm"] = Field("auto", description="What X holds; `auto` detects it at ingest.")
     rows_per_chunk: int = Field(1024, gt=0, description="Zarr row-chunk size when ingesting on the fly.")
+    layer: str | None = Field(None, description="Ingest X from `raw` (adata.raw) or a named layer instead of X.")
     name: str | None = Field(None, description="Dataset name used in metrics.parquet (default: the file stem).")
 
     @model_validator(mode="after")

@@ -1,0 +1,261 @@
+"""The Cell Ontology (CL): load it offline and match free-text cell-type names to CL terms.
+
+Sources, in order of preference:
+
+* the ``cellxgene-ontology-guide`` package, which ships its CL release inside the wheel
+  (``CXGSchema().ontology("CL")`` reads a bundled ``.json.zst``; no network);
+* a JSON or JSON.gz file in the same layout (``{"CL:0000236": {"label": ..., "description":
+  ..., "synonyms": [...], "ancestors": {...}, "deprecated": false}, ...}``), e.g.
+  ``../shared/data/ontology/CL-ontology-v2026-03-26.json.gz``.
+
+Matching (:meth:`Ontology.search`) is case- and punctuation-insensitive. The shipped JSON keeps
+synonyms as one flat list (the OBO exact/related/broad scopes are not kept), so every synonym
+ranks the same. Match kinds, best first:
+
+``id``          the query is a CL id (``CL:0000236`` or ``CL_0000236``)
+``label``       the normalised query equals the normalised term label
+``synonym``     ... equals a normalised synonym
+``curated``     a small table of common PBMC names (``FCGR3A+ Monocytes`` → non-classical
+                monocyte, ``CD4 T cells`` → CD4-positive, alpha-beta T cell, ...)
+
+Normalisation lower-cases, writes ``+`` as ``-positive``, turns punctuation into spaces and
+singularises plural words (``B cells`` → ``b cell``, ``Monocytes`` → ``monocyte``).
+"""
+
+from __future__ import annotations
+
+import gzip
+import json
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from raypipe.errors import InputError
+
+__all__ = [
+    "CURATED_NAMES",
+    "Ontology",
+    "OntologyMatch",
+    "OntologyTerm",
+    "load_ontology",
+    "normalise",
+]
+
+_CL_ID = re.compile(r"^CL[:_](\d{7})$", re.IGNORECASE)
+_NO_SINGULAR = {"ss", "us", "is", "os"}
+
+#: Common single-cell (PBMC) names whose CL term is not reachable by label/synonym matching.
+#: Keys are normalised names (see :func:`normalise`), values are CL ids.
+CURATED_NAMES: dict[str, str] = {
+    "cd4 t cell": "CL:0000624",
+    "cd4 positive t cell": "CL:0000624",
+    "cd8 t cell": "CL:0000625",
+    "cd8 positive t cell": "CL:0000625",
+    "fcgr3a positive monocyte": "CL:0000875",
+    "cd16 positive monocyte": "CL:0000875",
+    "cd16 monocyte": "CL:0000875",
+    "cd14 monocyte": "CL:0001054",
+    "nk cell": "CL:0000623",
+    "nk t cell": "CL:0000814",
+    "pdc": "CL:0000784",
+    "plasmacytoid dc": "CL:0000784",
+    "mdc": "CL:0000782",
+    "dc": "CL:0000451",
+    "platelet": "CL:0000233",
+    "megakaryocyte platelet": "CL:0000556",
+}
+
+
+def _singular(word: str) -> str:
+    if len(word) > 3 and word.endswith("s") and word[-2:] not in _NO_SINGULAR:
+        return word[:-1]
+    return word
+
+
+def normalise(name: str) -> str:
+    """Return the matching key of a cell-type name.
+
+    Parameters
+    ----------
+    name
+        Any cell-type name, e.g. ``"CD14+ Monocytes"``.
+
+    Returns
+    -------
+    str
+        Lower case, ``+`` → ``-positive``, punctuation → space, plural words singular:
+        ``"cd14 positive monocyte"``.
+    """
+    text = name.strip().lower().replace("+", "-positive ")
+    text = re.sub(r"[^0-9a-z]+", " ", text)
+    return " ".join(_singular(w) for w in text.split())
+
+
+@dataclass(frozen=True)
+class OntologyTerm:
+    """One Cell Ontology term."""
+
+    id: str
+    label: str
+    description: str = ""
+    synonyms: tuple[str, ...] = ()
+    ancestors: tuple[str, ...] = ()
+    deprecated: bool = False
+
+
+@dataclass(frozen=True)
+class OntologyMatch:
+    """A query matched to a term: ``kind`` is one of id, label, synonym, curated."""
+
+    query: str
+    term: OntologyTerm
+    kind: str
+    matched: str
+
+
+@dataclass
+class Ontology:
+    """An in-memory Cell Ontology with name search.
+
+    Parameters
+    ----------
+    terms
+        CL id → term.
+    source
+        Where it was loaded from (for messages and provenance).
+    """
+
+    terms: dict[str, OntologyTerm]
+    source: str = "(memory)"
+    _labels: dict[str, list[str]] = field(default_factory=dict, repr=False)
+    _synonyms: dict[str, list[str]] = field(default_factory=dict, repr=False)
+
+    def __post_init__(self) -> None:
+        for tid, term in self.terms.items():
+            if term.deprecated:
+                continue
+            self._labels.setdefault(normalise(term.label), []).append(tid)
+            for syn in term.synonyms:
+                self._synonyms.setdefault(normalise(syn), []).append(tid)
+
+    @classmethod
+    def from_dict(
+        cls, data: Mapping[str, Mapping[str, Any]], *, source: str = "(dict)"
+    ) -> Ontology:
+        """Build from the cellxgene-ontology-guide JSON layout (id → term fields)."""
+        terms = {}
+        for tid, raw in data.items():
+            if not tid.startswith("CL:") or not isinstance(raw, Mapping):
+                continue
+            terms[tid] = OntologyTerm(
+                id=tid,
+                label=str(raw.get("label", tid)),
+                description=str(raw.get("description") or ""),
+                synonyms=tuple(raw.get("synonyms") or ()),
+                ancestors=tuple(raw.get("ancestors") or ()),
+                deprecated=bool(raw.get("deprecated", False)),
+            )
+        if not terms:
+            raise InputError(
+                f"ontology {source} holds no CL terms",
+                fix="give a Cell Ontology JSON like CL-ontology-v2026-03-26.json.gz",
+            )
+        return cls(terms, source=source)
+
+    @classmethod
+    def from_file(cls, path: str | Path) -> Ontology:
+        """Load a CL JSON or JSON.gz file."""
+        path = Path(path)
+        if not path.is_file():
+            raise InputError(
+                f"ontology file {path} not found",
+                fix="set annotate.ontology to a CL JSON(.gz), or leave it empty to use "
+                "the cellxgene-ontology-guide package",
+            )
+        opener = gzip.open if path.suffix == ".gz" else open
+        try:
+            with opener(path, "rt", encoding="utf-8") as fh:
+                data = json.load(fh)
+        except (OSError, json.JSONDecodeError) as exc:
+            raise InputError(f"ontology file {path} is not valid JSON: {exc}") from None
+        return cls.from_dict(data, source=str(path))
+
+    @classmethod
+    def from_package(cls) -> Ontology:
+        """Load the CL release bundled with ``cellxgene-ontology-guide`` (offline)."""
+        try:
+            from cellxgene_ontology_guide.supported_versions import CXGSchema
+        except ImportError as exc:  # pragma: no cover - core dependency
+            raise InputError(
+                "cellxgene-ontology-guide is not installed",
+                fix="pip install cellxgene-ontology-guide, or set annotate.ontology to a file",
+            ) from exc
+        schema = CXGSchema()
+        data = schema.ontology("CL")
+        name = schema.ontology_file_names.get("CL", "CL")
+        return cls.from_dict(data, source=f"cellxgene-ontology-guide:{name}")
+
+    def term(self, term_id: str) -> OntologyTerm:
+        """Return the term with id ``term_id`` (``CL:...`` or ``CL_...``)."""
+        m = _CL_ID.match(term_id.strip())
+        tid = f"CL:{m.group(1)}" if m else term_id
+        try:
+            return self.terms[tid]
+        except KeyError:
+            raise InputError(
+                f"{term_id!r} is not a term of the Cell Ontology ({self.source})",
+                fix="check the id on https://www.ebi.ac.uk/ols4/ontologies/cl",
+            ) from None
+
+    def search(self, name: str) -> list[OntologyMatch]:
+        """Find CL terms for a cell-type name, best match kind first.
+
+        Parameters
+        ----------
+        name
+            A name or CL id, e.g. ``"B cells"``, ``"CD14+ Monocytes"``, ``"CL:0000236"``.
+
+        Returns
+        -------
+        list of OntologyMatch
+            Empty when nothing matches; within a kind, ids are sorted.
+        """
+        if _CL_ID.match(name.strip()):
+            term = self.term(name)
+            return [OntologyMatch(name, term, "id", term.id)]
+        key = normalise(name)
+        out: list[OntologyMatch] = []
+        seen: set[str] = set()
+
+        def add(ids: list[str], kind: str) -> None:
+            for tid in sorted(ids):
+                if tid not in seen:
+                    seen.add(tid)
+                    out.append(OntologyMatch(name, self.terms[tid], kind, key))
+
+        add(self._labels.get(key, []), "label")
+        add(self._synonyms.get(key, []), "synonym")
+        if key in CURATED_NAMES and CURATED_NAMES[key] in self.terms:
+            add([CURATED_NAMES[key]], "curated")
+        return out
+
+    def best(self, name: str) -> OntologyMatch | None:
+        """Return the best match for ``name``, or None."""
+        found = self.search(name)
+        return found[0] if found else None
+
+    def __len__(self) -> int:
+        return len(self.terms)
+
+
+def load_ontology(path: str | Path | None = None) -> Ontology:
+    """Load the Cell Ontology from ``path`` or, when None, from cellxgene-ontology-guide.
+
+    Parameters
+    ----------
+    path
+        A CL JSON(.gz) file (``annotate.ontology``); None uses the package's bundled release.
+    """
+    return Ontology.from_file(path) if path else Ontology.from_package()

@@ -1,0 +1,338 @@
+"""Zero-shot scorers: cells × candidates score matrices, their combination and the assignment.
+
+Every scorer is a pure function ``scorer(inputs: ScoreInputs) -> (n, k) float32`` registered in
+:data:`SCORERS` (config ``annotate.scorers: {name: weight}``). Shards score independently:
+everything that must agree across shards (the atlas mean of the cell embeddings, the candidate
+text embeddings, the marker column indices) is computed once by the driver and passed in.
+
+``text``     cosine between cell embeddings and candidate-text embeddings; with ``center``
+             both sides are centred first (cells on the *atlas* mean ``cell_mean``, texts on
+             the mean over candidates) and re-normalised. :func:`text_scores` exposes raw
+             and centred so both can be reported.
+``markers``  UCell-style signature score (Andreatta & Carmona 2021): within each cell genes
+             are ranked by decreasing expression (average rank for ties, the zero genes
+             sharing one average rank), ranks above ``max_rank`` are capped at
+             ``max_rank + 1``, and for a signature of ``m`` genes
+             ``score = 1 - U / (m * max_rank)`` with ``U = sum(ranks) - m(m+1)/2`` (the
+             Mann-Whitney U). Rank-based, hence robust to sequencing depth. Candidates without
+             any marker in the atlas score 0 (see :func:`marker_indices` for the missing list).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import pandas as pd
+import scipy.sparse as sp
+
+from raypipe.errors import ConfigError, InputError
+from raypipe.registry import Registry
+
+__all__ = [
+    "SCORERS",
+    "ScoreInputs",
+    "assign",
+    "combine",
+    "marker_indices",
+    "marker_scores",
+    "score_cells",
+    "text_scores",
+]
+
+
+@dataclass(frozen=True)
+class ScoreInputs:
+    """What the scorers of one shard may use (each reads only its own fields).
+
+    Attributes
+    ----------
+    cell_emb
+        (n, d) cell embeddings of the shard, rows in obs order.
+    text_emb
+        (k, d) candidate-text embeddings, rows in candidate order.
+    cell_mean
+        (d,) mean of the cell embeddings over the *whole atlas* (for centring).
+    center
+        Centre both sides before the cosine (``annotate.center``).
+    expr
+        (n, g) CSR expression of the shard (counts or log-normalised: ranks are the same).
+    marker_idx
+        k integer arrays of column indices into ``expr`` (one per candidate).
+    max_rank
+        UCell rank cap.
+    """
+
+    cell_emb: np.ndarray | None = None
+    text_emb: np.ndarray | None = None
+    cell_mean: np.ndarray | None = None
+    center: bool = True
+    expr: sp.csr_matrix | None = None
+    marker_idx: Sequence[np.ndarray] | None = None
+    max_rank: int = 1500
+
+
+SCORERS: Registry[Callable[[ScoreInputs], np.ndarray]] = Registry("annotation scorer")
+
+
+def _unit(x: np.ndarray) -> np.ndarray:
+    norm = np.linalg.norm(x, axis=1, keepdims=True)
+    return x / np.where(norm > 0, norm, 1.0)
+
+
+def text_scores(
+    cell_emb: np.ndarray,
+    text_emb: np.ndarray,
+    *,
+    cell_mean: np.ndarray | None = None,
+    center: bool = True,
+) -> np.ndarray:
+    """Cosine similarity of cells to candidate texts, optionally centred.
+
+    Parameters
+    ----------
+    cell_emb
+        (n, d) cell embeddings.
+    text_emb
+        (k, d) candidate-text embeddings (same space).
+    cell_mean
+        (d,) atlas mean of the cell embeddings; defaults to the mean of ``cell_emb`` (only
+        right when ``cell_emb`` is the whole atlas).
+    center
+        Subtract ``cell_mean`` from cells and the candidate mean from texts (skipped with
+        fewer than 2 candidates), then re-normalise. False gives the raw cosine.
+
+    Returns
+    -------
+    numpy.ndarray
+        (n, k) float32 cosine similarities in [-1, 1].
+    """
+    cells = np.asarray(cell_emb, dtype=np.float32)
+    texts = np.asarray(text_emb, dtype=np.float32)
+    if cells.ndim != 2 or texts.ndim != 2 or cells.shape[1] != texts.shape[1]:
+        raise InputError(
+            f"text scorer: cell embeddings {cells.shape} and text embeddings {texts.shape} "
+            "are not in the same space",
+            fix="embed candidate texts with the same text model as the gene texts",
+        )
+    if center:
+        mean = cells.mean(axis=0) if cell_mean is None else np.asarray(cell_mean, np.float32)
+        cells = cells - mean
+        if texts.shape[0] > 1:
+            texts = texts - texts.mean(axis=0)
+    return (_unit(cells) @ _unit(texts).T).astype(np.float32)
+
+
+def marker_indices(
+    markers: Sequence[Sequence[str]], var_names: Sequence[str]
+) -> tuple[list[np.ndarray], list[list[str]]]:
+    """Column indices of each candidate's marker genes, and the ones not in the atlas.
+
+    Parameters
+    ----------
+    markers
+        Per candidate, official gene symbols.
+    var_names
+        Atlas gene symbols (column order of the expression matrix).
+
+    Returns
+    -------
+    (list of numpy.ndarray, list of list of str)
+        Indices per candidate, and missing names per candidate.
+    """
+    pos = {str(g): i for i, g in enumerate(var_names)}
+    idx, missing = [], []
+    for genes in markers:
+        idx.append(np.array([pos[g] for g in genes if g in pos], dtype=np.int64))
+        missing.append([g for g in genes if g not in pos])
+    return idx, missing
+
+
+def marker_scores(
+    expr: sp.csr_matrix | np.ndarray, marker_idx: Sequence[np.ndarray], *, max_rank: int = 1500
+) -> np.ndarray:
+    """UCell-like signature scores.
+
+    Parameters
+    ----------
+    expr
+        (n, g) expression (CSR or dense); only the order of values within a row matters.
+    marker_idx
+        k arrays of column indices.
+    max_rank
+        Rank cap (UCell's ``maxRank``); ranks above it count as ``max_rank + 1``.
+
+    Returns
+    -------
+    numpy.ndarray
+        (n, k) float32 scores in [0, 1]; 1 = the markers are the cell's top genes. Candidates
+        with no markers score 0.
+    """
+    mat = sp.csr_matrix(expr, dtype=np.float64)
+    n, g = mat.shape
+    k = len(marker_idx)
+    out = np.zeros((n, k), dtype=np.float32)
+    used = np.unique(
+        np.concatenate([np.asarray(i, np.int64) for i in marker_idx] or [np.zeros(0, np.int64)])
+    )
+    if used.size == 0 or n == 0:
+        return out
+    if used.min() < 0 or used.max() >= g:
+        raise InputError(f"marker column index out of range for a matrix with {g} genes")
+    sub = mat[:, used].toarray()
+    where = [np.searchsorted(used, np.asarray(i, np.int64)) for i in marker_idx]
+    cap = float(max_rank + 1)
+    for r in range(n):
+        start, end = mat.indptr[r], mat.indptr[r + 1]
+        vals = -np.sort(mat.data[start:end][mat.data[start:end] > 0])[::-1]  # ascending of -x
+        nnz = vals.size
+        x = -sub[r]
+        gt = np.searchsorted(vals, x, side="left")  # genes strictly higher
+        ties = np.searchsorted(vals, x, side="right") - gt
+        ranks = gt + (ties + 1) / 2.0
+        zero_rank = nnz + (g - nnz + 1) / 2.0
+        ranks = np.where(sub[r] > 0, ranks, zero_rank)
+        ranks = np.minimum(ranks, cap)
+        for j, w in enumerate(where):
+            m = w.size
+            if m == 0:
+                continue
+            u = ranks[w].sum() - m * (m + 1) / 2.0
+            out[r, j] = 1.0 - u / (m * max_rank)
+    return np.clip(out, 0.0, 1.0)
+
+
+@SCORERS.register("text")
+def _text(inputs: ScoreInputs) -> np.ndarray:
+    if inputs.cell_emb is None or inputs.text_emb is None:
+        raise ConfigError(
+            "scorer 'text' needs cell embeddings and candidate-text embeddings",
+            fix="enable an embedding method whose space has a text encoder (genept_w/genept_s)",
+        )
+    return text_scores(
+        inputs.cell_emb, inputs.text_emb, cell_mean=inputs.cell_mean, center=inputs.center
+    )
+
+
+@SCORERS.register("markers")
+def _markers(inputs: ScoreInputs) -> np.ndarray:
+    if inputs.expr is None or inputs.marker_idx is None:
+        raise ConfigError(
+            "scorer 'markers' needs the expression shard and marker indices",
+            fix="set annotate.markers or use candidates whose CL definition names genes",
+        )
+    return marker_scores(inputs.expr, inputs.marker_idx, max_rank=inputs.max_rank)
+
+
+def _zscore_rows(x: np.ndarray) -> np.ndarray:
+    sd = x.std(axis=1, keepdims=True)
+    return (x - x.mean(axis=1, keepdims=True)) / np.where(sd > 0, sd, 1.0)
+
+
+def combine(scores: Mapping[str, np.ndarray], weights: Mapping[str, float]) -> np.ndarray:
+    """Weighted combination of scorer matrices.
+
+    With one scorer its scores are returned unchanged (so ``unassigned_threshold`` stays in
+    that scorer's units, e.g. cosine). With several, each matrix is z-scored per cell across
+    candidates (scorers live on different scales), then averaged with weights normalised to
+    sum to 1.
+
+    Parameters
+    ----------
+    scores
+        Scorer name → (n, k) matrix.
+    weights
+        Scorer name → weight (>= 0); names missing here get weight 0.
+
+    Returns
+    -------
+    numpy.ndarray
+        (n, k) float32.
+    """
+    used = {name: float(weights.get(name, 0.0)) for name in scores}
+    used = {name: w for name, w in used.items() if w > 0}
+    if not used:
+        raise ConfigError(
+            f"no scorer with a positive weight among {sorted(scores)} (weights {dict(weights)})",
+            fix="set annotate.scorers, e.g. {text: 1.0, markers: 0.5}",
+        )
+    if len(used) == 1:
+        (name,) = used
+        return np.asarray(scores[name], dtype=np.float32)
+    total = sum(used.values())
+    out = sum(w / total * _zscore_rows(np.asarray(scores[n], np.float64)) for n, w in used.items())
+    return np.asarray(out, dtype=np.float32)
+
+
+def score_cells(
+    inputs: ScoreInputs, weights: Mapping[str, float]
+) -> tuple[dict[str, np.ndarray], np.ndarray]:
+    """Run every scorer with a positive weight and combine them.
+
+    Returns
+    -------
+    (dict, numpy.ndarray)
+        Scorer name → (n, k) scores, and the combined (n, k) matrix.
+    """
+    per = {name: SCORERS.get(name)(inputs) for name, w in weights.items() if w > 0}
+    return per, combine(per, weights)
+
+
+def assign(
+    scores: np.ndarray,
+    labels: Sequence[str],
+    *,
+    top_k: int = 3,
+    unassigned_threshold: float | None = None,
+    unassigned_label: str = "unassigned",
+) -> pd.DataFrame:
+    """Turn a score matrix into per-cell predictions.
+
+    Parameters
+    ----------
+    scores
+        (n, k) combined scores.
+    labels
+        k candidate names (column order of ``scores``).
+    top_k
+        How many labels/scores to keep per cell.
+    unassigned_threshold
+        When set, cells whose margin (best − runner-up) is below it get ``unassigned_label``.
+
+    Returns
+    -------
+    pandas.DataFrame
+        n rows: ``label`` (prediction or ``unassigned``), ``best_label``, ``score``, ``margin``
+        (inf with a single candidate), ``top_labels`` and ``top_scores`` (lists of length
+        min(top_k, k)), ``unassigned`` (bool).
+    """
+    s = np.asarray(scores, dtype=np.float32)
+    names = np.asarray(list(labels), dtype=object)
+    if s.ndim != 2 or s.shape[1] != names.size or names.size == 0:
+        raise InputError(f"scores {s.shape} do not match {names.size} candidate labels")
+    kk = min(top_k, names.size)
+    order = np.argsort(-s, axis=1, kind="stable")[:, :kk]
+    top = np.take_along_axis(s, order, axis=1)
+    best = top[:, 0]
+    if names.size > 1:
+        margin = best - np.sort(s, axis=1)[:, -2]
+    else:
+        margin = np.full(s.shape[0], np.inf, dtype=np.float32)
+    unassigned = (
+        margin < unassigned_threshold
+        if unassigned_threshold is not None
+        else np.zeros(s.shape[0], dtype=bool)
+    )
+    best_label = names[order[:, 0]]
+    return pd.DataFrame(
+        {
+            "label": np.where(unassigned, unassigned_label, best_label),
+            "best_label": best_label,
+            "score": best,
+            "margin": margin.astype(np.float32),
+            "top_labels": [list(r) for r in names[order]],
+            "top_scores": [list(map(float, r)) for r in top],
+            "unassigned": unassigned,
+        }
+    )

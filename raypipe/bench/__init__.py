@@ -1,0 +1,1 @@
+"""Benchmarks: measured throughput and wall times of raypipe stages."""

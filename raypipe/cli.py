@@ -1,0 +1,151 @@
+"""The ``raypipe`` command line (argparse: ``--help`` imports nothing heavy)."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from collections.abc import Callable
+
+from raypipe import __version__
+from raypipe.errors import RaypipeError
+
+__all__ = ["build_parser", "main"]
+
+
+def _cmd_ingest(args: argparse.Namespace) -> int:
+    from raypipe.atlas.ingest import ingest
+
+    res = ingest(
+        args.input,
+        args.out,
+        rows_per_chunk=args.rows_per_chunk,
+        x_kind=args.x_kind,
+        layer=args.layer,
+        overwrite=args.overwrite,
+    )
+    a = res.atlas
+    print(
+        f"wrote {a.path}: {a.n_obs:,} cells × {a.n_vars:,} genes, X = {a.x_kind}"
+        f" (detected {a.x_kind_detected}), {len(a.chunk_hashes)} row chunks of {a.rows_per_chunk}"
+        f", {res.seconds:.1f} s"
+    )
+    if res.zero_count_cells:
+        print(f"note: {res.zero_count_cells} cells have zero counts (flagged `empty` in outputs)")
+    if res.duplicate_genes:
+        print(f"note: {len(res.duplicate_genes)} duplicate gene names (summed when mapped), e.g. {res.duplicate_genes[:5]}")
+    return 0
+
+
+def _cmd_run(args: argparse.Namespace) -> int:
+    from raypipe.config import load_config
+    from raypipe.pipeline.runner import run_job
+
+    job = load_config(args.config, args.set)
+    if args.dry_run:
+        from raypipe.pipeline.dryrun import dry_run
+
+        print(dry_run(job))
+        return 0
+    summary = run_job(job, overwrite=args.overwrite, progress=not args.no_progress)
+    print(summary.render())
+    return 0
+
+
+def _cmd_tokenize(args: argparse.Namespace) -> int:
+    from raypipe.embed.tokenizer import write_tokens
+
+    result = write_tokens(args.input, args.out, dictionary=args.dictionary, variant=args.variant)
+    if result is not None:
+        print(result)
+    return 0
+
+
+def _cmd_fetch_orgdb(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from raypipe.genes.sources import fetch_orgdb
+
+    dest = fetch_orgdb(Path(args.dest).expanduser()) if args.dest else fetch_orgdb()
+    print(f"org.Hs.eg.sqlite and GO.sqlite are in {dest}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """Build the argument parser (cheap: no heavy imports)."""
+    p = argparse.ArgumentParser(
+        prog="raypipe",
+        description="Distributed batch processor on Ray for single-cell RNA atlases: "
+        "GenePT / CE cell embeddings, zero-shot annotation, evaluation tables.",
+    )
+    p.add_argument("--version", action="version", version=f"raypipe {__version__}")
+    p.add_argument("-v", "--verbose", action="store_true", help="log more")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    ing = sub.add_parser("ingest", help="write an .h5ad / AnnData .zarr / 10x folder as a row-chunked Zarr atlas")
+    ing.add_argument("input", help=".h5ad, AnnData .zarr, 10x matrix.mtx(.gz) folder, or builtin:pbmc68k_reduced")
+    ing.add_argument("--out", required=True, help="destination ATLAS.zarr")
+    ing.add_argument("--rows-per-chunk", type=int, default=1024, help="rows per Zarr chunk (default 1024)")
+    ing.add_argument("--x-kind", choices=["auto", "counts", "lognorm"], default="auto", help="override detection")
+    ing.add_argument("--layer", default=None, help="read X from `raw` or a named layer")
+    ing.add_argument("--overwrite", action="store_true", help="replace an existing --out")
+    ing.set_defaults(func=_cmd_ingest)
+
+    run = sub.add_parser("run", help="run the stages a YAML config names")
+    run.add_argument("config", help="job config (YAML), e.g. configs/demo.yaml")
+    run.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key (repeatable)")
+    run.add_argument("--overwrite", action="store_true", help="start fresh: delete the previous run in output_dir")
+    run.add_argument("--dry-run", action="store_true", help="print the plan and cost estimate; call nothing")
+    run.add_argument("--no-progress", action="store_true", help="no progress bars")
+    run.set_defaults(func=_cmd_run)
+
+    tok = sub.add_parser("tokenize", help="Geneformer rank-value tokens of every cell → parquet")
+    tok.add_argument("input", help=".h5ad or AnnData .zarr with raw counts or log-normalised values")
+    tok.add_argument("--out", required=True, help="tokens.parquet (obs_name, input_ids, length)")
+    tok.add_argument("--dictionary", default="V1", help="V1, V2 or a folder with the dictionaries")
+    tok.add_argument("--variant", choices=["geneformer_v1", "geneformer_v2", "langcell"], default=None)
+    tok.set_defaults(func=_cmd_tokenize)
+
+    genes = sub.add_parser("genes", help="gene text helpers")
+    gsub = genes.add_subparsers(dest="genes_command", required=True, metavar="COMMAND")
+    fetch = gsub.add_parser("fetch-orgdb", help="fetch Bioconductor org.Hs.eg.db + GO.db sqlite files via apt")
+    fetch.add_argument("--dest", default=None, help="folder (default ~/.cache/raypipe/orgdb)")
+    fetch.set_defaults(func=_cmd_fetch_orgdb)
+
+    for add in _plugin_parsers():
+        add(sub)
+    return p
+
+
+def _plugin_parsers() -> list[Callable[[argparse._SubParsersAction], None]]:
+    out = []
+    try:
+        from raypipe.llm.cli import add_cache_parser
+
+        out.append(add_cache_parser)
+    except ImportError:  # pragma: no cover - optional during development
+        pass
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the ``raypipe`` console script."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(
+        level=logging.INFO if args.verbose else logging.WARNING,
+        format="%(levelname)s %(name)s: %(message)s",
+    )
+    logging.getLogger("raypipe").setLevel(logging.INFO)
+    try:
+        return int(args.func(args) or 0)
+    except RaypipeError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted: finished shards are kept; re-run to resume", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,94 @@
+"""Embed texts on a Ray Data actor pool (gene texts, cell sentences, cell-type texts).
+
+Batch contract: in ``text`` (str); out ``text`` plus ``embedding`` (list of float32) and
+``error`` (str, empty when fine). The backend (local / openai / vllm) is built once per actor
+from the job config, so model loading and HTTP clients are per-actor, not per-batch.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import pandas as pd
+
+from raypipe.pipeline.stage import check_contract
+
+if TYPE_CHECKING:
+    from raypipe.config import JobConfig
+
+__all__ = ["EmbedTexts", "embed_texts"]
+
+
+class EmbedTexts:
+    """Callable Ray Data stage holding one text-embedding backend."""
+
+    def __init__(self, job_json: str) -> None:
+        from raypipe.config import JobConfig
+        from raypipe.llm.backends import build_embedder
+
+        self.embedder = build_embedder(JobConfig.model_validate(json.loads(job_json)))
+
+    def __call__(self, batch: pd.DataFrame) -> pd.DataFrame:
+        """Embed ``batch['text']``; per-item failures are reported in ``error``."""
+        check_contract("EmbedTexts", dict.fromkeys(batch.columns), ("text",))
+        texts = [str(t) for t in batch["text"]]
+        out = batch.copy()
+        embed_many = getattr(self.embedder, "embed_with_errors", None)
+        if embed_many is not None:
+            emb, errors = embed_many(texts)
+        else:
+            emb, errors = self.embedder.embed(texts), [""] * len(texts)
+        out["embedding"] = list(np.asarray(emb, dtype=np.float32))
+        out["error"] = [e or "" for e in errors]
+        return out
+
+
+def embed_texts(
+    texts: list[str], job: JobConfig, *, actors: int | None = None, batch_size: int | None = None
+) -> tuple[np.ndarray, list[str]]:
+    """Embed unique ``texts`` through an actor pool; return ``(embeddings, errors)`` in order.
+
+    Parameters
+    ----------
+    texts
+        Texts to embed (deduplicate before calling; order is kept).
+    job
+        The job config (text_model, limits, cache).
+    actors
+        Actor-pool size (default ``job.ray.actors`` for local models, ``job.limits.actors``
+        for API backends).
+    batch_size
+        Texts per Ray Data batch (default: 8 × ``text_model.batch_size``).
+    """
+    import ray
+
+    if not texts:
+        return np.zeros((0, 0), dtype=np.float32), []
+    remote = job.text_model.backend != "local"
+    n_actors = actors or (job.limits.actors if remote else job.ray.actors)
+    n_actors = max(1, min(n_actors, len(texts)))
+    bs = batch_size or 8 * job.text_model.batch_size
+    ds = ray.data.from_pandas(pd.DataFrame({"i": np.arange(len(texts)), "text": texts}))
+    ds = ds.repartition(max(1, min(len(texts) // bs + 1, 4 * n_actors)))
+    gpus = job.text_model.num_gpus if job.text_model.backend == "vllm" else 0
+    out = ds.map_batches(
+        EmbedTexts,
+        fn_constructor_kwargs={"job_json": job.model_dump_json()},
+        batch_size=bs,
+        batch_format="pandas",
+        compute=ray.data.ActorPoolStrategy(min_size=1, max_size=n_actors),
+        num_cpus=job.ray.actor_cpus,
+        num_gpus=gpus or None,
+    ).to_pandas()
+    out = out.sort_values("i")
+    emb = np.stack([np.asarray(e, dtype=np.float32) for e in out["embedding"]])
+    return emb, [str(e) for e in out["error"]]
+
+
+def as_object_ref(obj: Any) -> Any:
+    """Put ``obj`` in the object store once, so every actor shares one copy."""
+    import ray
+
+    return ray.put(obj)

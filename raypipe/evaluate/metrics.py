@@ -1,0 +1,430 @@
+"""Evaluation metrics: pure functions ``metric(X, labels, *, ...)``, checked against scikit-learn.
+
+Conventions
+-----------
+* Labels may hold missing values (NaN/None): those cells are dropped inside every metric.
+* When a metric cannot be computed (fewer than 2 classes, more clusters than cells, ...) it
+  raises :class:`MetricSkipped` with the reason; :func:`safe` turns that into
+  ``(None, reason)`` so a reduction never crashes.
+* Randomness only through ``np.random.default_rng(seed)`` / ``random_state=seed``.
+* Quadratic metrics (silhouettes, Leiden, kNN probe) are meant to run on
+  :func:`subsample_indices` (uniform, seeded, without replacement, sorted); exact ones
+  (accuracy, F1, confusion, retrieval) on all cells.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Sequence
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from raypipe.errors import RaypipeError
+
+__all__ = [
+    "MetricSkipped",
+    "accuracy",
+    "asw_batch",
+    "asw_label",
+    "avg_bio",
+    "confusion_matrix",
+    "kmeans_agreement",
+    "knn_accuracy",
+    "leiden_agreement",
+    "macro_f1",
+    "merge_confusion",
+    "per_class_precision_recall",
+    "retrieval_recall",
+    "s_final",
+    "safe",
+    "subsample_indices",
+]
+
+
+class MetricSkipped(RaypipeError):
+    """A metric cannot be computed on this input; the message says why."""
+
+
+def safe(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> tuple[Any, str | None]:
+    """Call a metric; return ``(value, None)`` or ``(None, reason)`` when it was skipped."""
+    try:
+        return fn(*args, **kwargs), None
+    except MetricSkipped as exc:
+        return None, exc.message
+
+
+def _present(labels: Any) -> np.ndarray:
+    return ~pd.isna(pd.Series(np.asarray(labels, dtype=object))).to_numpy()
+
+
+def _clean(labels: Any, *others: Any) -> tuple[np.ndarray, ...]:
+    """Drop cells whose label is missing; labels become strings."""
+    lab = np.asarray(labels, dtype=object)
+    keep = _present(lab)
+    out = [lab[keep].astype(str)]
+    for o in others:
+        out.append(np.asarray(o)[keep] if o is not None else None)
+    return tuple(out)
+
+
+def _need_classes(labels: np.ndarray, what: str, minimum: int = 2) -> int:
+    k = len(np.unique(labels))
+    if k < minimum:
+        raise MetricSkipped(f"{what} needs at least {minimum} classes; the labels have {k}")
+    return k
+
+
+def subsample_indices(n: int, size: int, *, seed: int = 0) -> np.ndarray:
+    """Seeded uniform subsample of ``min(n, size)`` row indices (sorted, no replacement)."""
+    if n <= size:
+        return np.arange(n)
+    rng = np.random.default_rng(seed)
+    return np.sort(rng.choice(n, size=size, replace=False))
+
+
+def accuracy(y_true: Sequence[Any], y_pred: Sequence[Any]) -> float:
+    """Share of cells whose prediction equals the label (``unassigned`` counts as wrong).
+
+    Parameters
+    ----------
+    y_true, y_pred
+        (n,) labels and predictions; cells with a missing label are dropped.
+    """
+    yt, yp = _clean(y_true, np.asarray(y_pred, dtype=object))
+    if yt.size == 0:
+        raise MetricSkipped("accuracy: no cell has a label")
+    return float(np.mean(yt == yp.astype(str)))
+
+
+def per_class_precision_recall(y_true: Sequence[Any], y_pred: Sequence[Any]) -> pd.DataFrame:
+    """Precision, recall, F1 and support for each true label.
+
+    Returns
+    -------
+    pandas.DataFrame
+        Columns ``label, precision, recall, f1, support``; one row per true label (sorted).
+        Precision is 0 for a class never predicted (scikit-learn's ``zero_division=0``).
+    """
+    yt, yp = _clean(y_true, np.asarray(y_pred, dtype=object))
+    yp = yp.astype(str)
+    rows = []
+    for lab in np.unique(yt):
+        tp = float(np.sum((yt == lab) & (yp == lab)))
+        n_pred = float(np.sum(yp == lab))
+        support = int(np.sum(yt == lab))
+        prec = tp / n_pred if n_pred else 0.0
+        rec = tp / support
+        f1 = 2 * prec * rec / (prec + rec) if prec + rec else 0.0
+        rows.append({"label": lab, "precision": prec, "recall": rec, "f1": f1, "support": support})
+    return pd.DataFrame(rows, columns=["label", "precision", "recall", "f1", "support"])
+
+
+def macro_f1(y_true: Sequence[Any], y_pred: Sequence[Any]) -> float:
+    """Macro-averaged F1 over the true labels (``f1_score(average="macro", labels=true)``)."""
+    table = per_class_precision_recall(y_true, y_pred)
+    if table.empty:
+        raise MetricSkipped("macro_f1: no cell has a label")
+    return float(table["f1"].mean())
+
+
+def confusion_matrix(y_true: Sequence[Any], y_pred: Sequence[Any]) -> pd.DataFrame:
+    """Exact confusion counts: rows = true labels, columns = predicted labels (both sorted).
+
+    Shard results add up with :func:`merge_confusion`.
+    """
+    yt, yp = _clean(y_true, np.asarray(y_pred, dtype=object))
+    table = pd.crosstab(pd.Series(yt, name="true"), pd.Series(yp.astype(str), name="predicted"))
+    return table.astype(np.int64)
+
+
+def merge_confusion(parts: Iterable[pd.DataFrame]) -> pd.DataFrame:
+    """Sum partial confusion matrices (label sets may differ between shards)."""
+    total: pd.DataFrame | None = None
+    for part in parts:
+        total = part if total is None else total.add(part, fill_value=0)
+    if total is None:
+        return pd.DataFrame(dtype=np.int64)
+    total = total.fillna(0).astype(np.int64)
+    return total.sort_index(axis=0).sort_index(axis=1)
+
+
+def _agreement(labels: np.ndarray, clusters: np.ndarray) -> dict[str, float]:
+    from sklearn.metrics import (
+        adjusted_mutual_info_score,
+        adjusted_rand_score,
+        normalized_mutual_info_score,
+    )
+
+    return {
+        "ari": float(adjusted_rand_score(labels, clusters)),
+        "ami": float(adjusted_mutual_info_score(labels, clusters)),
+        "nmi": float(normalized_mutual_info_score(labels, clusters)),
+    }
+
+
+def kmeans_agreement(
+    X: np.ndarray, labels: Sequence[Any], *, seed: int = 0, n_init: int = 10
+) -> dict[str, float]:
+    """ARI / AMI / NMI between the labels and k-means with k = number of labels.
+
+    Parameters
+    ----------
+    X
+        (n, d) embedding.
+    labels
+        (n,) labels.
+    seed
+        k-means ``random_state``.
+    n_init
+        k-means restarts.
+
+    Returns
+    -------
+    dict
+        ``{"ari", "ami", "nmi"}``.
+    """
+    from sklearn.cluster import KMeans
+
+    lab, x = _clean(labels, X)
+    k = _need_classes(lab, "kmeans_agreement")
+    if k > len(np.unique(x, axis=0)):
+        raise MetricSkipped(f"kmeans_agreement: {k} clusters but only {x.shape[0]} distinct cells")
+    clusters = KMeans(n_clusters=k, n_init=n_init, random_state=seed).fit_predict(x)
+    return _agreement(lab, clusters)
+
+
+def _leiden(graph: Any, resolution: float, seed: int) -> np.ndarray:
+    import leidenalg
+
+    part = leidenalg.find_partition(
+        graph,
+        leidenalg.RBConfigurationVertexPartition,
+        weights="weight",
+        resolution_parameter=resolution,
+        seed=seed,
+    )
+    return np.asarray(part.membership)
+
+
+def leiden_agreement(
+    X: np.ndarray,
+    labels: Sequence[Any],
+    *,
+    k_neighbors: int = 15,
+    resolution: float = 1.0,
+    match_n_labels: bool = True,
+    seed: int = 0,
+    max_steps: int = 12,
+) -> dict[str, float]:
+    """ARI / AMI / NMI between the labels and Leiden clusters of a kNN graph.
+
+    The graph joins each cell to its ``k_neighbors`` nearest neighbours (cosine), symmetrised,
+    unit weights. With ``match_n_labels`` the resolution is bisected (geometrically, starting
+    at ``resolution``, at most ``max_steps`` tries) for a cluster count equal to the number of
+    labels; the closest count found is used. Otherwise ``resolution`` is used as given.
+
+    Returns
+    -------
+    dict
+        ``{"ari", "ami", "nmi", "n_clusters", "resolution"}``.
+    """
+    import igraph as ig
+    from sklearn.neighbors import NearestNeighbors
+
+    lab, x = _clean(labels, X)
+    k = _need_classes(lab, "leiden_agreement")
+    n = x.shape[0]
+    if n <= k_neighbors:
+        raise MetricSkipped(
+            f"leiden_agreement: {n} cells, need more than k_neighbors={k_neighbors}"
+        )
+    nn = NearestNeighbors(n_neighbors=k_neighbors + 1, metric="cosine").fit(x)
+    idx = nn.kneighbors(return_distance=False)[:, :k_neighbors]
+    rows = np.repeat(np.arange(n), k_neighbors)
+    pairs = np.unique(np.sort(np.stack([rows, idx.ravel()], axis=1), axis=1), axis=0)
+    pairs = pairs[pairs[:, 0] != pairs[:, 1]]
+    graph = ig.Graph(n=n, edges=pairs.tolist(), directed=False)
+    graph.es["weight"] = 1.0
+    res = resolution
+    lo: float | None = None  # a resolution known to give too few clusters
+    hi: float | None = None  # ... too many
+    best: tuple[int, float, np.ndarray] | None = None
+    for _ in range(max_steps if match_n_labels else 1):
+        clusters = _leiden(graph, res, seed)
+        got = len(np.unique(clusters))
+        if best is None or abs(got - k) < best[0]:
+            best = (abs(got - k), res, clusters)
+        if got == k:
+            break
+        if got > k:
+            hi = res
+        else:
+            lo = res
+        if lo is None and hi is not None:
+            res = hi / 2
+        elif hi is None and lo is not None:
+            res = lo * 2
+        elif lo is not None and hi is not None:
+            res = float(np.sqrt(lo * hi))
+    assert best is not None
+    _, res, clusters = best
+    out: dict[str, float] = _agreement(lab, clusters)
+    out["n_clusters"] = float(len(np.unique(clusters)))
+    out["resolution"] = float(res)
+    return out
+
+
+def _silhouette(x: np.ndarray, groups: np.ndarray, metric: str) -> np.ndarray:
+    from sklearn.metrics import silhouette_samples
+
+    return np.asarray(silhouette_samples(x, groups, metric=metric))
+
+
+def asw_label(X: np.ndarray, labels: Sequence[Any], *, metric: str = "cosine") -> float:
+    """ASW_label = (mean silhouette of the labels + 1) / 2, cosine distance by default.
+
+    Parameters
+    ----------
+    X
+        (n, d) embedding (pass a subsample: memory is quadratic in n per chunk).
+    labels
+        (n,) labels.
+    metric
+        ``"cosine"`` (METHODS.md) or ``"euclidean"`` (scib-metrics' default).
+    """
+    lab, x = _clean(labels, X)
+    _need_classes(lab, "asw_label")
+    if len(np.unique(lab)) >= lab.size:
+        raise MetricSkipped("asw_label: every cell is its own class")
+    return float((np.mean(_silhouette(x, lab, metric)) + 1) / 2)
+
+
+def asw_batch(
+    X: np.ndarray, labels: Sequence[Any], batches: Sequence[Any], *, metric: str = "euclidean"
+) -> float:
+    """Return scIB ASW_batch, following scib-metrics' ``silhouette_batch`` (rescale=True).
+
+    For each label: silhouette of the cells of that label with the batches as clusters,
+    ``1 - |s|`` per cell, averaged per label; labels with a single batch, or with as many
+    batches as cells, are skipped; the result is the mean over labels. 1 = well mixed.
+
+    Parameters
+    ----------
+    X
+        (n, d) embedding.
+    labels, batches
+        (n,) labels and batch ids (cells with a missing label or batch are dropped).
+    metric
+        ``"euclidean"`` (scib-metrics' default) or ``"cosine"``.
+    """
+    lab, x, bat = _clean(labels, X, np.asarray(batches, dtype=object))
+    keep = _present(bat)
+    lab, x, bat = lab[keep], x[keep], bat[keep].astype(str)
+    if len(np.unique(bat)) < 2:
+        raise MetricSkipped("asw_batch needs at least 2 batches")
+    means = []
+    for group in np.unique(lab):
+        mask = lab == group
+        n_b = len(np.unique(bat[mask]))
+        if n_b == 1 or n_b == int(mask.sum()):
+            continue
+        means.append(np.mean(1 - np.abs(_silhouette(x[mask], bat[mask], metric))))
+    if not means:
+        raise MetricSkipped("asw_batch: no label has cells from 2 or more batches")
+    return float(np.mean(means))
+
+
+def avg_bio(ari: float, nmi: float, asw_label_value: float) -> float:
+    """Return scIB AvgBio = mean(ARI, NMI, ASW_label)."""
+    return float(np.mean([ari, nmi, asw_label_value]))
+
+
+def s_final(avg_bio_value: float, asw_batch_value: float) -> float:
+    """S_final = 0.6 * bio + 0.4 * batch (scib-metrics' weights; batch = ASW_batch here)."""
+    return float(0.6 * avg_bio_value + 0.4 * asw_batch_value)
+
+
+def knn_accuracy(
+    X: np.ndarray, labels: Sequence[Any], *, k: int = 15, n_folds: int = 5, seed: int = 0
+) -> float:
+    """Return the kNN label-transfer accuracy, stratified k-fold (a few-shot probe).
+
+    Parameters
+    ----------
+    X
+        (n, d) embedding.
+    labels
+        (n,) labels.
+    k
+        Neighbours (cosine distance, uniform vote); capped to the training-fold size.
+    n_folds
+        Folds of ``StratifiedKFold(shuffle=True, random_state=seed)``.
+
+    Returns
+    -------
+    float
+        Accuracy over all held-out cells.
+    """
+    from sklearn.model_selection import StratifiedKFold
+    from sklearn.neighbors import KNeighborsClassifier
+
+    lab, x = _clean(labels, X)
+    _need_classes(lab, "knn_accuracy")
+    smallest = int(pd.Series(lab).value_counts().min())
+    if smallest < n_folds:
+        raise MetricSkipped(
+            f"knn_accuracy: the smallest class has {smallest} cells, fewer than n_folds={n_folds}"
+        )
+    folds = StratifiedKFold(n_splits=n_folds, shuffle=True, random_state=seed)
+    correct = 0
+    for train, test in folds.split(x, lab):
+        clf = KNeighborsClassifier(n_neighbors=min(k, train.size), metric="cosine")
+        clf.fit(x[train], lab[train])
+        correct += int(np.sum(clf.predict(x[test]) == lab[test]))
+    return correct / lab.size
+
+
+def retrieval_recall(
+    cell_emb: np.ndarray,
+    text_emb: np.ndarray,
+    cell_label_idx: Sequence[int],
+    *,
+    ks: Sequence[int] = (1, 5, 10),
+) -> dict[int, float]:
+    """Cell → text retrieval recall@k: is the cell's own type's text among its k best texts.
+
+    Parameters
+    ----------
+    cell_emb
+        (n, d) cell embeddings (centre them beforehand if the scorer centres).
+    text_emb
+        (t, d) candidate-text embeddings.
+    cell_label_idx
+        (n,) row of ``text_emb`` that describes each cell's true type; negative = no text
+        (those cells are dropped).
+    ks
+        Cut-offs. A cut-off >= t is trivially 1 and is skipped (left out of the result).
+
+    Returns
+    -------
+    dict
+        k → recall. Ties count against the cell (a text scoring equal to the true one ranks
+        ahead of it).
+    """
+    idx = np.asarray(cell_label_idx, dtype=np.int64)
+    cells = np.asarray(cell_emb, dtype=np.float64)[idx >= 0]
+    idx = idx[idx >= 0]
+    texts = np.asarray(text_emb, dtype=np.float64)
+    if idx.size == 0:
+        raise MetricSkipped("retrieval_recall: no cell has a label with a text")
+    t = texts.shape[0]
+    cells = cells / np.maximum(np.linalg.norm(cells, axis=1, keepdims=True), 1e-12)
+    texts = texts / np.maximum(np.linalg.norm(texts, axis=1, keepdims=True), 1e-12)
+    sims = cells @ texts.T
+    own = sims[np.arange(idx.size), idx]
+    rank = np.sum(sims >= own[:, None], axis=1) - 1  # 0 = best
+    out = {int(k): float(np.mean(rank < k)) for k in ks if k < t}
+    if not out:
+        raise MetricSkipped(f"retrieval_recall: only {t} texts, every k in {list(ks)} is trivial")
+    return out

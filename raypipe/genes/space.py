@@ -1,0 +1,196 @@
+"""The gene space of a run: which gene each atlas column is, its text and text embedding.
+
+Runs on the driver before the per-shard stages. Gene embeddings are cached in
+``genes/gene_embeddings.parquet`` keyed by (text, model): a re-run, or a run whose source
+changed only for a few genes, embeds only texts it has not embedded before.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import inspect
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import pandas as pd
+
+from raypipe.errors import InputError
+
+if TYPE_CHECKING:
+    import scipy.sparse as sp
+
+    from raypipe.atlas.store import AtlasInfo
+    from raypipe.config import JobConfig
+    from raypipe.genes.identity import CoverageReport, GeneResolution
+
+__all__ = ["GeneSpace", "load_cached_embeddings", "prepare_gene_space"]
+
+log = logging.getLogger(__name__)
+
+CACHE_FILE = Path("genes") / "gene_embeddings.parquet"
+
+
+@dataclass(frozen=True, eq=False)
+class GeneSpace:
+    """Everything per-shard stages need about genes.
+
+    Attributes
+    ----------
+    resolution
+        Atlas column → canonical gene mapping (with the duplicate-collapse matrix).
+    texts
+        One row per unique gene with text: gene_id, symbol, text, source.
+    embeddings
+        (n_unique, d) float32 text embeddings (zero rows for genes without text).
+    has_text
+        (n_unique,) bool.
+    coverage
+        Atlas genes with text, as a report.
+    fingerprint
+        Hash of source, texts, model and gene order (keys the downstream results).
+    warnings
+        Loud notes for the summary (fallbacks, ambiguous aliases, failures).
+    """
+
+    resolution: GeneResolution
+    texts: pd.DataFrame
+    embeddings: np.ndarray
+    has_text: np.ndarray
+    coverage: CoverageReport
+    source: str
+    model: str
+    fingerprint: str
+    warnings: list[str] = field(default_factory=list)
+
+    @property
+    def collapse(self) -> sp.csr_matrix:
+        """(n_atlas_genes, n_unique) duplicate-summing matrix."""
+        return self.resolution.collapse
+
+
+def _build_source(job: JobConfig) -> Any:
+    from raypipe.genes.sources import TEXT_SOURCES
+
+    cls = TEXT_SOURCES.get(job.genes.text_source)
+    params = inspect.signature(cls).parameters
+    return cls(job.genes, job=job) if "job" in params else cls(job.genes)
+
+
+def load_cached_embeddings(path: Path, model: str) -> dict[str, np.ndarray]:
+    """Return text → embedding for rows of ``path`` embedded with ``model``."""
+    if not path.exists():
+        return {}
+    df = pd.read_parquet(path, columns=["text", "model", "embedding"])
+    df = df[df["model"] == model]
+    return {
+        t: np.asarray(e, dtype=np.float32) for t, e in zip(df["text"], df["embedding"], strict=True)
+    }
+
+
+def _write_cache(path: Path, texts: pd.DataFrame, emb: np.ndarray, model: str) -> None:
+    import pyarrow as pa
+
+    from raypipe.pipeline.outputs import write_parquet_atomic
+
+    d = emb.shape[1]
+    table = pa.table(
+        {
+            "gene_id": pa.array(texts["gene_id"].astype(str)),
+            "symbol": pa.array(texts["symbol"].astype(str)),
+            "text": pa.array(texts["text"].astype(str)),
+            "source": pa.array(texts["source"].astype(str)),
+            "model": pa.array([model] * len(texts)),
+            "embedding": pa.FixedSizeListArray.from_arrays(pa.array(emb.reshape(-1)), d),
+        }
+    )
+    write_parquet_atomic(path, table)
+
+
+def prepare_gene_space(job: JobConfig, atlas: AtlasInfo, out_dir: Path) -> GeneSpace:
+    """Resolve atlas genes, fetch their texts, embed them (cached) and check coverage.
+
+    Raises
+    ------
+    InputError
+        When fewer than ``genes.min_coverage`` of atlas genes get a text (with examples).
+    """
+    from raypipe.atlas.store import read_var
+    from raypipe.embed.text_stage import embed_texts
+    from raypipe.genes.identity import GeneTable, check_coverage, resolve_genes, text_coverage
+
+    var = read_var(atlas.path)
+    names = [str(n) for n in var.index]
+    ens_col = next(
+        (c for c in ("ensembl_id", "gene_ids", "gene_id", "feature_id") if c in var.columns), None
+    )
+    ensembl_ids = [str(v) for v in var[ens_col]] if ens_col else None
+    source = _build_source(job)
+    table = GeneTable.merged(
+        GeneTable.from_files(job.genes.id_table, job.genes.aliases)
+        if (job.genes.id_table or job.genes.aliases)
+        else None,
+        source.gene_table(),
+    )
+    resolution = resolve_genes(names, table, ensembl_ids=ensembl_ids)
+    warnings = list(resolution.warnings[:5])
+    symbols = list(resolution.unique_symbols)
+    texts = source.texts(symbols, list(resolution.unique_ensembl))
+    texts = texts.drop_duplicates("symbol").reset_index(drop=True)
+    coverage = text_coverage(
+        resolution, texts["symbol"], what=f"atlas genes with text ({job.genes.text_source})"
+    )
+    log.info(coverage.summary())
+    check_coverage(coverage, job.genes.min_coverage)
+    if job.genes.text_source == "symbol":
+        warnings.append(
+            "FALLBACK: gene text = gene symbol only (genes.text_source: symbol); embeddings carry "
+            "little biology. Use orgdb/ncbi/table/llm for real gene text."
+        )
+    model = job.text_model.model
+    cache_path = out_dir / CACHE_FILE
+    cached = load_cached_embeddings(cache_path, model)
+    todo = sorted({t for t in texts["text"] if t not in cached})
+    if todo:
+        emb, errors = embed_texts(todo, job)
+        failed = [t for t, e in zip(todo, errors, strict=True) if e]
+        for t, e, err in zip(todo, emb, errors, strict=True):
+            if not err:
+                cached[t] = e
+        if failed:
+            warnings.append(
+                f"{len(failed)} gene texts could not be embedded (see failures.parquet)"
+            )
+    texts = texts[texts["text"].isin(cached)].reset_index(drop=True)
+    if texts.empty:
+        raise InputError(
+            "no gene text could be embedded", fix="check text_model settings and failures.parquet"
+        )
+    dim = len(next(iter(cached.values())))
+    text_emb = np.stack([cached[t] for t in texts["text"]]).astype(np.float32)
+    _write_cache(cache_path, texts, text_emb, model)
+    index = {s: i for i, s in enumerate(symbols)}
+    embeddings = np.zeros((len(symbols), dim), dtype=np.float32)
+    has_text = np.zeros(len(symbols), dtype=bool)
+    rows = np.array([index[s] for s in texts["symbol"]], dtype=np.int64)
+    embeddings[rows] = text_emb
+    has_text[rows] = True
+    digest = hashlib.sha256()
+    digest.update(
+        f"{job.genes.text_source}|{source.fingerprint()}|{model}|{atlas.var_hash}".encode()
+    )
+    digest.update("\n".join(symbols).encode())
+    digest.update(embeddings.tobytes())
+    return GeneSpace(
+        resolution=resolution,
+        texts=texts,
+        embeddings=embeddings,
+        has_text=has_text,
+        coverage=coverage,
+        source=job.genes.text_source,
+        model=model,
+        fingerprint=digest.hexdigest()[:16],
+        warnings=warnings,
+    )

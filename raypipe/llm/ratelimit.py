@@ -1,0 +1,465 @@
+"""One rate limiter for the whole cluster, a circuit breaker, and the one retry helper.
+
+Design
+------
+* :class:`WindowBudget` is the pure core: a sliding-window log of granted requests and their
+  tokens. ``reserve(n)`` returns how long the caller must wait before sending, and books the
+  request at that future instant, so no window ``(t - W, t]`` ever holds more than
+  ``requests_per_window`` requests or ``tokens_per_window`` tokens (a token bucket would let
+  ``burst + rate·W`` through in one window). ``pause(s)`` (from a ``Retry-After``) stops the
+  whole budget; ``report(ok)`` drives a circuit breaker (``breaker_failures`` consecutive
+  failures open it for a cooldown that doubles up to ``breaker_max_cooldown_s``; then one probe
+  is let through, half-open, and its outcome closes or re-opens it).
+* :func:`get_limiter` returns a :class:`RayLimiter` (a named Ray actor, ``get_if_exists=True``,
+  one per endpoint, shared by every actor of the cluster) when Ray is initialised, else a
+  :class:`LocalLimiter` (in-process). Both expose ``async acquire(n_tokens)``, ``pause(s)`` and
+  ``report(ok)``; clients bound their own in-flight requests with a semaphore.
+* :func:`call_with_retries` is the only retry loop: exponential backoff with full jitter on
+  429 (honouring ``Retry-After``), 5xx, timeouts, connection errors and malformed responses.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import logging
+import random
+import re
+import threading
+import time
+from collections import deque
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+__all__ = [
+    "CallFailed",
+    "CircuitOpen",
+    "LocalLimiter",
+    "RayLimiter",
+    "Retryable",
+    "WindowBudget",
+    "call_with_retries",
+    "classify_error",
+    "get_limiter",
+    "limiter_name",
+    "redact",
+]
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+
+class CircuitOpen(Exception):
+    """The endpoint is considered down; the attempt was not sent."""
+
+
+class CallFailed(Exception):
+    """A call failed for good (retries exhausted or a non-retryable answer).
+
+    Attributes
+    ----------
+    reason
+        A short, key-free description (e.g. ``"HTTP 500 after 7 attempts"``).
+    retryable
+        Whether the last error was of a transient kind.
+    status
+        The HTTP status of the last error, when there was one.
+    """
+
+    def __init__(self, reason: str, *, retryable: bool, status: int | None = None) -> None:
+        super().__init__(reason)
+        self.reason, self.retryable, self.status = reason, retryable, status
+
+
+@dataclass(frozen=True)
+class Retryable:
+    """How :func:`call_with_retries` treats an exception."""
+
+    retry: bool
+    reason: str
+    retry_after_s: float | None = None
+    status: int | None = None
+    fatal: bool = False  # e.g. a rejected key: stop the whole run, not just the item
+
+
+_SECRET = re.compile(r"(sk-[A-Za-z0-9_\-]{4,}|Bearer\s+\S+)")
+
+
+def redact(text: str, secrets: tuple[str, ...] = ()) -> str:
+    """Remove API keys (given ones and anything key-shaped) from ``text``."""
+    for s in secrets:
+        if s:
+            text = text.replace(s, "***")
+    return _SECRET.sub("***", text)
+
+
+class WindowBudget:
+    """Sliding-window request/token budget with pause and circuit breaker (pure, no I/O).
+
+    Parameters
+    ----------
+    requests_per_window, tokens_per_window
+        Budget per window.
+    window_s
+        Window length (60 = per minute; smaller values scale time down for tests).
+    breaker_failures
+        Consecutive failures that open the circuit.
+    breaker_cooldown_s, breaker_max_cooldown_s
+        First and largest open time.
+    safety_s
+        Extra spacing added to the window, so that client-side scheduling jitter cannot
+        push two bookings from different windows into one window at the server.
+    clock
+        Monotonic clock (injectable for tests).
+    """
+
+    def __init__(
+        self,
+        requests_per_window: float,
+        tokens_per_window: float,
+        window_s: float = 60.0,
+        *,
+        breaker_failures: int = 5,
+        breaker_cooldown_s: float = 2.0,
+        breaker_max_cooldown_s: float = 60.0,
+        safety_s: float = 0.05,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.safety = float(safety_s)
+        self.max_req = max(1, int(requests_per_window))
+        self.max_tok = float(tokens_per_window)
+        self.window = float(window_s)
+        self.clock = clock
+        self._grants: deque[tuple[float, float]] = deque()
+        self._paused_until = 0.0
+        self.breaker_failures = breaker_failures
+        self.cooldown0, self.cooldown_max = breaker_cooldown_s, breaker_max_cooldown_s
+        self._cooldown = breaker_cooldown_s
+        self._fails = 0
+        self._open_until: float | None = None
+        self._probe_deadline: float | None = None
+        self.granted = 0
+        self.paused = 0
+
+    def reserve(self, n_tokens: float = 0.0) -> tuple[float, str]:
+        """Book one request of ``n_tokens``.
+
+        Returns
+        -------
+        (wait_s, status)
+            ``"ok"``: sleep ``wait_s`` then send. ``"open"``: the circuit is open; nothing was
+            booked, try again after ``wait_s`` (this counts as a failed attempt).
+            ``"probing"``: a half-open probe is in flight; try again after ``wait_s``.
+        """
+        now = self.clock()
+        if self._open_until is not None:
+            if now < self._open_until:
+                return self._open_until - now, "open"
+            if self._probe_deadline is not None and now < self._probe_deadline:
+                return min(0.2, self._probe_deadline - now), "probing"
+            self._probe_deadline = now + max(self.cooldown0, 5.0)  # half-open: one probe
+        n = min(float(n_tokens), self.max_tok)
+        g = self._grants
+        w = self.window + self.safety
+        while g and g[0][0] <= now - w:
+            g.popleft()
+        t = max(now, self._paused_until, g[-1][0] if g else now)
+        if len(g) >= self.max_req:
+            t = max(t, g[len(g) - self.max_req][0] + w)
+        total = sum(x[1] for x in g)
+        if total + n > self.max_tok:
+            acc = total
+            for gt, gn in g:
+                acc -= gn
+                if acc + n <= self.max_tok:
+                    t = max(t, gt + w)
+                    break
+        t += 1e-6
+        g.append((t, n))
+        self.granted += 1
+        return t - now, "ok"
+
+    def pause(self, seconds: float) -> None:
+        """Stop granting for ``seconds`` (a server's ``Retry-After``)."""
+        self._paused_until = max(self._paused_until, self.clock() + float(seconds))
+        self.paused += 1
+
+    def report(self, ok: bool) -> None:
+        """Feed the circuit breaker with a request outcome."""
+        if ok:
+            self._fails, self._open_until, self._probe_deadline = 0, None, None
+            self._cooldown = self.cooldown0
+            return
+        self._fails += 1
+        half_open = self._probe_deadline is not None
+        if half_open or self._fails >= self.breaker_failures:
+            if half_open:
+                self._cooldown = min(self._cooldown * 2, self.cooldown_max)
+            self._open_until = self.clock() + self._cooldown
+            self._probe_deadline = None
+            log.warning("LLM endpoint failing: circuit open for %.1fs", self._cooldown)
+
+    def state(self) -> dict[str, Any]:
+        """Counters for logs and tests."""
+        now = self.clock()
+        is_open = self._open_until is not None and now < self._open_until
+        return {
+            "granted": self.granted,
+            "paused": self.paused,
+            "circuit": "open" if is_open else ("half-open" if self._open_until else "closed"),
+            "consecutive_failures": self._fails,
+        }
+
+
+class LocalLimiter:
+    """In-process limiter (single process, unit tests)."""
+
+    def __init__(self, budget: WindowBudget) -> None:
+        self.budget = budget
+        self._lock = threading.Lock()  # clients may run event loops in several threads
+
+    async def acquire(self, n_tokens: float = 0.0) -> None:
+        """Wait for a slot; raise :class:`CircuitOpen` when the circuit is open."""
+        while True:
+            with self._lock:
+                wait, status = self.budget.reserve(n_tokens)
+            if wait > 0:
+                await asyncio.sleep(wait)
+            if status == "ok":
+                return
+            if status == "open":
+                raise CircuitOpen(f"endpoint down (circuit open, waited {wait:.1f}s)")
+
+    def pause(self, seconds: float) -> None:
+        """Pause the whole budget."""
+        with self._lock:
+            self.budget.pause(seconds)
+
+    def report(self, ok: bool) -> None:
+        """Feed the circuit breaker."""
+        with self._lock:
+            self.budget.report(ok)
+
+    def state(self) -> dict[str, Any]:
+        """Budget counters."""
+        return self.budget.state()
+
+
+class RayLimiter:
+    """Client of the cluster-wide limiter actor (same API as :class:`LocalLimiter`)."""
+
+    def __init__(self, handle: Any) -> None:
+        self.handle = handle
+
+    async def acquire(self, n_tokens: float = 0.0) -> None:
+        """Wait for a slot; raise :class:`CircuitOpen` when the circuit is open."""
+        while True:
+            wait, status = await self.handle.reserve.remote(n_tokens)
+            if wait > 0:
+                await asyncio.sleep(wait)
+            if status == "ok":
+                return
+            if status == "open":
+                raise CircuitOpen(f"endpoint down (circuit open, waited {wait:.1f}s)")
+
+    def pause(self, seconds: float) -> None:
+        """Pause the whole budget (fire and forget)."""
+        self.handle.pause.remote(seconds)
+
+    def report(self, ok: bool) -> None:
+        """Feed the circuit breaker (fire and forget)."""
+        self.handle.report.remote(ok)
+
+    def state(self) -> dict[str, Any]:
+        """Budget counters."""
+        import ray
+
+        return ray.get(self.handle.state.remote())  # type: ignore[no-any-return]
+
+
+def limiter_name(base_url: str | None) -> str:
+    """Actor name of the limiter for an endpoint (one budget per endpoint)."""
+    digest = hashlib.sha256((base_url or "default").encode()).hexdigest()[:12]
+    return f"raypipe-llm-limiter-{digest}"
+
+
+_LOCAL: dict[tuple[str, float, float, float], LocalLimiter] = {}
+
+
+def get_limiter(
+    base_url: str | None,
+    requests_per_minute: float,
+    tokens_per_minute: float,
+    *,
+    window_s: float = 60.0,
+    use_ray: bool | None = None,
+    detached: bool = False,
+    namespace: str = "raypipe",
+    **breaker: Any,
+) -> LocalLimiter | RayLimiter:
+    """Return the limiter for ``base_url``.
+
+    Parameters
+    ----------
+    base_url
+        Endpoint; every client of the same endpoint shares one budget.
+    requests_per_minute, tokens_per_minute
+        Budgets per ``window_s`` (per minute unless time is scaled).
+    window_s
+        Window length in seconds.
+    use_ray
+        ``None``: a named Ray actor when Ray is initialised, else in-process.
+    detached
+        Keep the actor alive after the job (to share one budget across jobs).
+    namespace
+        Ray namespace of the named actor.
+    **breaker
+        ``breaker_failures``, ``breaker_cooldown_s``, ``breaker_max_cooldown_s``.
+    """
+    scale = window_s / 60.0 if window_s != 60.0 else 1.0
+    rpw, tpw = requests_per_minute * scale, tokens_per_minute * scale
+    if use_ray is None:
+        try:
+            import ray
+
+            use_ray = ray.is_initialized()
+        except ImportError:  # pragma: no cover
+            use_ray = False
+    if not use_ray:
+        key = (limiter_name(base_url), rpw, tpw, window_s)
+        if key not in _LOCAL:
+            _LOCAL[key] = LocalLimiter(WindowBudget(rpw, tpw, window_s, **breaker))
+        return _LOCAL[key]
+    import ray
+
+    actor = ray.remote(WindowBudget).options(
+        name=limiter_name(base_url),
+        namespace=namespace,
+        get_if_exists=True,
+        lifetime="detached" if detached else None,
+        num_cpus=0,
+        max_concurrency=1,
+    )
+    return RayLimiter(actor.remote(rpw, tpw, window_s, **breaker))
+
+
+def _header(exc: Any, name: str) -> str | None:
+    resp = getattr(exc, "response", None)
+    headers = getattr(resp, "headers", None)
+    if headers is None:
+        return None
+    try:
+        return headers.get(name)  # type: ignore[no-any-return]
+    except Exception:  # pragma: no cover
+        return None
+
+
+def classify_error(exc: BaseException) -> Retryable:
+    """Classify an exception from the OpenAI client (or asyncio/httpx) for retrying."""
+    name = type(exc).__name__
+    status = getattr(exc, "status_code", None)
+    if isinstance(exc, asyncio.TimeoutError | TimeoutError) or name == "APITimeoutError":
+        return Retryable(True, "timeout")
+    if name == "APIConnectionError" or isinstance(exc, ConnectionError):
+        return Retryable(True, "connection error")
+    if isinstance(status, int):
+        if status == 429:
+            body = str(getattr(exc, "body", "") or "")
+            if "insufficient_quota" in body:
+                return Retryable(False, "HTTP 429 insufficient_quota", status=429, fatal=True)
+            ms, sec = _header(exc, "retry-after-ms"), _header(exc, "retry-after")
+            after = None
+            try:
+                after = float(ms) / 1000 if ms else (float(sec) if sec else None)
+            except ValueError:
+                after = None
+            return Retryable(True, "HTTP 429 rate limited", retry_after_s=after, status=429)
+        if status in (401, 403):
+            return Retryable(False, f"HTTP {status} key rejected", status=status, fatal=True)
+        if status >= 500 or status in (408, 409):
+            return Retryable(True, f"HTTP {status}", status=status)
+        return Retryable(False, f"HTTP {status}", status=status)
+    if isinstance(exc, ValueError) or name in ("APIResponseValidationError", "JSONDecodeError"):
+        return Retryable(True, "malformed response")
+    return Retryable(False, f"{name}")
+
+
+async def _attempt(
+    fn: Callable[[], Awaitable[T]],
+    limiter: LocalLimiter | RayLimiter,
+    n_tokens: float,
+    timeout_s: float,
+    slots: asyncio.Semaphore | None,
+) -> T:
+    if slots is None:
+        await limiter.acquire(n_tokens)
+        return await asyncio.wait_for(fn(), timeout_s)
+    async with slots:
+        await limiter.acquire(n_tokens)
+        return await asyncio.wait_for(fn(), timeout_s)
+
+
+async def call_with_retries(
+    fn: Callable[[], Awaitable[T]],
+    *,
+    limiter: LocalLimiter | RayLimiter,
+    n_tokens: float = 0.0,
+    max_retries: int = 6,
+    timeout_s: float = 60.0,
+    backoff_base_s: float = 0.5,
+    backoff_max_s: float = 30.0,
+    classify: Callable[[BaseException], Retryable] = classify_error,
+    rng: random.Random | None = None,
+    slots: asyncio.Semaphore | None = None,
+) -> T:
+    """Run ``fn`` under the limiter, retrying transient failures.
+
+    Each attempt first acquires a slot (``n_tokens`` estimated tokens), then runs ``fn`` with a
+    timeout. Transient errors back off ``uniform(0, min(max, base·2^attempt))`` (full jitter);
+    a ``Retry-After`` pauses the whole shared budget. A closed-circuit wait counts as an
+    attempt, so a dead endpoint fails items after ``max_retries`` cooldowns instead of hanging.
+
+    ``slots`` (the client's in-flight bound) is held from the limiter grant to the answer and
+    released during backoff, so a granted request is sent at once, never queued behind others.
+
+    Raises
+    ------
+    CallFailed
+        After ``max_retries`` retries, or at once for non-retryable errors (4xx); the reason
+        never contains the API key. ``fatal`` errors (a rejected key, no quota) are raised as
+        :class:`CallFailed` with ``status`` set, for the caller to stop the whole run.
+    """
+    rng = rng or random.Random()
+    last: Retryable | None = None
+    for attempt in range(max_retries + 1):
+        try:
+            result = await _attempt(fn, limiter, n_tokens, timeout_s, slots)
+        except CircuitOpen as exc:
+            last = Retryable(True, str(exc))
+            continue
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            info = classify(exc)
+            last = info
+            if info.status != 429:
+                limiter.report(False)
+            if not info.retry:
+                raise CallFailed(redact(info.reason), retryable=False, status=info.status) from None
+            if info.retry_after_s is not None:
+                limiter.pause(info.retry_after_s)
+            if attempt < max_retries:
+                delay = rng.uniform(0, min(backoff_max_s, backoff_base_s * 2**attempt))
+                if info.retry_after_s is not None:
+                    delay = max(delay, info.retry_after_s)
+                await asyncio.sleep(delay)
+            continue
+        limiter.report(True)
+        return result
+    reason = last.reason if last else "no attempt"
+    raise CallFailed(
+        redact(f"{reason} after {max_retries + 1} attempts"),
+        retryable=True,
+        status=last.status if last else None,
+    )

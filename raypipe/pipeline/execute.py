@@ -1,0 +1,95 @@
+"""Ray plumbing: start/connect Ray, and stream shard specs through a stage's actor pool."""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Callable
+from dataclasses import asdict
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from raypipe.atlas.store import Shard
+    from raypipe.config import RayConfig
+
+__all__ = ["init_ray", "map_shards"]
+
+log = logging.getLogger(__name__)
+
+
+def init_ray(cfg: RayConfig) -> str:
+    """Start an embedded Ray (``address: local``) or connect to a cluster; return a description.
+
+    Under ``ray job submit`` (``RAY_ADDRESS`` set) ``local`` connects to that cluster instead.
+    """
+    import ray
+
+    os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+    if ray.is_initialized():
+        return "existing Ray session"
+    if cfg.address == "local" and not os.environ.get("RAY_ADDRESS"):
+        ray.init(
+            num_cpus=cfg.num_cpus,
+            object_store_memory=cfg.object_store_memory,
+            include_dashboard=False,
+            configure_logging=False,
+            log_to_driver=False,
+        )
+        desc = f"embedded Ray ({int(ray.cluster_resources().get('CPU', 0))} CPUs)"
+    else:
+        address = None if cfg.address == "local" else cfg.address
+        ray.init(address=address, configure_logging=False, log_to_driver=False)
+        res = ray.cluster_resources()
+        desc = f"Ray cluster {address or os.environ.get('RAY_ADDRESS')} ({int(res.get('CPU', 0))} CPUs, {int(res.get('GPU', 0))} GPUs)"
+    ctx = ray.data.DataContext.get_current()
+    ctx.enable_progress_bars = False
+    ctx.print_on_execution_start = False
+    return desc
+
+
+def map_shards(
+    stage: type,
+    kwargs: dict[str, Any],
+    shards: list[Shard],
+    *,
+    actors: int,
+    actor_cpus: float,
+    num_gpus: float = 0.0,
+    on_done: Callable[[dict[str, Any]], None] | None = None,
+) -> list[dict[str, Any]]:
+    """Run ``stage`` over ``shards`` on an actor pool; call ``on_done(row)`` as each finishes.
+
+    Parameters
+    ----------
+    stage
+        A callable class with the shard-stage batch contract (see raypipe.pipeline.stage).
+    kwargs
+        Constructor keyword arguments (large values: pass ObjectRefs).
+    shards
+        The shards still to do.
+    actors, actor_cpus, num_gpus
+        Pool size and per-actor resources.
+    on_done
+        Progress callback per finished shard (summary row).
+    """
+    import ray
+
+    if not shards:
+        return []
+    ds = ray.data.from_items([asdict(s) | {"shard": s.index} for s in shards], override_num_blocks=len(shards))
+    ds = ds.map_batches(
+        stage,
+        fn_constructor_kwargs=kwargs,
+        batch_size=1,
+        compute=ray.data.ActorPoolStrategy(min_size=1, max_size=max(1, min(actors, len(shards)))),
+        num_cpus=actor_cpus,
+        num_gpus=num_gpus or None,
+        max_restarts=-1,
+        max_task_retries=-1,
+    )
+    done = []
+    for row in ds.iter_rows():
+        done.append(row)
+        if on_done is not None:
+            on_done(row)
+    return done

@@ -1,0 +1,97 @@
+"""The embedding-method registry (``embed.methods``): each builds its shard stage on the driver.
+
+A builder gets the job, the atlas, the gene space and the shard plan and returns a
+:class:`StagePlan`: the stage class, its constructor kwargs (big payloads as ObjectRefs), the
+fingerprint that keys its outputs, and the resources its actors need.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from raypipe.config import config_hash
+from raypipe.registry import Registry
+
+if TYPE_CHECKING:
+    from raypipe.atlas.store import AtlasInfo, Shard
+    from raypipe.config import JobConfig
+    from raypipe.genes.space import GeneSpace
+
+__all__ = ["METHODS", "StagePlan", "build_genept_w"]
+
+
+@dataclass
+class StagePlan:
+    """How to run one method over the shards."""
+
+    stage: type
+    kwargs: dict[str, Any]
+    fingerprint: str
+    actors: int
+    actor_cpus: float
+    num_gpus: float = 0.0
+    notes: dict[str, Any] = field(default_factory=dict)
+
+
+METHODS: Registry[Any] = Registry("embedding method")
+
+
+def _hash(*parts: object) -> str:
+    return hashlib.sha256("|".join(str(p) for p in parts).encode()).hexdigest()[:16]
+
+
+@METHODS.register("genept_w")
+def build_genept_w(job: JobConfig, atlas: AtlasInfo, genes: GeneSpace, shards: list[Shard]) -> StagePlan:
+    """GenePT-w: fold HVG selection and centring into one (genes × d) weight matrix."""
+    import ray
+
+    from raypipe.embed.genept_w import GenePTW, weight_matrix
+    from raypipe.embed.hvg import GeneMoments, select_hvg
+
+    cfg = job.embed.genept_w
+    mask = None
+    notes: dict[str, Any] = {"hvg": cfg.hvg, "center": cfg.center}
+    if cfg.hvg is not None:
+        collapse_ref = ray.put(genes.collapse)
+        ds = ray.data.from_items(
+            [{"shard": s.index, "start": s.start, "stop": s.stop} for s in shards],
+            override_num_blocks=len(shards),
+        ).map_batches(
+            GeneMoments,
+            fn_constructor_kwargs={
+                "atlas_path": atlas.path,
+                "collapse": collapse_ref,
+                "x_kind": atlas.x_kind,
+                "target_sum": cfg.target_sum,
+            },
+            batch_size=1,
+            compute=ray.data.ActorPoolStrategy(min_size=1, max_size=max(1, min(job.ray.actors, len(shards)))),
+            num_cpus=job.ray.actor_cpus,
+        )
+        n, total, total_sq = 0, 0.0, 0.0
+        for row in ds.iter_rows():
+            n += int(row["n"])
+            total = total + np.asarray(row["sum"])
+            total_sq = total_sq + np.asarray(row["sum_sq"])
+        # rank only genes that have text: a variable gene without text adds nothing
+        masked_total = np.where(genes.has_text, total, 0.0)
+        mask = select_hvg(n, masked_total, np.where(genes.has_text, total_sq, 0.0), cfg.hvg)
+        mask &= genes.has_text
+        notes["hvg_genes"] = int(mask.sum())
+    weights = weight_matrix(genes.embeddings, genes.has_text, center=cfg.center, gene_mask=mask)
+    payload = ray.put({"collapse": genes.collapse, "weights": weights})
+    fingerprint = _hash("genept_w", config_hash(cfg), genes.fingerprint, atlas.x_kind, _hash(weights.tobytes()))
+    kwargs = {
+        "atlas_path": atlas.path,
+        "out_dir": job.output_dir,
+        "fingerprint": fingerprint,
+        "metadata": {"text_source": genes.source, "model": genes.model},
+        "genes": payload,
+        "x_kind": atlas.x_kind,
+        "target_sum": cfg.target_sum,
+    }
+    return StagePlan(GenePTW, kwargs, fingerprint, job.ray.actors, job.ray.actor_cpus, notes=notes)

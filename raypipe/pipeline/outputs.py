@@ -1,0 +1,111 @@
+"""Atomic, resumable outputs: shard parts, completion markers, the manifest.
+
+A shard's part is written under a temporary name and renamed into place; only then is its
+completion marker written (also atomically). A part without a matching marker is never
+counted as done, so a crash leaves nothing that looks complete.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import uuid
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+__all__ = [
+    "atomic_write_bytes",
+    "atomic_write_json",
+    "embedding_table",
+    "marker_path",
+    "part_path",
+    "read_marker",
+    "write_parquet_atomic",
+]
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` via a temporary file and an atomic rename."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
+    with tmp.open("wb") as fh:
+        fh.write(data)
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
+
+
+def atomic_write_json(path: Path, obj: Any) -> None:
+    """Write ``obj`` as indented JSON, atomically."""
+    atomic_write_bytes(path, json.dumps(obj, indent=2, sort_keys=True, default=str).encode())
+
+
+def write_parquet_atomic(path: Path, table: Any) -> None:
+    """Write a pyarrow table to ``path`` atomically."""
+    import pyarrow.parquet as pq
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
+    pq.write_table(table, tmp)
+    os.replace(tmp, path)
+
+
+def part_path(out_dir: str | Path, kind: str, method: str, shard: int) -> Path:
+    """Return ``<out>/<kind>/<method>/part-<shard>.parquet``."""
+    return Path(out_dir) / kind / method / f"part-{shard:05d}.parquet"
+
+
+def marker_path(out_dir: str | Path, stage: str, shard: int) -> Path:
+    """Return the completion marker of ``stage`` for ``shard``."""
+    return Path(out_dir) / "state" / stage / f"shard-{shard:05d}.json"
+
+
+def read_marker(path: Path) -> dict[str, Any] | None:
+    """Read a completion marker (None when absent or unreadable)."""
+    try:
+        return json.loads(path.read_text())  # type: ignore[no-any-return]
+    except (OSError, ValueError):
+        return None
+
+
+def embedding_table(
+    obs_names: np.ndarray,
+    shard: int,
+    start: int,
+    embedding: np.ndarray,
+    empty: np.ndarray,
+    metadata: dict[str, str],
+) -> Any:
+    """Build the output table: obs_name, shard, row, embedding (fixed-size list), empty.
+
+    Parameters
+    ----------
+    obs_names
+        (n,) cell names.
+    shard, start
+        Shard index and the atlas row of the first cell.
+    embedding
+        (n, d) float32.
+    empty
+        (n,) bool: the cell had no usable signal (zero counts / no known genes); its
+        embedding is all zeros.
+    metadata
+        Stored in the parquet schema (method, fingerprint, model ...).
+    """
+    import pyarrow as pa
+
+    n, d = embedding.shape
+    flat = pa.array(np.ascontiguousarray(embedding, dtype=np.float32).reshape(-1))
+    emb = pa.FixedSizeListArray.from_arrays(flat, d) if n else pa.array([], pa.list_(pa.float32(), d))
+    table = pa.table(
+        {
+            "obs_name": pa.array([str(x) for x in obs_names], pa.string()),
+            "shard": pa.array(np.full(n, shard, dtype=np.int32)),
+            "row": pa.array(np.arange(start, start + n, dtype=np.int64)),
+            "embedding": emb,
+            "empty": pa.array(np.asarray(empty, dtype=bool)),
+        }
+    )
+    return table.replace_schema_metadata({k: str(v) for k, v in metadata.items()})

@@ -1,0 +1,264 @@
+"""``raypipe run``: compose the stages a config names and run them on Ray.
+
+atlas (ingest on the fly if needed) → gene space (texts, embeddings, coverage) → per-method
+shard stages (resumable, atomic parts) → annotation / evaluation → manifest + summary.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from raypipe import __version__
+from raypipe.config import JobConfig, config_hash
+from raypipe.errors import InputError
+from raypipe.pipeline.outputs import atomic_write_json, marker_path, read_marker
+
+__all__ = ["RunSummary", "ensure_atlas", "pending_shards", "run_job"]
+
+log = logging.getLogger(__name__)
+
+MANIFEST = "manifest.json"
+
+
+@dataclass
+class RunSummary:
+    """What a run did (printed at the end, and stored in the manifest)."""
+
+    output_dir: str
+    n_cells: int = 0
+    n_shards: int = 0
+    shards_done: dict[str, int] = field(default_factory=dict)
+    shards_skipped: dict[str, int] = field(default_factory=dict)
+    timings: dict[str, float] = field(default_factory=dict)
+    outputs: list[str] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
+    coverage: str = ""
+    ray: str = ""
+    wall_s: float = 0.0
+
+    def render(self) -> str:
+        """Human summary."""
+        cps = self.n_cells * max(1, len(self.shards_done)) / self.wall_s if self.wall_s else 0.0
+        lines = [
+            "== raypipe run summary ==",
+            f"ray:        {self.ray}",
+            f"cells:      {self.n_cells:,} in {self.n_shards} shards",
+            f"wall time:  {self.wall_s:.1f} s ({cps:,.0f} cell-embeddings/s over all methods)",
+            f"genes:      {self.coverage}",
+        ]
+        for m in self.shards_done:
+            lines.append(
+                f"{m:<11} {self.shards_done[m]} shards computed, {self.shards_skipped.get(m, 0)} reused; "
+                f"{self.timings.get(m, 0.0):.1f} s"
+            )
+        lines.append("stage times: " + ", ".join(f"{k} {v:.1f}s" for k, v in self.timings.items()))
+        lines.append("outputs:")
+        lines += [f"  {o}" for o in self.outputs]
+        for w in self.warnings:
+            lines.append(f"WARNING: {w}")
+        return "\n".join(lines)
+
+
+def _versions() -> dict[str, str]:
+    from importlib.metadata import PackageNotFoundError, version
+
+    out = {"raypipe": __version__, "python": sys.version.split()[0]}
+    for pkg in ("ray", "anndata", "zarr", "numpy", "scipy", "torch", "transformers", "sentence-transformers", "openai"):
+        try:
+            out[pkg] = version(pkg)
+        except PackageNotFoundError:
+            continue
+    return out
+
+
+def ensure_atlas(job: JobConfig, out_dir: Path, *, progress: bool = True) -> Any:
+    """Open ``input.path`` as an atlas, ingesting it into ``<out>/atlas.zarr`` when needed."""
+    from raypipe.atlas.ingest import ingest, resolve_input_path
+    from raypipe.atlas.store import ATLAS_ATTR, open_atlas
+
+    src = resolve_input_path(job.input.path)
+    if not src.exists():
+        raise InputError(f"input file {src} does not exist", fix="check input.path in the config")
+    if src.is_dir() and ((src / "zarr.json").exists() or (src / ".zgroup").exists()):
+        import zarr
+
+        if ATLAS_ATTR in dict(zarr.open_group(str(src), mode="r").attrs):
+            atlas = open_atlas(src)
+            if job.input.x_kind not in ("auto", atlas.x_kind):
+                raise InputError(
+                    f"atlas {src} holds {atlas.x_kind} but input.x_kind is {job.input.x_kind}",
+                    fix=f"re-ingest with --x-kind {job.input.x_kind}, or set input.x_kind: auto",
+                )
+            return atlas
+    target = out_dir / "atlas.zarr"
+    stat = src.stat()
+    stamp = {"source": str(src), "size": stat.st_size, "mtime": stat.st_mtime, "layer": job.input.layer}
+    stamp_file = out_dir / "state" / "atlas_source.json"
+    if target.exists() and read_marker(stamp_file) == stamp:
+        atlas = open_atlas(target)
+        if job.input.x_kind in ("auto", atlas.x_kind):
+            return atlas
+    log.info("ingesting %s into %s", src, target)
+    result = ingest(
+        src,
+        target,
+        rows_per_chunk=job.input.rows_per_chunk,
+        x_kind=job.input.x_kind,
+        layer=job.input.layer,
+        overwrite=True,
+        progress=progress,
+    )
+    atomic_write_json(stamp_file, stamp)
+    return result.atlas
+
+
+def _check_output_dir(out_dir: Path, job: JobConfig, overwrite: bool) -> None:
+    manifest = out_dir / MANIFEST
+    if overwrite and out_dir.exists():
+        if out_dir.is_dir() and (manifest.exists() or not any(out_dir.iterdir())):
+            shutil.rmtree(out_dir)
+        else:
+            raise InputError(
+                f"--overwrite refuses to delete {out_dir}: it is not a raypipe output folder (no {MANIFEST})",
+                fix="point output_dir at a new or raypipe-made folder",
+            )
+    if not out_dir.exists():
+        return
+    if not out_dir.is_dir():
+        raise InputError(f"output_dir {out_dir} is a file", fix="point output_dir at a folder")
+    if manifest.exists():
+        old = json.loads(manifest.read_text())
+        old_input = old.get("config", {}).get("input", {}).get("path")
+        if old_input != job.input.path:
+            raise InputError(
+                f"output_dir {out_dir} holds a run of a different input ({old_input}), not {job.input.path}",
+                fix="use another output_dir, or pass --overwrite to replace that run",
+            )
+    elif any(p.name not in {"atlas.zarr", "state", "genes", "cache"} for p in out_dir.iterdir()):
+        raise InputError(
+            f"output_dir {out_dir} is not empty and holds no raypipe manifest",
+            fix="use a new output_dir (raypipe never writes into a folder it did not make)",
+        )
+
+
+def pending_shards(out_dir: Path, method: str, shards: list[Any], fingerprint: str) -> list[Any]:
+    """Return the shards whose completion marker is missing or stale (content, range, settings)."""
+    todo = []
+    for s in shards:
+        m = read_marker(marker_path(out_dir, method, s.index))
+        part = Path(m["path"]) if m else None
+        fresh = (
+            m is not None
+            and m.get("fingerprint") == fingerprint
+            and m.get("content_hash") == s.content_hash
+            and (m.get("start"), m.get("stop")) == (s.start, s.stop)
+            and part is not None
+            and part.exists()
+        )
+        if not fresh:
+            todo.append(s)
+    return todo
+
+
+def _drop_stale_parts(out_dir: Path, kind: str, method: str, n_shards: int) -> None:
+    """Remove parts/markers of shard indices beyond the current plan (the atlas shrank)."""
+    for folder, pattern in ((out_dir / kind / method, "part-*.parquet"), (out_dir / "state" / method, "shard-*.json")):
+        for p in folder.glob(pattern) if folder.exists() else []:
+            if int(p.stem.split("-")[1]) >= n_shards:
+                p.unlink()
+
+
+def run_job(job: JobConfig, *, overwrite: bool = False, progress: bool = True) -> RunSummary:
+    """Run every stage the config names; return the summary (also written to the manifest)."""
+    from tqdm.auto import tqdm
+
+    from raypipe.atlas.store import plan_shards, read_obs_columns
+    from raypipe.genes.space import prepare_gene_space
+    from raypipe.pipeline.execute import init_ray, map_shards
+    from raypipe.pipeline.methods import METHODS
+
+    t_start = time.perf_counter()
+    out_dir = Path(job.output_dir)
+    _check_output_dir(out_dir, job, overwrite)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    summary = RunSummary(output_dir=str(out_dir))
+    manifest: dict[str, Any] = {
+        "status": "running",
+        "config": job.model_dump(mode="json"),
+        "config_hash": config_hash(job),
+        "versions": _versions(),
+        "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+    }
+    atomic_write_json(out_dir / MANIFEST, manifest)
+    for name in job.embed.methods:
+        METHODS.get(name)  # fail fast on a method that is not available
+
+    t = time.perf_counter()
+    atlas = ensure_atlas(job, out_dir, progress=progress)
+    summary.timings["atlas"] = time.perf_counter() - t
+    keys = [k for k in (job.input.label_key, job.input.batch_key) if k]
+    if keys:
+        read_obs_columns(atlas.path, keys)  # a missing column fails here, naming those present
+    summary.n_cells = atlas.n_obs
+    summary.ray = init_ray(job.ray)
+
+    t = time.perf_counter()
+    genes = prepare_gene_space(job, atlas, out_dir)
+    summary.timings["genes"] = time.perf_counter() - t
+    summary.coverage = genes.coverage.summary()
+    summary.warnings += genes.warnings
+    manifest["atlas"] = {k: v for k, v in atlas.extra.items()} | {"path": atlas.path}
+    manifest["genes"] = {
+        "text_source": genes.source,
+        "model": genes.model,
+        "fingerprint": genes.fingerprint,
+        "coverage": {"n_genes": genes.coverage.n_genes, "n_covered": genes.coverage.n_covered, "share": genes.coverage.share},
+        "unmatched_examples": list(genes.coverage.unmatched),
+    }
+    shards = plan_shards(atlas, job.shards.rows)
+    summary.n_shards = len(shards)
+    manifest["shards"] = {"rows": job.shards.rows, "n": len(shards)}
+    manifest["methods"] = {}
+
+    for name in job.embed.methods:
+        t = time.perf_counter()
+        plan = METHODS.get(name)(job, atlas, genes, shards)
+        kind = getattr(plan.stage, "kind", "embeddings")
+        _drop_stale_parts(out_dir, kind, name, len(shards))
+        todo = pending_shards(out_dir, name, shards, plan.fingerprint)
+        bar = tqdm(total=sum(s.n_rows for s in todo), unit="cell", desc=name, disable=not progress or not todo)
+        map_shards(
+            plan.stage,
+            plan.kwargs,
+            todo,
+            actors=plan.actors,
+            actor_cpus=plan.actor_cpus,
+            num_gpus=plan.num_gpus,
+            on_done=lambda row, bar=bar: bar.update(int(row["n_cells"])),
+        )
+        bar.close()
+        summary.timings[name] = time.perf_counter() - t
+        summary.shards_done[name] = len(todo)
+        summary.shards_skipped[name] = len(shards) - len(todo)
+        summary.outputs.append(str(out_dir / kind / name))
+        manifest["methods"][name] = {"fingerprint": plan.fingerprint, "shards_computed": len(todo), **plan.notes}
+
+    summary.wall_s = time.perf_counter() - t_start
+    manifest.update(
+        status="complete",
+        finished=time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        timings=summary.timings,
+        wall_s=summary.wall_s,
+        warnings=summary.warnings,
+        outputs=summary.outputs,
+    )
+    summary.outputs.append(str(out_dir / MANIFEST))
+    atomic_write_json(out_dir / MANIFEST, manifest)
+    return summary

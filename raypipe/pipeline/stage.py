@@ -1,0 +1,113 @@
+"""The shard-stage contract shared by every per-shard computation.
+
+A :class:`ShardStage` is a callable class used with ``ds.map_batches(Stage,
+compute=ray.data.ActorPoolStrategy(...))``: heavy setup happens once per actor in
+``__init__``; ``__call__`` takes a batch of shard specs, reads each shard's rows from the
+Zarr atlas *inside the actor*, computes, writes the part atomically plus its completion
+marker, and returns a small summary (so no sparse or dense payload crosses the object store).
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any, ClassVar
+
+import numpy as np
+
+from raypipe.errors import StageContractError
+from raypipe.pipeline.outputs import (
+    atomic_write_json,
+    embedding_table,
+    marker_path,
+    part_path,
+    write_parquet_atomic,
+)
+
+__all__ = ["SHARD_COLUMNS", "SUMMARY_COLUMNS", "ShardStage", "check_contract"]
+
+SHARD_COLUMNS = ("shard", "start", "stop", "content_hash")
+SUMMARY_COLUMNS = ("shard", "n_cells", "n_empty", "seconds", "path")
+
+
+def check_contract(stage: str, batch: dict[str, Any], required: tuple[str, ...]) -> None:
+    """Raise :class:`StageContractError` naming the stage and the missing/present columns."""
+    missing = [c for c in required if c not in batch]
+    if missing:
+        raise StageContractError(
+            f"stage {stage} needs columns {missing}; the batch has {sorted(batch)}",
+            fix="feed it the shard plan from raypipe.atlas.plan_shards",
+        )
+
+
+class ShardStage:
+    """Base class: subclasses set ``method`` and implement :meth:`compute`.
+
+    Parameters
+    ----------
+    atlas_path
+        The atlas ``.zarr``.
+    out_dir
+        The job's output folder (must be shared storage on a multi-node cluster).
+    fingerprint
+        Hash of everything the result depends on besides the rows (settings, models, genes).
+    metadata
+        Extra key/values stored in each part's parquet metadata.
+    """
+
+    method: ClassVar[str] = ""
+    kind: ClassVar[str] = "embeddings"
+    input_columns: ClassVar[tuple[str, ...]] = SHARD_COLUMNS
+    output_columns: ClassVar[tuple[str, ...]] = SUMMARY_COLUMNS
+
+    def __init__(
+        self,
+        atlas_path: str,
+        out_dir: str,
+        fingerprint: str,
+        metadata: dict[str, str] | None = None,
+    ) -> None:
+        self.atlas_path = atlas_path
+        self.out_dir = out_dir
+        self.fingerprint = fingerprint
+        self.metadata = dict(metadata or {})
+
+    def compute(self, x: Any, start: int, stop: int) -> tuple[np.ndarray, np.ndarray]:
+        """Return ``(embedding (n, d) float32, empty (n,) bool)`` for the shard's rows."""
+        raise NotImplementedError
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """Process each shard spec in ``batch``; return one summary row per shard."""
+        from raypipe.atlas.store import read_obs_names, read_shard
+
+        check_contract(type(self).__name__, batch, self.input_columns)
+        rows: dict[str, list[Any]] = {c: [] for c in self.output_columns}
+        for i in range(len(batch["shard"])):
+            t0 = time.perf_counter()
+            shard, start, stop = int(batch["shard"][i]), int(batch["start"][i]), int(batch["stop"][i])
+            x = read_shard(self.atlas_path, start, stop)
+            names = read_obs_names(self.atlas_path, start, stop)
+            emb, empty = self.compute(x, start, stop)
+            meta = {**self.metadata, "method": self.method, "fingerprint": self.fingerprint}
+            path = part_path(self.out_dir, self.kind, self.method, shard)
+            write_parquet_atomic(path, embedding_table(names, shard, start, emb, empty, meta))
+            seconds = time.perf_counter() - t0
+            atomic_write_json(
+                marker_path(self.out_dir, self.method, shard),
+                {
+                    "shard": shard,
+                    "start": start,
+                    "stop": stop,
+                    "content_hash": str(batch["content_hash"][i]),
+                    "fingerprint": self.fingerprint,
+                    "n_cells": stop - start,
+                    "n_empty": int(np.count_nonzero(empty)),
+                    "seconds": seconds,
+                    "path": str(path),
+                },
+            )
+            rows["shard"].append(shard)
+            rows["n_cells"].append(stop - start)
+            rows["n_empty"].append(int(np.count_nonzero(empty)))
+            rows["seconds"].append(seconds)
+            rows["path"].append(str(path))
+        return {k: np.asarray(v) for k, v in rows.items()}
