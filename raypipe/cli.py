@@ -64,7 +64,7 @@ def _cmd_tokenize(args: argparse.Namespace) -> int:
 def _cmd_fetch_orgdb(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from raypipe.genes.sources import fetch_orgdb
+    from raypipe.genes.orgdb import fetch_orgdb
 
     dest = fetch_orgdb(Path(args.dest).expanduser()) if args.dest else fetch_orgdb()
     print(f"org.Hs.eg.sqlite and GO.sqlite are in {dest}")

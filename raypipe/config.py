@@ -152,8 +152,10 @@ class Price(_Section):
 class GenePTWConfig(_Section):
     """GenePT-w options (see README, 'GenePT-w variants')."""
 
-    hvg: int | None = Field(None, gt=0, description="Restrict to the N most variable genes (None = all genes).")
-    center: bool = Field(False, description="Centre gene embeddings (subtract their mean) before weighting.")
+    hvg: int | None = Field(
+        500, gt=0, description="Restrict to the N most variable genes with text (null = all genes, the paper's plain method)."
+    )
+    center: bool = Field(True, description="Centre gene embeddings (subtract their mean) before weighting.")
     target_sum: float = Field(1e4, gt=0, description="Counts per cell after normalisation.")
 
 

@@ -43,11 +43,16 @@ def _tokens(dicts, adata, variant="geneformer_v1", x_kind="counts", **kw):
 def test_matches_geneformer_tokenizer_for_every_cell(v1, kang, expected):
     tok, cells = _tokens(v1, kang)
     assert list(kang.obs_names) == expected["obs_name"].tolist()
-    mismatched = [i for i, (c, e) in enumerate(zip(cells, expected["input_ids"], strict=True)) if not np.array_equal(c, e)]
+    mismatched = [
+        i
+        for i, (c, e) in enumerate(zip(cells, expected["input_ids"], strict=True))
+        if not np.array_equal(c, e)
+    ]
     assert mismatched == []
     assert [len(c) for c in cells] == expected["length"].tolist()
     assert all(c.dtype == np.int32 for c in cells)
-    assert tok.last_stats.x_kind == "counts" and tok.last_stats.n_empty == 0
+    assert tok.last_stats.x_kind == "counts"
+    assert tok.last_stats.n_empty == 0
 
 
 def test_lognorm_input_gives_identical_ids(v1, kang, expected):
@@ -64,7 +69,8 @@ def test_lognorm_input_gives_identical_ids(v1, kang, expected):
 def test_langcell_framing_prepends_cls_on_v1_vocab(v1, kang, expected):
     tok, cells = _tokens(v1, kang, variant="langcell")
     cls_id = len(v1.token_dict)  # LangCell: token_dictionary['<cls>'] = len(token_dictionary)
-    assert tok.prefix == (cls_id,) and tok.vocab_size == cls_id + 1
+    assert tok.prefix == (cls_id,)
+    assert tok.vocab_size == cls_id + 1
     for c, e in zip(cells[:50], expected["input_ids"][:50], strict=True):
         assert c[0] == cls_id
         assert np.array_equal(c[1:], e[:2047])
@@ -79,7 +85,8 @@ def test_v2_framing_and_truncation(shared_data, v1, kang, expected):
     tok, cells = _tokens(v2, kang, variant="geneformer_v2")
     assert tok.max_length == 4096
     for c, e in zip(cells[:50], expected["input_ids"][:50], strict=True):
-        assert c[0] == v2.token_dict["<cls>"] and c[-1] == v2.token_dict["<eos>"]
+        assert c[0] == v2.token_dict["<cls>"]
+        assert c[-1] == v2.token_dict["<eos>"]
         want = [v2.token_dict[inv1[t]] for t in e if inv1[t] in v2.token_dict]
         assert c[1:-1].tolist() == want
     _, short = _tokens(v2, kang, variant="geneformer_v2", max_length=6)
@@ -96,11 +103,12 @@ def test_duplicate_ensembl_ids_are_summed(v1, kang, expected):
     split = np.hstack([dense[:, :40] - half, dense[:, 40:], half])
     tok = RankValueTokenizer(v1)
     plan = tok.plan(ids + ids[:40])
-    assert plan.has_duplicates and plan.n_known == 1261 + sum(
-        1 for g in ids[:40] if g in v1.token_dict
-    )
+    assert plan.has_duplicates
+    assert plan.n_known == 1261 + sum(1 for g in ids[:40] if g in v1.token_dict)
     cells = tok.tokenize(sp.csr_matrix(split))
-    assert all(np.array_equal(c, e) for c, e in zip(cells, expected["input_ids"][:200], strict=True))
+    assert all(
+        np.array_equal(c, e) for c, e in zip(cells, expected["input_ids"][:200], strict=True)
+    )
 
 
 def test_empty_cells_are_flagged_not_fatal(v1):
@@ -152,9 +160,12 @@ def test_write_tokens_matches_expected_parquet(kang1k5, expected, tmp_path):
     out = tmp_path / "tokens.parquet"
     info = write_tokens(kang1k5, out, dictionary="V1", rows_per_chunk=400)
     got = pd.read_parquet(out)
-    assert info["n_cells"] == len(expected) and info["x_kind"] == "counts"
+    assert info["n_cells"] == len(expected)
+    assert info["x_kind"] == "counts"
     assert got["obs_name"].tolist() == expected["obs_name"].tolist()
-    assert all(np.array_equal(a, b) for a, b in zip(got["input_ids"], expected["input_ids"], strict=True))
+    assert all(
+        np.array_equal(a, b) for a, b in zip(got["input_ids"], expected["input_ids"], strict=True)
+    )
     assert got["length"].tolist() == expected["length"].tolist()
     assert not (tmp_path / "tokens.parquet.tmp").exists()
 
@@ -166,7 +177,8 @@ def test_write_tokens_maps_symbols_and_checks_coverage(kang, v1, tmp_path):
     sym.var_names = kang.var_names
     sym.write_h5ad(tmp_path / "sym.h5ad")
     info = write_tokens(tmp_path / "sym.h5ad", tmp_path / "t.parquet")
-    assert info["id_source"] == "gene_name_id" and info["coverage"] > 0.9
+    assert info["id_source"] == "gene_name_id"
+    assert info["coverage"] > 0.9
     bad = sym.copy()
     bad.var_names = [f"FAKE{i}" for i in range(bad.n_vars)]
     bad.write_h5ad(tmp_path / "bad.h5ad")
@@ -205,10 +217,13 @@ def test_dictionary_formats_and_missing_or_corrupt_files(tmp_path):
     assert load_dict(tmp_path / "d.json") == {"A": 1}
     pd.DataFrame({"key": ["A", "B"], "value": [1.5, 2.0]}).to_parquet(tmp_path / "d.parquet")
     assert load_dict(tmp_path / "d.parquet") == {"A": 1.5, "B": 2.0}
-    with pytest.raises(InputError, match="missing.pkl"):
+    with pytest.raises(InputError, match=r"missing\.pkl"):
         load_dict(tmp_path / "missing.pkl")
     (tmp_path / "token_dictionary.pkl").write_bytes(pickle.dumps({"<pad>": 0})[:-3])
-    with pytest.raises(InputError, match="token_dictionary.pkl"):
+    with pytest.raises(InputError, match=r"gene_median_dictionary\.pkl does not exist"):
+        GeneformerDictionaries.load(tmp_path)
+    (tmp_path / "gene_median_dictionary.pkl").write_bytes(pickle.dumps({"ENSG1": 1.0}))
+    with pytest.raises(InputError, match=r"token_dictionary\.pkl is corrupt"):
         GeneformerDictionaries.load(tmp_path)
     with pytest.raises(InputError, match="token_dictionary"):
         GeneformerDictionaries.load("V1", search=[tmp_path / "nowhere"])

@@ -25,6 +25,7 @@ from raypipe.errors import InputError
 
 __all__ = [
     "GeneformerDictionaries",
+    "RefusedPickleError",
     "RestrictedUnpickler",
     "TokenPlan",
     "default_search_dirs",
@@ -55,19 +56,23 @@ _SCALAR_GLOBALS = frozenset(
 _SCALAR_KINDS = frozenset("biuf")  # bool, int, unsigned, float: no object/str/void dtypes
 
 
+class RefusedPickleError(pickle.UnpicklingError):
+    """A pickle asked for a global outside the allowed plain-data set."""
+
+
 def _numpy_scalar(dtype: Any, data: Any = None) -> Any:
     """Rebuild a numpy scalar like ``numpy.core.multiarray.scalar``, numbers only."""
     if not isinstance(dtype, np.dtype) or dtype.kind not in _SCALAR_KINDS:
-        raise pickle.UnpicklingError(f"numpy scalar of dtype {dtype!r} is not allowed")
+        raise RefusedPickleError(f"numpy scalar of dtype {dtype!r} is not allowed")
     if not isinstance(data, bytes) or len(data) != dtype.itemsize:
-        raise pickle.UnpicklingError("malformed numpy scalar payload")
+        raise RefusedPickleError("malformed numpy scalar payload")
     return np.frombuffer(data, dtype=dtype)[0]
 
 
 def _numpy_dtype(spec: Any, align: bool = False, copy: bool = False) -> np.dtype:
     dt = np.dtype(spec, align, copy) if isinstance(spec, str) else None
     if dt is None or dt.kind not in _SCALAR_KINDS:
-        raise pickle.UnpicklingError(f"numpy dtype {spec!r} is not allowed")
+        raise RefusedPickleError(f"numpy dtype {spec!r} is not allowed")
     return dt
 
 
@@ -76,7 +81,7 @@ class RestrictedUnpickler(pickle.Unpickler):
 
     ``find_class`` refuses every global except numpy's scalar/dtype reconstruction, so a
     pickle holding a class instance or a call (``os.system``, ``eval``) raises
-    :class:`pickle.UnpicklingError` before anything is executed.
+    :class:`RefusedPickleError` before anything is executed.
     """
 
     def find_class(self, module: str, name: str) -> Any:
@@ -85,7 +90,7 @@ class RestrictedUnpickler(pickle.Unpickler):
             return _numpy_dtype
         if (module, name) in _SCALAR_GLOBALS:
             return _numpy_scalar
-        raise pickle.UnpicklingError(
+        raise RefusedPickleError(
             f"refused to load global {module}.{name}: only plain dicts, strings and numbers "
             "are allowed in a dictionary pickle"
         )
@@ -160,13 +165,13 @@ def load_dict(path: str | Path) -> dict[Any, Any]:
                 f"dictionary file {p} has an unknown extension {p.suffix!r}",
                 fix="use .pkl, .json, .parquet, .csv or .tsv",
             )
-    except pickle.UnpicklingError as e:
+    except RefusedPickleError as e:
         raise InputError(
             f"dictionary pickle {p} was refused: {e}",
             fix="dictionary pickles may hold only plain dicts of strings and numbers; "
             "re-export it as JSON or parquet (key, value) if it came from elsewhere",
         ) from e
-    except (EOFError, ValueError, OSError, json.JSONDecodeError, UnicodeDecodeError) as e:
+    except (pickle.UnpicklingError, EOFError, ValueError, OSError, UnicodeDecodeError) as e:
         raise InputError(
             f"dictionary file {p} is corrupt or unreadable ({type(e).__name__}: {e})",
             fix="re-download the file or point the spec at an intact copy",

@@ -10,7 +10,7 @@ Log-normalised input (``normalize_total`` + ``log1p``) gives the same ranks afte
 the per-cell scale factor is a constant within the cell, so only ``value / median`` matters.
 
 The rank step runs in one numba kernel over the shard's CSR arrays (a stable per-row
-merge-sort of each row's data segment); without numba, one stable ``np.lexsort`` over
+radix sort of each row's data segment); without numba, one stable ``np.lexsort`` over
 (row, -value) for the whole shard does the same work.
 """
 
@@ -262,23 +262,33 @@ class RankValueTokenizer:
         )  # fmt: skip
         if status[0]:
             _raise_bad_value(int(status[0]), int(status[1]), data64[int(status[2])])
-        tok_buf = plan.gene_token[out] if out.size else out
-        pre = np.asarray(self.prefix, dtype=np.int32)
-        suf = np.asarray(self.suffix, dtype=np.int32)
-        cells: list[np.ndarray] = []
-        empty_arr = np.zeros(0, dtype=np.int32)
-        for i in range(n):
-            ln = int(lens[i])
-            if ln == 0:
-                cells.append(empty_arr)
-            elif pre.size or suf.size:
-                cells.append(np.concatenate((pre, tok_buf[starts[i] : starts[i] + ln], suf)))
-            else:
-                cells.append(tok_buf[starts[i] : starts[i] + ln])
+        cells = self._frame(out, starts, lens, plan.gene_token)
         self.last_stats = TokenizeStats(
             x_kind=x_kind, empty=lens == 0, engine=getattr(rank, "__name__", "rank_kernel")
         )
         return cells
+
+    def _frame(
+        self, out: np.ndarray, starts: np.ndarray, lens: np.ndarray, gene_token: np.ndarray
+    ) -> list[np.ndarray]:
+        """Gather body tokens into one framed buffer and slice it per cell (no per-cell copies)."""
+        n, npre, nsuf = lens.size, len(self.prefix), len(self.suffix)
+        flen = np.where(lens > 0, lens + npre + nsuf, 0)
+        fstart = np.zeros(n + 1, dtype=np.int64)
+        np.cumsum(flen, out=fstart[1:])
+        buf = np.empty(int(fstart[-1]), dtype=np.int32)
+        rows = np.repeat(np.arange(n), lens)
+        body_start = np.zeros(n + 1, dtype=np.int64)
+        np.cumsum(lens, out=body_start[1:])
+        pos = np.arange(rows.size) - body_start[rows]
+        buf[fstart[rows] + npre + pos] = gene_token[out[starts[rows] + pos]]
+        nonempty = lens > 0
+        for j, tid in enumerate(self.prefix):
+            buf[fstart[:-1][nonempty] + j] = tid
+        for j, tid in enumerate(self.suffix):
+            buf[fstart[1:][nonempty] - nsuf + j] = tid
+        b = fstart.tolist()
+        return [buf[b[i] : b[i + 1]] for i in range(n)]
 
 
 def _raise_bad_value(code: int, row: int, value: float) -> None:
@@ -357,9 +367,10 @@ def write_tokens(
     tok = RankValueTokenizer(dicts, variant=variant)
     plan = tok.plan(ids)
     if plan.coverage < min_coverage:
+        unknown = var.index[np.flatnonzero(plan.col_gene < 0)[:10]].tolist()
         raise InputError(
             f"{src}: only {plan.n_known}/{plan.n_vars} genes ({plan.coverage:.1%}) map to the "
-            f"{dicts.name} dictionary via {how}; unknown e.g. {', '.join(plan.unknown_examples)}",
+            f"{dicts.name} dictionary via {how}; unknown e.g. {', '.join(map(str, unknown))}",
             fix="add var['ensembl_id'], pass --gene-name-id, or lower min_coverage",
         )
     tmp = out.with_name(out.name + ".tmp")
@@ -408,7 +419,7 @@ def _rank_kernel_py(
     indptr, indices, data, col_gene, gene_median, lognorm, own_total, totals, max_body,
     has_dups, starts, out, lens,
 ):  # fmt: skip
-    """Per-row stable merge-sort of each row's data segment (compiled by numba)."""
+    """Per-row stable radix sort of each row's data segment (compiled by numba)."""
     n = indptr.shape[0] - 1
     n_genes = gene_median.shape[0]
     acc = np.zeros(n_genes, dtype=np.float64)
@@ -417,6 +428,13 @@ def _rank_kernel_py(
         width = max(width, indptr[r + 1] - indptr[r])
     gbuf = np.empty(width, dtype=np.int32)
     vbuf = np.empty(width, dtype=np.float64)
+    bits = vbuf.view(np.uint64)
+    keys = np.empty(width, dtype=np.uint64)
+    tkeys = np.empty(width, dtype=np.uint64)
+    idx = np.empty(width, dtype=np.int64)
+    tidx = np.empty(width, dtype=np.int64)
+    cnt = np.zeros(257, dtype=np.int64)
+    mask = np.uint64(255)
     status = np.zeros(3, dtype=np.int64)
     for r in range(n):
         lo, hi = indptr[r], indptr[r + 1]
@@ -455,13 +473,33 @@ def _rank_kernel_py(
                 vbuf[t] = acc[g]
                 acc[g] = 0.0
             if lognorm:
-                vbuf[t] = -(vbuf[t] / gene_median[g])
+                vbuf[t] = vbuf[t] / gene_median[g]
             else:
-                vbuf[t] = -(vbuf[t] / total * 10_000.0 / gene_median[g])
-        order = np.argsort(vbuf[:k], kind="mergesort")
+                vbuf[t] = vbuf[t] / total * 10_000.0 / gene_median[g]
+            keys[t] = ~bits[t]  # scores are > 0: their bits ascend with the value
+            idx[t] = t
+        # stable LSD radix sort (8 passes of 8 bits) of the keys: descending score, ties in
+        # column order; a pass whose byte is the same for every key is skipped
+        for p in range(8):
+            shift = np.uint64(8 * p)
+            cnt[:] = 0
+            for t in range(k):
+                cnt[((keys[t] >> shift) & mask) + 1] += 1
+            if k == 0 or cnt[((keys[0] >> shift) & mask) + 1] == k:
+                continue
+            for b in range(256):
+                cnt[b + 1] += cnt[b]
+            for t in range(k):
+                b = (keys[t] >> shift) & mask
+                d = cnt[b]
+                cnt[b] = d + 1
+                tkeys[d] = keys[t]
+                tidx[d] = idx[t]
+            keys, tkeys = tkeys, keys
+            idx, tidx = tidx, idx
         m = min(k, max_body)
         s = starts[r]
         for t in range(m):
-            out[s + t] = gbuf[order[t]]
+            out[s + t] = gbuf[idx[t]]
         lens[r] = m
     return status

@@ -143,18 +143,21 @@ class OrgdbData:
     ----------
     genes
         Columns entrez_id, symbol, ensembl_ids (``;``-joined), gene_type, full_name and
-        go_bp/go_mf/go_cc (term names joined by ``\x1f``, sorted, roots removed); one row
-        per symbol (duplicates keep the row with Ensembl ids, then the lowest Entrez id);
+        go_bp/go_mf/go_cc (term names joined by :attr:`go_sep`, as stored); one row per
+        symbol (duplicates keep the row with Ensembl ids, then the lowest Entrez id);
         indexed by symbol.
     aliases
         Columns alias, symbol.
     fingerprint
         Hash of the data version (TSV bytes, or the SQLite metadata tables).
+    go_sep
+        Separator of the GO term names in the go_* columns.
     """
 
     genes: pd.DataFrame
     aliases: pd.DataFrame | None
     fingerprint: str
+    go_sep: str = _SEP
 
     @functools.cached_property
     def gene_table(self) -> GeneTable:
@@ -165,14 +168,10 @@ class OrgdbData:
         )
 
 
-def _clean_terms(values: pd.Series, sep: str) -> pd.Series:
-    def norm(cell: object) -> str:
-        if not isinstance(cell, str) or not cell:
-            return ""
-        terms = {t.strip() for t in cell.split(sep)} - _GO_ROOTS - {""}
-        return _SEP.join(sorted(terms))
-
-    return values.map(norm)
+def _clean_terms(cell: object, sep: str) -> list[str]:
+    if not isinstance(cell, str) or not cell:
+        return []
+    return sorted({t.strip() for t in cell.split(sep)} - _GO_ROOTS - {""})
 
 
 def _finish(genes: pd.DataFrame) -> pd.DataFrame:
@@ -200,15 +199,13 @@ def _read_tsv(path: Path, alias_path: Path | None) -> OrgdbData:
         )
     if "gene_type" not in genes:
         genes["gene_type"] = ""
-    for col, _ in _GO_COLUMNS:
-        genes[col] = _clean_terms(genes[col], "; ")
     aliases = None
     if alias_path is not None:
         aliases = pd.read_csv(alias_path, sep="\t", dtype=str, keep_default_na=False)[
             ["alias", "symbol"]
         ]
     digest = hashlib.sha256(path.read_bytes()).hexdigest()[:16]
-    return OrgdbData(_finish(genes), aliases, f"tsv:{digest}")
+    return OrgdbData(_finish(genes), aliases, f"tsv:{digest}", go_sep="; ")
 
 
 _SQL_GENES = """
@@ -237,7 +234,7 @@ def _read_sqlite(org: Path, go: Path) -> OrgdbData:
             genes["ensembl_ids"] = pd.Series(dict(con.execute(_SQL_ENSEMBL).fetchall()))
             for col, _ in _GO_COLUMNS:
                 rows = dict(con.execute(_SQL_GO.format(table=col)).fetchall())
-                genes[col] = _clean_terms(pd.Series(rows).reindex(genes.index), _SEP)
+                genes[col] = pd.Series(rows).reindex(genes.index)
             aliases = pd.DataFrame(con.execute(_SQL_ALIAS).fetchall(), columns=["alias", "symbol"])
             meta = con.execute("SELECT name, value FROM metadata ORDER BY name").fetchall()
             meta += con.execute("SELECT name, value FROM go.metadata ORDER BY name").fetchall()
@@ -248,7 +245,7 @@ def _read_sqlite(org: Path, go: Path) -> OrgdbData:
             f"orgdb SQLite files {org} / {go} cannot be read: {exc}", fix=FETCH_FIX
         ) from None
     digest = hashlib.sha256(repr(meta).encode()).hexdigest()[:16]
-    return OrgdbData(_finish(genes.reset_index(drop=True)), aliases, f"sqlite:{digest}")
+    return OrgdbData(_finish(genes.reset_index(drop=True)), aliases, f"sqlite:{digest}", _SEP)
 
 
 @functools.lru_cache(maxsize=4)
@@ -267,18 +264,26 @@ def read_orgdb(files: OrgdbFiles) -> OrgdbData:
     return _read_cached(files, stamp)
 
 
-def orgdb_text(row: pd.Series | dict[str, str], *, max_terms: int = 30) -> str:
+def orgdb_text(row: pd.Series | dict[str, str], *, max_terms: int = 30, sep: str = _SEP) -> str:
     """Write one gene's text from an :attr:`OrgdbData.genes` row.
 
     ``"SYMBOL: full name. Biological process: t1; t2. Molecular function: …. Cellular
-    component: …."``; GO terms are sorted by name, root terms dropped, and
-    empty lists are left out. Longer lists keep ``max_terms`` terms, preferring core terms
-    over ``regulation of …`` ones.
+    component: …."``; GO terms are sorted by name, root terms dropped, and empty lists left
+    out.
+
+    Parameters
+    ----------
+    row
+        Needs ``symbol``, ``full_name``, ``go_bp``, ``go_mf``, ``go_cc``.
+    max_terms
+        Longer GO lists keep this many terms, preferring core terms over ``regulation of …``.
+    sep
+        Separator of the term names in the go_* fields (:attr:`OrgdbData.go_sep`).
     """
     name = str(row["full_name"]).strip()
     parts = [f"{row['symbol']}: {name}." if name else f"{row['symbol']}."]
     for col, label in _GO_COLUMNS:
-        terms = [t for t in str(row[col]).split(_SEP) if t]
+        terms = _clean_terms(row[col], sep)
         if len(terms) > max_terms:  # keep core terms before "(positive) regulation of" ones
             terms = sorted(sorted(terms, key=lambda t: (t.startswith(_REGULATION), t))[:max_terms])
         if terms:
@@ -317,16 +322,22 @@ class OrgdbTextSource(TextSource):
     def texts(self, symbols: list[str], ensembl_ids: list[str | None]) -> pd.DataFrame:
         """Return texts for the genes found by symbol, else by Ensembl id."""
         self._check_lengths(symbols, ensembl_ids)
-        genes = self.data.genes
-        ens2sym = self.data.gene_table.ensembl_to_symbol
+        data = self.data
+        genes = data.genes
+        ens2sym = data.gene_table.ensembl_to_symbol
+        keys = [
+            sym if sym in genes.index else ens2sym.get(ens or "")
+            for sym, ens in zip(symbols, ensembl_ids, strict=True)
+        ]
+        found = sorted({k for k in keys if k is not None and k in genes.index})
+        records = genes.loc[found].to_dict("index") if found else {}
         rows = []
-        for sym, ens in zip(symbols, ensembl_ids, strict=True):
-            key = sym if sym in genes.index else ens2sym.get(ens or "")
-            if key is None or key not in genes.index:
+        for sym, ens, key in zip(symbols, ensembl_ids, keys, strict=True):
+            row = records.get(key) if key is not None else None
+            if row is None:
                 continue
-            row = genes.loc[key]
             primary = row["ensembl_ids"].split(";")[0] if row["ensembl_ids"] else None
-            text = orgdb_text(row, max_terms=self.max_terms)
+            text = orgdb_text(row, max_terms=self.max_terms, sep=data.go_sep)
             rows.append((ens or primary or sym, sym, text, self.name))
         return pd.DataFrame(rows, columns=list(TEXT_COLUMNS))
 

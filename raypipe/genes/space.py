@@ -74,7 +74,7 @@ class GeneSpace:
 def _build_source(job: JobConfig) -> Any:
     from raypipe.genes.sources import TEXT_SOURCES
 
-    cls = TEXT_SOURCES.get(job.genes.text_source)
+    cls: Any = TEXT_SOURCES.get(job.genes.text_source)
     params = inspect.signature(cls).parameters
     return cls(job.genes, job=job) if "job" in params else cls(job.genes)
 
@@ -119,7 +119,8 @@ def prepare_gene_space(job: JobConfig, atlas: AtlasInfo, out_dir: Path) -> GeneS
     """
     from raypipe.atlas.store import read_var
     from raypipe.embed.text_stage import embed_texts
-    from raypipe.genes.identity import GeneTable, check_coverage, resolve_genes, text_coverage
+    from raypipe.genes.identity import check_coverage, resolve_genes, text_coverage
+    from raypipe.genes.sources import gene_table_for
 
     var = read_var(atlas.path)
     names = [str(n) for n in var.index]
@@ -128,12 +129,7 @@ def prepare_gene_space(job: JobConfig, atlas: AtlasInfo, out_dir: Path) -> GeneS
     )
     ensembl_ids = [str(v) for v in var[ens_col]] if ens_col else None
     source = _build_source(job)
-    table = GeneTable.merged(
-        GeneTable.from_files(job.genes.id_table, job.genes.aliases)
-        if (job.genes.id_table or job.genes.aliases)
-        else None,
-        source.gene_table(),
-    )
+    table = gene_table_for(job.genes, source)
     resolution = resolve_genes(names, table, ensembl_ids=ensembl_ids)
     warnings = list(resolution.warnings[:5])
     symbols = list(resolution.unique_symbols)

@@ -124,6 +124,7 @@ class FakeOpenAI:
             self.attempted: Counter[str] = Counter()  # inputs in any request
             self.tokens_charged = 0
             self.arrivals: list[float] = []
+            self.accepted: list[float] = []  # arrival times of requests answered 200
             self.arrival_tokens: list[float] = []
             self._acc_times: list[float] = []
             self._acc_tokens: list[float] = []
@@ -239,6 +240,9 @@ class _Handler(BaseHTTPRequestHandler):
         return
 
     def _send(self, code: int, body: bytes, headers: dict[str, str] | None = None) -> None:
+        if code == 200:
+            with self.service._lock:
+                self.service.accepted.append(time.monotonic())
         self.send_response(code)
         self.send_header("Content-Type", "application/json")
         self.send_header("Content-Length", str(len(body)))

@@ -1,0 +1,34 @@
+"""Benchmarks (print figures; not timed tests).
+
+    python jobs/benchmark.py genept   # GenePT-w pipeline vs in-memory scipy, 100k and 1M cells
+    python jobs/benchmark.py ce       # Geneformer tokenizer and CE encoder throughput
+    python jobs/benchmark.py llm      # LLM actors vs a rate-limited loopback OpenAI server
+    python jobs/benchmark.py scale    # 1M-cell end-to-end run, per-stage times and memory
+"""
+
+from __future__ import annotations
+
+import importlib
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+BENCHES = {
+    "genept": "raypipe.bench.genept",
+    "ce": "raypipe.bench.ce",
+    "llm": "raypipe.bench.llm",
+    "scale": "raypipe.bench.scale",
+}
+
+
+def main(argv: list[str]) -> int:
+    if not argv or argv[0] not in BENCHES:
+        print(__doc__)
+        return 2
+    module = importlib.import_module(BENCHES[argv[0]])
+    return int(module.main(argv[1:]) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

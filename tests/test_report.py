@@ -1,0 +1,54 @@
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+from matplotlib.image import imread
+
+from raypipe.config import EvaluateConfig
+from raypipe.evaluate.reduce import evaluate_embeddings
+from raypipe.evaluate.report import write_report
+
+
+def test_report_writes_html_and_pngs(tmp_path):
+    rng = np.random.default_rng(0)
+    centres = rng.normal(size=(3, 6)) * 4
+    labels = np.repeat(["B cell", "T cell", "monocyte"], 30).astype(object)
+    x = np.vstack([c + rng.normal(size=(30, 6)) for c in centres])
+    pca = x[:, :3] + rng.normal(size=(90, 3))
+    batches = np.tile(["d1", "d2"], 45)
+    pred = np.where(rng.random(90) < 0.8, labels, "T cell")
+    cfg = EvaluateConfig(enabled=True, knn_k=5)
+    ev = evaluate_embeddings(
+        "toy", {"genept_w": x, "pca": pca}, labels, batches, cfg=cfg, annotations={"genept_w": pred}
+    )
+    index = write_report(
+        tmp_path,
+        ev.metrics,
+        {"genept_w": x, "pca": pca},
+        labels,
+        {"genept_w": pred},
+        ev.confusion,
+        skipped=ev.skipped,
+        notes=["toy data"],
+        sample_size=60,
+    )
+    assert index == tmp_path / "report" / "index.html"
+    page = index.read_text()
+    assert '<tr class="baseline"><td>pca</td>' in page
+    assert "asw_label" in page and "toy data" in page
+    for name in ("umap_genept_w.png", "umap_pca.png", "confusion_genept_w.png"):
+        path = tmp_path / "report" / name
+        assert f'src="{name}"' in page
+        img = imread(path)
+        assert img.shape[0] > 200 and img.shape[1] > 200
+        assert img[..., :3].std() > 0.05  # something was drawn
+    assert not list((tmp_path / "report").glob("*.tmp"))
+
+
+def test_report_without_predictions_or_metrics(tmp_path):
+    x = np.random.default_rng(1).normal(size=(20, 4))
+    labels = pd.Series(["a"] * 10 + [None] * 10)
+    index = write_report(tmp_path, pd.DataFrame(), {"m": x}, labels, sample_size=20)
+    page = index.read_text()
+    assert "No metrics were computed" in page
+    assert (tmp_path / "report" / "umap_m.png").is_file()
