@@ -71,6 +71,16 @@ def _cmd_fetch_orgdb(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_ce_init_random(args: argparse.Namespace) -> int:
+    from raypipe.embed.ce_model import build_random_encoder
+
+    out = build_random_encoder(
+        args.config, args.out, args.seed, layout=args.layout, num_hidden_layers=args.layers
+    )
+    print(f"wrote a RANDOMLY INITIALISED cell encoder to {out} (for smoke tests only: no pretrained weights)")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     """Build the argument parser (cheap: no heavy imports)."""
     p = argparse.ArgumentParser(
@@ -111,6 +121,16 @@ def build_parser() -> argparse.ArgumentParser:
     fetch = gsub.add_parser("fetch-orgdb", help="fetch Bioconductor org.Hs.eg.db + GO.db sqlite files via apt")
     fetch.add_argument("--dest", default=None, help="folder (default ~/.cache/raypipe/orgdb)")
     fetch.set_defaults(func=_cmd_fetch_orgdb)
+
+    ce = sub.add_parser("ce", help="cell-encoder helpers")
+    csub = ce.add_subparsers(dest="ce_command", required=True, metavar="COMMAND")
+    rnd = csub.add_parser("init-random", help="save a randomly initialised encoder built from a real config")
+    rnd.add_argument("--config", required=True, help="a Geneformer config.json (e.g. config_Geneformer-V1-10M.json)")
+    rnd.add_argument("--out", required=True, help="folder to write")
+    rnd.add_argument("--layout", choices=["geneformer", "langcell"], default="langcell")
+    rnd.add_argument("--layers", type=int, default=None, help="override num_hidden_layers (smaller = faster)")
+    rnd.add_argument("--seed", type=int, default=0)
+    rnd.set_defaults(func=_cmd_ce_init_random)
 
     for add in _plugin_parsers():
         add(sub)

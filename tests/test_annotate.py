@@ -119,14 +119,14 @@ def test_extract_marker_tokens():
     text = "A monocyte that expresses CD14 and is negative for the lineage markers CD3, CD19."
     assert extract_marker_tokens(text) == ["CD14"]
     assert extract_marker_tokens("A monocyte that is CD14-low and CD16-positive.") == ["CD16"]
-    assert extract_marker_tokens("Expresses GNLY and MHC.", known=lambda t: t == "GNLY") == [
-        "GNLY"
-    ]
+    assert extract_marker_tokens("Expresses GNLY and MHC.", known=lambda t: t == "GNLY") == ["GNLY"]
 
 
 def test_candidates_markers_text_and_unmatched(tiny_ontology, caplog):
     onto = Ontology.from_file(tiny_ontology)
-    aliases = pd.DataFrame({"alias": ["CD16", "CD16", "CD14"], "symbol": ["FCGR3A", "FCGR3B", "CD14"]})
+    aliases = pd.DataFrame(
+        {"alias": ["CD16", "CD16", "CD14"], "symbol": ["FCGR3A", "FCGR3B", "CD14"]}
+    )
     resolver = resolver_from_aliases(aliases, symbols=["CD14", "FCGR3A", "MS4A1"])
     assert resolver("CD16") == ["FCGR3A"]
     with caplog.at_level(logging.WARNING):
@@ -145,7 +145,9 @@ def test_candidates_markers_text_and_unmatched(tiny_ontology, caplog):
     assert table.loc["B cells", "text"] == "B cell: A lymphocyte of B lineage. Makes antibodies."
     assert table.loc["Foo cells", "match_kind"] == "unmatched"
     assert table.loc["Foo cells", "text"] == "Foo cells"
-    table2 = build_candidates(["B cells"], onto, markers={"B cells": ["MS4A1", "CD20X"]}, resolver=resolver)
+    table2 = build_candidates(
+        ["B cells"], onto, markers={"B cells": ["MS4A1", "CD20X"]}, resolver=resolver
+    )
     assert table2.loc[0, "markers"] == ["MS4A1"]
     assert table2.loc[0, "missing_markers"] == ["CD20X"]
 
@@ -167,7 +169,8 @@ def test_text_scores_raw_and_centred():
     ).T
     np.testing.assert_allclose(raw, ref, rtol=1e-5, atol=1e-6)
     cen = text_scores(cells, texts, cell_mean=cells.mean(0), center=True)
-    assert cen.shape == (60, 3) and cen.dtype == np.float32
+    assert cen.shape == (60, 3)
+    assert cen.dtype == np.float32
     acc_raw = (raw.argmax(1) == truth).mean()
     acc_cen = (cen.argmax(1) == truth).mean()
     assert acc_cen == 1.0
@@ -204,7 +207,8 @@ def test_marker_scores_match_ucell_definition_and_ignore_depth():
     deeper = marker_scores(sp.csr_matrix(dense * 7), sigs, max_rank=20)
     np.testing.assert_allclose(got, deeper)
     idx, missing = marker_indices([["g0", "nope"], ["g10"]], [f"g{i}" for i in range(50)])
-    assert idx[0].tolist() == [0] and missing == [["nope"], []]
+    assert idx[0].tolist() == [0]
+    assert missing == [["nope"], []]
 
 
 def test_combine_assign_and_registry():
@@ -224,7 +228,7 @@ def test_combine_assign_and_registry():
     assert out.loc[0, "top_scores"] == pytest.approx([0.9, 0.1])
     assert set(SCORERS.names()) >= {"text", "markers"}
     inputs = ScoreInputs(cell_emb=np.eye(3), text_emb=np.eye(3), center=False)
-    per, combined = score_cells(inputs, {"text": 1.0})
+    _per, combined = score_cells(inputs, {"text": 1.0})
     np.testing.assert_allclose(combined, np.eye(3))
     with pytest.raises(ConfigError, match="markers"):
         score_cells(inputs, {"text": 1.0, "markers": 1.0})

@@ -181,3 +181,27 @@ def test_prompts_and_validation():
     )
     assert validate_description("As an AI language model, I do not know " + "x" * 50) == "refusal"
     assert "too long" in validate_description("x" * 7000)
+
+
+def test_cache_cli_stats_and_prune(tmp_path, capsys):
+    import argparse
+
+    from raypipe.llm.cli import add_cache_parser
+
+    c = LLMCache(tmp_path)
+    for i in range(5):
+        kind = "chat" if i < 2 else "embed"
+        c.put(f"k{i}", backend="openai", model="m", kind=kind, version="v1", text="x", tokens_in=2)
+    c.flush()
+    parser = argparse.ArgumentParser()
+    add_cache_parser(parser.add_subparsers(dest="command"))
+    args = parser.parse_args(["cache", "stats", str(tmp_path)])
+    assert args.func(args) == 0
+    assert "5 entries" in capsys.readouterr().out
+    args = parser.parse_args(["cache", "prune", str(tmp_path), "--kind", "chat"])
+    assert args.func(args) == 0
+    assert "removed 2 of 5" in capsys.readouterr().out
+    assert stats(tmp_path)["entries"] == 3
+    args = parser.parse_args(["cache", "stats", str(tmp_path / "nope")])
+    with pytest.raises(InputError, match="does not exist"):
+        args.func(args)

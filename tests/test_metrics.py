@@ -76,7 +76,7 @@ def test_leiden_finds_label_count_on_blobs():
     got = M.leiden_agreement(x, labels, k_neighbors=10, seed=0)
     assert got["n_clusters"] == 4
     assert got["ari"] > 0.9
-    assert 0 < got["resolution"]
+    assert got["resolution"] > 0
 
 
 def test_asw_label_matches_sklearn_cosine_and_euclidean():
@@ -157,25 +157,29 @@ def test_retrieval_recall_constructed():
 
 
 def test_guards_skip_with_reason():
-    x, labels, batches = _blobs()
+    x, labels, _batches = _blobs()
     one = np.array(["a"] * len(labels), dtype=object)
     for fn in (M.kmeans_agreement, M.asw_label, M.knn_accuracy):
         value, why = M.safe(fn, x, one)
         assert value is None
         assert "at least 2 classes" in why
     value, why = M.safe(M.asw_batch, x, labels, np.array(["b"] * len(labels)))
-    assert value is None and "2 batches" in why
+    assert value is None
+    assert "2 batches" in why
     dup = np.zeros((4, 3))
     value, why = M.safe(M.kmeans_agreement, dup, ["a", "b", "c", "d"])
-    assert value is None and "distinct cells" in why
+    assert value is None
+    assert "distinct cells" in why
     few = [0, 40, 80, 1, 41]
     value, why = M.safe(M.leiden_agreement, x[few], labels[few])
-    assert value is None and "k_neighbors" in why
+    assert value is None
+    assert "k_neighbors" in why
 
 
 def test_subsample_is_seeded_and_capped():
     a = M.subsample_indices(1000, 100, seed=1)
-    assert a.size == 100 and np.all(np.diff(a) > 0)
+    assert a.size == 100
+    assert np.all(np.diff(a) > 0)
     np.testing.assert_array_equal(a, M.subsample_indices(1000, 100, seed=1))
     np.testing.assert_array_equal(M.subsample_indices(50, 100), np.arange(50))
 
@@ -185,7 +189,8 @@ def test_pca_baseline_streamed_equals_sklearn_pca():
     counts.data = np.ceil(counts.data)
     blocks = lambda: (counts[i : i + 64] for i in range(0, 300, 64))  # noqa: E731
     emb = fit_pca_baseline(blocks, 10, n_top_genes=60)
-    assert emb.shape == (300, 10) and emb.dtype == np.float32
+    assert emb.shape == (300, 10)
+    assert emb.dtype == np.float32
     dense = lognorm(counts).toarray()
     keep = np.sort(np.argsort(-dense.var(axis=0), kind="stable")[:60])
     ref = PCA(10, svd_solver="full").fit_transform(dense[:, keep])
@@ -227,12 +232,13 @@ def test_evaluate_embeddings_long_format():
     }
     assert (df.loc[df.metric == "asw_label", "sample_size"] == 90).all()
     assert (df["n_cells"] == 119).all()  # the unlabelled cell is left out everywhere
-    assert ev.notes and "1 of 120" in ev.notes[0]
+    assert ev.notes
+    assert "1 of 120" in ev.notes[0]
     assert int(ev.confusion["good"].to_numpy().sum()) == 119
 
 
 def test_evaluate_single_class_and_same_batch_skip_not_crash():
-    x, _, batches = _blobs()
+    x, _, _batches = _blobs()
     one = np.array(["a"] * x.shape[0], dtype=object)
     cfg = EvaluateConfig(enabled=True)
     ev = evaluate_embeddings("toy", {"m": x}, one, one, cfg=cfg, annotations={"m": one})

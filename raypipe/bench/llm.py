@@ -1,9 +1,9 @@
 """Benchmark: LLM client actors against the loopback OpenAI server under a shared budget.
 
 ``python -m raypipe.bench.llm`` (from the repository root: it imports the test server from
-``tests/servers``). Time is scaled by ``--time-scale``: with the default 5, a "minute" lasts
-12 s, so a 600 requests/min budget means 600 requests per 12 s window (50/s) and the bench
-finishes in about two minutes. Reported figures:
+``tests/servers``). Time is scaled by ``--time-scale``: with the default 3, a "minute" lasts
+20 s, so a 600 requests/min budget means 600 requests per 20 s window (30/s) and the bench
+finishes in about three minutes on 2 cores. Reported figures:
 
 * throughput share: chat requests answered in the first ``--windows`` windows divided by
   ``windows × rpm`` (the most a sliding-window budget allows), with 1, 2 and 4 Ray actors
@@ -116,36 +116,44 @@ def _workers(ray: Any, job: Any, n: int, window_s: float) -> list[Any]:
     return [cls.remote(job.model_dump_json(), window_s) for _ in range(n)]
 
 
+def _stop(ray: Any, ws: list[Any]) -> None:
+    ray.get([w.close.remote() for w in ws])
+    for w in ws:
+        ray.kill(w)
+
+
+def _map(ray: Any, ws: list[Any], method: str, items: list[str]) -> list[Any]:
+    parts = _split(items, len(ws))
+    return ray.get([getattr(w, method).remote(p) for w, p in zip(ws, parts, strict=True)])
+
+
 def run_throughput(
     ray: Any, server_cls: Any, *, actors: int, rpm: float, window_s: float, windows: int
 ) -> dict[str, Any]:
     """Saturate the budget with ``actors`` actors; return share, lost items, worst window."""
     n_items = int(rpm * windows + rpm * 0.25)
-    with server_cls(KEY, rpm=rpm, tpm=None, window_s=window_s, dim=64) as srv:
-        with tempfile.TemporaryDirectory() as out:
-            job = _job(srv.base_url, out, rpm, 1e12, in_flight=64)
-            ws = _workers(ray, job, actors, window_s)
-            genes = [f"TPUT{actors}_{i}" for i in range(n_items)]
-            t0 = time.perf_counter()
-            ok = sum(ray.get([w.describe.remote(p) for w, p in zip(ws, _split(genes, actors))]))
-            wall = time.perf_counter() - t0
-            ray.get([w.close.remote() for w in ws])
-            for w in ws:
-                ray.kill(w)
-        acc = sorted(srv.accepted)
-        first = acc[0]
-        in_k = sum(1 for t in acc if t - first < windows * window_s)
-        return {
-            "actors": actors,
-            "items": n_items,
-            "ok": ok,
-            "lost": n_items - ok,
-            "served_once": all(v == 1 for v in srv.served.values()),
-            "share_of_budget": in_k / (windows * rpm),
-            "max_requests_in_any_window": srv.max_requests_in_window(window_s),
-            "http_429": srv.status[429],
-            "wall_s": wall,
-        }
+    srv = server_cls(KEY, rpm=rpm, tpm=None, window_s=window_s, dim=64)
+    with srv, tempfile.TemporaryDirectory() as out:
+        job = _job(srv.base_url, out, rpm, 1e12, in_flight=64)
+        ws = _workers(ray, job, actors, window_s)
+        genes = [f"TPUT{actors}_{i}" for i in range(n_items)]
+        t0 = time.perf_counter()
+        ok = sum(_map(ray, ws, "describe", genes))
+        wall = time.perf_counter() - t0
+        _stop(ray, ws)
+    acc = sorted(srv.accepted)
+    in_k = sum(1 for t in acc if t - acc[0] < windows * window_s) if acc else 0
+    return {
+        "actors": actors,
+        "items": n_items,
+        "ok": ok,
+        "lost": n_items - ok,
+        "served_once": all(v == 1 for v in srv.served.values()),
+        "share_of_budget": in_k / (windows * rpm),
+        "max_requests_in_any_window": srv.max_requests_in_window(window_s),
+        "http_429": srv.status[429],
+        "wall_s": wall,
+    }
 
 
 def run_genes(
@@ -153,20 +161,17 @@ def run_genes(
     window_s: float,
 ) -> dict[str, Any]:  # fmt: skip
     """Describe then embed ``n_genes`` genes; return the wall times."""
-    with server_cls(KEY, rpm=rpm, tpm=tpm * window_s / 60, window_s=window_s, dim=1536) as srv:
-        with tempfile.TemporaryDirectory() as out:
-            job = _job(srv.base_url, out, rpm, tpm, in_flight=64)
-            ws = _workers(ray, job, actors, window_s)
-            genes = [f"BENCH{i}" for i in range(n_genes)]
-            t0 = time.perf_counter()
-            parts = ray.get([w.describe_texts.remote(p) for w, p in zip(ws, _split(genes, actors))])
-            t1 = time.perf_counter()
-            texts = [t for p in parts for t in p if t]
-            ok = sum(ray.get([w.embed.remote(p) for w, p in zip(ws, _split(texts, actors))]))
-            t2 = time.perf_counter()
-            ray.get([w.close.remote() for w in ws])
-            for w in ws:
-                ray.kill(w)
+    srv = server_cls(KEY, rpm=rpm, tpm=tpm * window_s / 60, window_s=window_s, dim=1536)
+    with srv, tempfile.TemporaryDirectory() as out:
+        job = _job(srv.base_url, out, rpm, tpm, in_flight=64)
+        ws = _workers(ray, job, actors, window_s)
+        genes = [f"BENCH{i}" for i in range(n_genes)]
+        t0 = time.perf_counter()
+        texts = [t for part in _map(ray, ws, "describe_texts", genes) for t in part if t]
+        t1 = time.perf_counter()
+        ok = sum(_map(ray, ws, "embed", texts))
+        t2 = time.perf_counter()
+        _stop(ray, ws)
     return {
         "genes": n_genes,
         "described": len(texts),
@@ -183,10 +188,10 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m raypipe.bench.llm", description=__doc__)
     p.add_argument("--rpm", type=float, default=600, help="requests per (scaled) minute")
     p.add_argument("--tpm", type=float, default=1_000_000, help="tokens per (scaled) minute")
-    p.add_argument("--time-scale", type=float, default=5.0, help="1 = real time")
+    p.add_argument("--time-scale", type=float, default=3.0, help="1 = real time")
     p.add_argument("--windows", type=int, default=2, help="windows measured per actor count")
     p.add_argument("--actors", default="1,2,4")
-    p.add_argument("--genes", type=int, default=1000, help="genes described+embedded (measured)")
+    p.add_argument("--genes", type=int, default=500, help="genes described+embedded (measured)")
     p.add_argument("--json", action="store_true")
     args = p.parse_args(argv)
     root = Path(__file__).resolve().parents[2]
@@ -195,6 +200,7 @@ def main(argv: list[str] | None = None) -> int:
     from servers.openai_server import FakeOpenAI
 
     os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+    os.environ.setdefault("RAY_AUTH_MODE", "disabled")  # loopback-only local cluster
     ray.init(
         num_cpus=os.cpu_count() or 2,
         object_store_memory=1 << 30,
@@ -203,12 +209,13 @@ def main(argv: list[str] | None = None) -> int:
         configure_logging=False,
     )
     window_s = 60.0 / args.time_scale
-    rows = [
-        run_throughput(
+    rows = []
+    for a in args.actors.split(","):
+        r = run_throughput(
             ray, FakeOpenAI, actors=int(a), rpm=args.rpm, window_s=window_s, windows=args.windows
         )
-        for a in args.actors.split(",")
-    ]
+        rows.append(r)
+        print(json.dumps(r), file=sys.stderr, flush=True)
     g = run_genes(
         ray, FakeOpenAI, n_genes=args.genes, actors=max(int(a) for a in args.actors.split(",")),
         rpm=args.rpm, tpm=args.tpm, window_s=window_s,

@@ -17,7 +17,6 @@ Checkpoint layouts understood by :class:`CellEncoder`:
 from __future__ import annotations
 
 import json
-import logging
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Literal
@@ -29,13 +28,14 @@ from raypipe.errors import ConfigError, InputError
 
 __all__ = ["CellEncoder", "bucket_batches", "build_random_encoder"]
 
-log = logging.getLogger(__name__)
 
 Pooling = Literal["cls", "mean"]
 _PROJ_NAMES = ("cell_proj.bin", "cell_proj.pt", "cell_proj.safetensors")
 
 
-def bucket_batches(lengths: Sequence[int], max_tokens_per_batch: int) -> list[np.ndarray]:
+def bucket_batches(
+    lengths: Sequence[int] | np.ndarray, max_tokens_per_batch: int
+) -> list[np.ndarray]:
     """Group cells into padded batches of similar length.
 
     Cells are sorted by length (longest first); a batch grows while

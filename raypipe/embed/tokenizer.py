@@ -9,19 +9,19 @@ and mapped to token ids. Duplicate Ensembl ids in an atlas are summed first (as 
 Log-normalised input (``normalize_total`` + ``log1p``) gives the same ranks after ``expm1``:
 the per-cell scale factor is a constant within the cell, so only ``value / median`` matters.
 
-The rank step runs in one numba kernel over the shard's CSR arrays (a stable per-row
-radix sort of each row's data segment); without numba, one stable ``np.lexsort`` over
-(row, -value) for the whole shard does the same work.
+The rank step runs in one numba kernel over the shard's CSR arrays: per row, a stable LSD
+radix sort of the float64 scores' bit patterns (exact ordering, ties in column order), writing
+framed token ids into one buffer that is sliced per cell. ``raypipe.bench.ce`` compares it
+with a shard-wide ``np.lexsort`` engine and a per-cell numpy loop (all three agree exactly).
 """
 
 from __future__ import annotations
 
-import logging
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal, cast
 
 import numpy as np
 
@@ -42,7 +42,6 @@ __all__ = [
     "write_tokens",
 ]
 
-log = logging.getLogger(__name__)
 
 Variant = Literal["geneformer_v1", "geneformer_v2", "langcell"]
 XKind = Literal["counts", "lognorm", "auto"]
@@ -55,16 +54,10 @@ _ERR_NONFINITE, _ERR_NEGATIVE = 1, 2
 
 @dataclass(frozen=True)
 class TokenizeStats:
-    """What one :meth:`~RankValueTokenizer.tokenize` call did.
+    """What one ``tokenize`` call did.
 
-    Attributes
-    ----------
-    x_kind
-        The path taken: ``counts`` or ``lognorm`` (``expm1`` first).
-    empty
-        ``(n_cells,)`` bool: cells with no known expressed gene (zero-length token arrays).
-    engine
-        Name of the rank kernel that ran.
+    The path taken (``counts``/``lognorm``), which cells came out empty (``(n_cells,)`` bool)
+    and the rank engine that ran.
     """
 
     x_kind: str
@@ -78,13 +71,7 @@ class TokenizeStats:
 
 
 def detect_x_kind(data: np.ndarray) -> Literal["counts", "lognorm"]:
-    """Guess whether CSR ``data`` holds raw counts (all integers) or log-normalised values.
-
-    Parameters
-    ----------
-    data
-        The stored values of a shard.
-    """
+    """Guess whether a shard's CSR ``data`` holds raw counts (all integers) or lognorm values."""
     if data.size == 0:
         return "counts"
     sample = data[:200_000]
@@ -175,7 +162,7 @@ class RankValueTokenizer:
 
     def tokenize(
         self,
-        X: object,
+        X: Any,
         *,
         x_kind: XKind = "counts",
         n_counts: np.ndarray | None = None,
@@ -242,7 +229,7 @@ class RankValueTokenizer:
             )
         indptr = X.indptr.astype(np.int64, copy=False)
         indices = X.indices.astype(np.int32, copy=False)
-        data64 = data.astype(np.float64, copy=False)
+        data64 = data if data.dtype in (np.float32, np.float64) else data.astype(np.float64)
         n = X.shape[0]
         totals = np.zeros(n, dtype=np.float64)  # per-cell n_counts (computed when not given)
         if not lognorm and n_counts is not None:
@@ -250,45 +237,29 @@ class RankValueTokenizer:
             if totals.shape[0] != n:
                 raise InputError(f"n_counts has {totals.shape[0]} values for {n} cells")
         rank = engine or _kernels()
-        bound = np.minimum(np.diff(indptr), self.max_body)
+        pre = np.asarray(self.prefix, dtype=np.int32)
+        suf = np.asarray(self.suffix, dtype=np.int32)
+        bound = np.minimum(np.diff(indptr), self.max_body) + pre.size + suf.size
         starts = np.zeros(n + 1, dtype=np.int64)
         np.cumsum(bound, out=starts[1:])
         out = np.zeros(int(starts[-1]), dtype=np.int32)
         lens = np.zeros(n, dtype=np.int64)
         status = rank(
-            indptr, indices, data64, plan.col_gene, plan.gene_median, lognorm,
-            n_counts is None or lognorm, totals, self.max_body, plan.has_duplicates,
+            indptr, indices, data64, plan.col_gene, plan.gene_median, plan.gene_token, pre, suf,
+            lognorm, n_counts is None or lognorm, totals, self.max_body, plan.has_duplicates,
             starts, out, lens,
         )  # fmt: skip
         if status[0]:
             _raise_bad_value(int(status[0]), int(status[1]), data64[int(status[2])])
-        cells = self._frame(out, starts, lens, plan.gene_token)
+        b, ends = (
+            starts.tolist(),
+            np.where(lens > 0, starts[:-1] + lens + pre.size + suf.size, starts[:-1]).tolist(),
+        )
+        cells = [out[b[i] : ends[i]] for i in range(n)]
         self.last_stats = TokenizeStats(
             x_kind=x_kind, empty=lens == 0, engine=getattr(rank, "__name__", "rank_kernel")
         )
         return cells
-
-    def _frame(
-        self, out: np.ndarray, starts: np.ndarray, lens: np.ndarray, gene_token: np.ndarray
-    ) -> list[np.ndarray]:
-        """Gather body tokens into one framed buffer and slice it per cell (no per-cell copies)."""
-        n, npre, nsuf = lens.size, len(self.prefix), len(self.suffix)
-        flen = np.where(lens > 0, lens + npre + nsuf, 0)
-        fstart = np.zeros(n + 1, dtype=np.int64)
-        np.cumsum(flen, out=fstart[1:])
-        buf = np.empty(int(fstart[-1]), dtype=np.int32)
-        rows = np.repeat(np.arange(n), lens)
-        body_start = np.zeros(n + 1, dtype=np.int64)
-        np.cumsum(lens, out=body_start[1:])
-        pos = np.arange(rows.size) - body_start[rows]
-        buf[fstart[rows] + npre + pos] = gene_token[out[starts[rows] + pos]]
-        nonempty = lens > 0
-        for j, tid in enumerate(self.prefix):
-            buf[fstart[:-1][nonempty] + j] = tid
-        for j, tid in enumerate(self.suffix):
-            buf[fstart[1:][nonempty] - nsuf + j] = tid
-        b = fstart.tolist()
-        return [buf[b[i] : b[i + 1]] for i in range(n)]
 
 
 def _raise_bad_value(code: int, row: int, value: float) -> None:
@@ -345,6 +316,8 @@ def write_tokens(
     src, out = Path(input_path), Path(out_path)
     dicts = GeneformerDictionaries.load(dictionary)
     table = load_dict(gene_name_id) if gene_name_id else dicts.gene_name_id
+    group: Any
+    X: Any
     try:
         if src.suffix == ".zarr" or src.is_dir():
             import zarr
@@ -384,8 +357,9 @@ def write_tokens(
             chunk = X[lo:hi]
             chunk = chunk if sp.issparse(chunk) else sp.csr_matrix(np.asarray(chunk))
             cells = tok.tokenize(chunk, x_kind=x_kind)
-            x_kind = tok.last_stats.x_kind  # the first chunk decides "auto"
-            n_empty += tok.last_stats.n_empty
+            stats = cast(TokenizeStats, tok.last_stats)
+            x_kind = cast(XKind, stats.x_kind)  # the first chunk decides "auto"
+            n_empty += stats.n_empty
             lens = np.fromiter((c.size for c in cells), dtype=np.int32, count=len(cells))
             offsets = np.zeros(len(cells) + 1, dtype=np.int32)
             np.cumsum(lens, out=offsets[1:])
@@ -395,6 +369,8 @@ def write_tokens(
             writer.write_table(
                 pa.Table.from_arrays([names, ids_arr, pa.array(lens)], schema=schema)
             )
+    if hasattr(group, "close"):
+        group.close()
     tmp.replace(out)
     return {"n_cells": n_rows, "n_empty": n_empty, "coverage": plan.coverage,
             "x_kind": x_kind, "id_source": how, "out": str(out)}  # fmt: skip
@@ -416,8 +392,8 @@ def _kernels():
 
 
 def _rank_kernel_py(
-    indptr, indices, data, col_gene, gene_median, lognorm, own_total, totals, max_body,
-    has_dups, starts, out, lens,
+    indptr, indices, data, col_gene, gene_median, gene_token, prefix, suffix, lognorm,
+    own_total, totals, max_body, has_dups, starts, out, lens,
 ):  # fmt: skip
     """Per-row stable radix sort of each row's data segment (compiled by numba)."""
     n = indptr.shape[0] - 1
@@ -440,7 +416,7 @@ def _rank_kernel_py(
         lo, hi = indptr[r], indptr[r + 1]
         total = 0.0
         for j in range(lo, hi):
-            x = data[j]
+            x = np.float64(data[j])
             if not math.isfinite(x):
                 status[0], status[1], status[2] = 1, r, j
                 return status
@@ -453,7 +429,7 @@ def _rank_kernel_py(
         k = 0
         for j in range(lo, hi):
             g = col_gene[indices[j]]
-            x = data[j]
+            x = np.float64(data[j])
             if g < 0 or x == 0:
                 continue
             if lognorm:
@@ -498,8 +474,15 @@ def _rank_kernel_py(
             keys, tkeys = tkeys, keys
             idx, tidx = tidx, idx
         m = min(k, max_body)
+        if m == 0:
+            continue
         s = starts[r]
+        for t in range(prefix.shape[0]):
+            out[s + t] = prefix[t]
+        s += prefix.shape[0]
         for t in range(m):
-            out[s + t] = gbuf[idx[t]]
+            out[s + t] = gene_token[gbuf[idx[t]]]
+        for t in range(suffix.shape[0]):
+            out[s + m + t] = suffix[t]
         lens[r] = m
     return status

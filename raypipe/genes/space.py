@@ -64,6 +64,7 @@ class GeneSpace:
     model: str
     fingerprint: str
     warnings: list[str] = field(default_factory=list)
+    table: Any = None
 
     @property
     def collapse(self) -> sp.csr_matrix:
@@ -189,4 +190,5 @@ def prepare_gene_space(job: JobConfig, atlas: AtlasInfo, out_dir: Path) -> GeneS
         model=model,
         fingerprint=digest.hexdigest()[:16],
         warnings=warnings,
+        table=table,
     )

@@ -5,14 +5,14 @@ from __future__ import annotations
 import logging
 import os
 from collections.abc import Callable
-from dataclasses import asdict
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from raypipe.atlas.store import Shard
     from raypipe.config import RayConfig
 
-__all__ = ["init_ray", "map_shards"]
+__all__ = ["StageSpec", "init_ray", "map_shards"]
 
 log = logging.getLogger(__name__)
 
@@ -47,28 +47,36 @@ def init_ray(cfg: RayConfig) -> str:
     return desc
 
 
+@dataclass(frozen=True)
+class StageSpec:
+    """One Ray Data ``map_batches`` step: a callable class, its kwargs and actor resources."""
+
+    stage: type
+    kwargs: dict[str, Any]
+    actors: int
+    actor_cpus: float
+    num_gpus: float = 0.0
+
+
 def map_shards(
-    stage: type,
-    kwargs: dict[str, Any],
+    specs: list[StageSpec],
     shards: list[Shard],
     *,
-    actors: int,
-    actor_cpus: float,
-    num_gpus: float = 0.0,
     on_done: Callable[[dict[str, Any]], None] | None = None,
 ) -> list[dict[str, Any]]:
-    """Run ``stage`` over ``shards`` on an actor pool; call ``on_done(row)`` as each finishes.
+    """Stream ``shards`` through chained stages (e.g. CPU tokenise → GPU encode).
+
+    Each step runs on its own actor pool, so Ray Data overlaps them; the last step must
+    return the shard-stage summary (see raypipe.pipeline.stage). Actors restart on node loss
+    (``max_restarts=-1``) and their tasks are retried; every step is idempotent because
+    parts are written atomically under deterministic names.
 
     Parameters
     ----------
-    stage
-        A callable class with the shard-stage batch contract (see raypipe.pipeline.stage).
-    kwargs
-        Constructor keyword arguments (large values: pass ObjectRefs).
+    specs
+        The steps, in order.
     shards
         The shards still to do.
-    actors, actor_cpus, num_gpus
-        Pool size and per-actor resources.
     on_done
         Progress callback per finished shard (summary row).
     """
@@ -76,17 +84,21 @@ def map_shards(
 
     if not shards:
         return []
-    ds = ray.data.from_items([asdict(s) | {"shard": s.index} for s in shards], override_num_blocks=len(shards))
-    ds = ds.map_batches(
-        stage,
-        fn_constructor_kwargs=kwargs,
-        batch_size=1,
-        compute=ray.data.ActorPoolStrategy(min_size=1, max_size=max(1, min(actors, len(shards)))),
-        num_cpus=actor_cpus,
-        num_gpus=num_gpus or None,
-        max_restarts=-1,
-        max_task_retries=-1,
+    ds = ray.data.from_items(
+        [{"shard": s.index, "start": s.start, "stop": s.stop, "content_hash": s.content_hash} for s in shards],
+        override_num_blocks=len(shards),
     )
+    for spec in specs:
+        ds = ds.map_batches(
+            spec.stage,
+            fn_constructor_kwargs=spec.kwargs,
+            batch_size=1,
+            compute=ray.data.ActorPoolStrategy(min_size=1, max_size=max(1, min(spec.actors, len(shards)))),
+            num_cpus=spec.actor_cpus,
+            num_gpus=spec.num_gpus or None,
+            max_restarts=-1,
+            max_task_retries=-1,
+        )
     done = []
     for row in ds.iter_rows():
         done.append(row)

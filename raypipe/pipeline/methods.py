@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from raypipe.config import config_hash
+from raypipe.pipeline.execute import StageSpec
 from raypipe.registry import Registry
 
 if TYPE_CHECKING:
@@ -21,26 +22,24 @@ if TYPE_CHECKING:
     from raypipe.config import JobConfig
     from raypipe.genes.space import GeneSpace
 
-__all__ = ["METHODS", "StagePlan", "build_genept_w"]
+__all__ = ["METHODS", "StagePlan", "build_genept_w", "stage_hash"]
 
 
 @dataclass
 class StagePlan:
-    """How to run one method over the shards."""
+    """How to run one method over the shards: its chained steps and output fingerprint."""
 
-    stage: type
-    kwargs: dict[str, Any]
+    steps: list[StageSpec]
     fingerprint: str
-    actors: int
-    actor_cpus: float
-    num_gpus: float = 0.0
+    kind: str = "embeddings"
     notes: dict[str, Any] = field(default_factory=dict)
 
 
 METHODS: Registry[Any] = Registry("embedding method")
 
 
-def _hash(*parts: object) -> str:
+def stage_hash(*parts: object) -> str:
+    """Short hash of the parts (fingerprints of stage outputs)."""
     return hashlib.sha256("|".join(str(p) for p in parts).encode()).hexdigest()[:16]
 
 
@@ -84,7 +83,7 @@ def build_genept_w(job: JobConfig, atlas: AtlasInfo, genes: GeneSpace, shards: l
         notes["hvg_genes"] = int(mask.sum())
     weights = weight_matrix(genes.embeddings, genes.has_text, center=cfg.center, gene_mask=mask)
     payload = ray.put({"collapse": genes.collapse, "weights": weights})
-    fingerprint = _hash("genept_w", config_hash(cfg), genes.fingerprint, atlas.x_kind, _hash(weights.tobytes()))
+    fingerprint = stage_hash("genept_w", config_hash(cfg), genes.fingerprint, atlas.x_kind, stage_hash(weights.tobytes()))
     kwargs = {
         "atlas_path": atlas.path,
         "out_dir": job.output_dir,
@@ -94,4 +93,8 @@ def build_genept_w(job: JobConfig, atlas: AtlasInfo, genes: GeneSpace, shards: l
         "x_kind": atlas.x_kind,
         "target_sum": cfg.target_sum,
     }
-    return StagePlan(GenePTW, kwargs, fingerprint, job.ray.actors, job.ray.actor_cpus, notes=notes)
+    return StagePlan([StageSpec(GenePTW, kwargs, job.ray.actors, job.ray.actor_cpus)], fingerprint, notes=notes)
+
+
+METHODS.add("ce", "raypipe.embed.ce:build_ce")
+METHODS.add("genept_s", "raypipe.embed.genept_s_stage:build_genept_s")

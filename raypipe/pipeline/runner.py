@@ -42,6 +42,7 @@ class RunSummary:
     coverage: str = ""
     ray: str = ""
     wall_s: float = 0.0
+    metrics: Any = None
 
     def render(self) -> str:
         """Human summary."""
@@ -61,6 +62,10 @@ class RunSummary:
         lines.append("stage times: " + ", ".join(f"{k} {v:.1f}s" for k, v in self.timings.items()))
         lines.append("outputs:")
         lines += [f"  {o}" for o in self.outputs]
+        if self.metrics is not None and len(self.metrics):
+            wide = self.metrics.pivot_table(index="metric", columns="method", values="value", sort=False)
+            lines.append("metrics (metrics.parquet):")
+            lines += ["  " + ln for ln in wide.round(3).fillna("").to_string().splitlines()]
         for w in self.warnings:
             lines.append(f"WARNING: {w}")
         return "\n".join(lines)
@@ -153,7 +158,9 @@ def pending_shards(out_dir: Path, method: str, shards: list[Any], fingerprint: s
     todo = []
     for s in shards:
         m = read_marker(marker_path(out_dir, method, s.index))
-        part = Path(m["path"]) if m else None
+        # the part's place inside *this* out_dir (the marker's absolute path may be stale
+        # when the output folder was copied or moved)
+        part = out_dir / Path(*Path(m["path"]).parts[-3:]) if m else None
         fresh = (
             m is not None
             and m.get("fingerprint") == fingerprint
@@ -173,6 +180,47 @@ def _drop_stale_parts(out_dir: Path, kind: str, method: str, n_shards: int) -> N
         for p in folder.glob(pattern) if folder.exists() else []:
             if int(p.stem.split("-")[1]) >= n_shards:
                 p.unlink()
+
+
+def _annotate(
+    job: JobConfig, atlas: Any, genes: Any, shards: list[Any], out_dir: Path,
+    manifest: dict[str, Any], summary: RunSummary, progress: bool,
+) -> Any:  # fmt: skip
+    """Zero-shot annotation of every embedding method the scorers can use."""
+    import ray
+    from tqdm.auto import tqdm
+
+    from raypipe.annotate.stage import TEXT_METHODS, AnnotateShards, annotation_fingerprint, embedding_mean, prepare_candidates
+    from raypipe.pipeline.execute import StageSpec, map_shards
+
+    cand = prepare_candidates(job, atlas, genes, out_dir)
+    summary.outputs.append(str(out_dir / "annotations" / "label_mapping.parquet"))
+    manifest["annotate"] = {"candidates": cand.labels, "methods": {}}
+    text_ref = ray.put(cand.text_emb)
+    for method in job.embed.methods:
+        weights = dict(job.annotate.scorers)
+        if method not in TEXT_METHODS:
+            weights.pop("text", None)  # CE and text live in different spaces (no LangCell text encoder here)
+        if not any(w > 0 for w in weights.values()):
+            summary.warnings.append(f"annotate: no scorer applies to {method} (text needs a GenePT method); skipped")
+            continue
+        fp = annotation_fingerprint(job, manifest["methods"][method]["fingerprint"], cand)
+        stage_name = f"annotate_{method}"
+        _drop_stale_parts(out_dir, "annotations", method, len(shards))
+        todo = pending_shards(out_dir, stage_name, shards, fp)
+        bar = tqdm(total=sum(s.n_rows for s in todo), unit="cell", desc=stage_name, disable=not progress or not todo)
+        kwargs = {
+            "method": method, "atlas_path": atlas.path, "out_dir": str(out_dir), "fingerprint": fp,
+            "labels": cand.labels, "text_emb": text_ref, "cell_mean": ray.put(embedding_mean(out_dir, method)),
+            "marker_idx": cand.marker_idx, "weights": weights, "center": job.annotate.center,
+            "top_k": job.annotate.top_k, "unassigned_threshold": job.annotate.unassigned_threshold,
+        }  # fmt: skip
+        spec = StageSpec(AnnotateShards, kwargs, job.ray.actors, job.ray.actor_cpus)
+        map_shards([spec], todo, on_done=lambda row, bar=bar: bar.update(int(row["n_cells"])))
+        bar.close()
+        summary.outputs.append(str(out_dir / "annotations" / method))
+        manifest["annotate"]["methods"][method] = {"fingerprint": fp, "scorers": weights, "shards_computed": len(todo)}
+    return cand
 
 
 def run_job(job: JobConfig, *, overwrite: bool = False, progress: bool = True) -> RunSummary:
@@ -230,25 +278,33 @@ def run_job(job: JobConfig, *, overwrite: bool = False, progress: bool = True) -
     for name in job.embed.methods:
         t = time.perf_counter()
         plan = METHODS.get(name)(job, atlas, genes, shards)
-        kind = getattr(plan.stage, "kind", "embeddings")
+        kind = plan.kind
         _drop_stale_parts(out_dir, kind, name, len(shards))
         todo = pending_shards(out_dir, name, shards, plan.fingerprint)
         bar = tqdm(total=sum(s.n_rows for s in todo), unit="cell", desc=name, disable=not progress or not todo)
-        map_shards(
-            plan.stage,
-            plan.kwargs,
-            todo,
-            actors=plan.actors,
-            actor_cpus=plan.actor_cpus,
-            num_gpus=plan.num_gpus,
-            on_done=lambda row, bar=bar: bar.update(int(row["n_cells"])),
-        )
+        map_shards(plan.steps, todo, on_done=lambda row, bar=bar: bar.update(int(row["n_cells"])))
         bar.close()
         summary.timings[name] = time.perf_counter() - t
         summary.shards_done[name] = len(todo)
         summary.shards_skipped[name] = len(shards) - len(todo)
         summary.outputs.append(str(out_dir / kind / name))
         manifest["methods"][name] = {"fingerprint": plan.fingerprint, "shards_computed": len(todo), **plan.notes}
+
+    candidates = None
+    if job.annotate.enabled:
+        t = time.perf_counter()
+        candidates = _annotate(job, atlas, genes, shards, out_dir, manifest, summary, progress)
+        summary.timings["annotate"] = time.perf_counter() - t
+    if job.evaluate.enabled:
+        from raypipe.evaluate.stage import run_evaluation
+
+        t = time.perf_counter()
+        ev = run_evaluation(job, atlas, out_dir, list(job.embed.methods), candidates)
+        summary.timings["evaluate"] = time.perf_counter() - t
+        if "table" in ev:
+            summary.metrics = ev.pop("table")
+            summary.outputs += [p for p in (ev.get("metrics"), ev.get("report")) if p]
+        manifest["evaluation"] = ev
 
     summary.wall_s = time.perf_counter() - t_start
     manifest.update(

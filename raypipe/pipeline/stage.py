@@ -75,18 +75,24 @@ class ShardStage:
         """Return ``(embedding (n, d) float32, empty (n,) bool)`` for the shard's rows."""
         raise NotImplementedError
 
+    def compute_row(self, batch: dict[str, np.ndarray], i: int) -> tuple[np.ndarray, np.ndarray]:
+        """Compute row ``i`` of ``batch``: by default read the shard's X and :meth:`compute`."""
+        from raypipe.atlas.store import read_shard
+
+        start, stop = int(batch["start"][i]), int(batch["stop"][i])
+        return self.compute(read_shard(self.atlas_path, start, stop), start, stop)
+
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         """Process each shard spec in ``batch``; return one summary row per shard."""
-        from raypipe.atlas.store import read_obs_names, read_shard
+        from raypipe.atlas.store import read_obs_names
 
         check_contract(type(self).__name__, batch, self.input_columns)
         rows: dict[str, list[Any]] = {c: [] for c in self.output_columns}
         for i in range(len(batch["shard"])):
             t0 = time.perf_counter()
             shard, start, stop = int(batch["shard"][i]), int(batch["start"][i]), int(batch["stop"][i])
-            x = read_shard(self.atlas_path, start, stop)
             names = read_obs_names(self.atlas_path, start, stop)
-            emb, empty = self.compute(x, start, stop)
+            emb, empty = self.compute_row(batch, i)
             meta = {**self.metadata, "method": self.method, "fingerprint": self.fingerprint}
             path = part_path(self.out_dir, self.kind, self.method, shard)
             write_parquet_atomic(path, embedding_table(names, shard, start, emb, empty, meta))

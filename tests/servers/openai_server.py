@@ -160,7 +160,8 @@ class FakeOpenAI:
     def start(self) -> FakeOpenAI:
         """Start serving in a daemon thread; returns self."""
         handler = type("Handler", (_Handler,), {"service": self})
-        self._httpd = ThreadingHTTPServer(("127.0.0.1", 0), handler)
+        server_cls = type("Server", (ThreadingHTTPServer,), {"request_queue_size": 512})
+        self._httpd = server_cls(("127.0.0.1", 0), handler)
         self._httpd.daemon_threads = True
         self._thread = threading.Thread(target=self._httpd.serve_forever, daemon=True)
         self._thread.start()

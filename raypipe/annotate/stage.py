@@ -1,0 +1,204 @@
+"""Zero-shot annotation on Ray: candidate texts embedded once and broadcast; shards scored.
+
+Driver: build the candidate table (config names / CL ids, or the label column mapped to Cell
+Ontology terms) → ``annotations/label_mapping.parquet``; embed candidate texts with the run's
+text model; compute each method's atlas-mean embedding (for centring). Actors: per shard, read
+the method's embedding part (and X for the markers scorer), score, assign, and write
+``annotations/<method>/part-*.parquet`` atomically with a completion marker.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import pandas as pd
+
+from raypipe.config import config_hash
+from raypipe.errors import ConfigError
+from raypipe.pipeline.outputs import atomic_write_json, marker_path, part_path, write_parquet_atomic
+from raypipe.pipeline.stage import SHARD_COLUMNS, SUMMARY_COLUMNS, check_contract
+
+if TYPE_CHECKING:
+    from raypipe.atlas.store import AtlasInfo
+    from raypipe.config import JobConfig
+    from raypipe.genes.space import GeneSpace
+
+__all__ = ["AnnotateShards", "Candidates", "TEXT_METHODS", "embedding_mean", "prepare_candidates", "read_parts"]
+
+log = logging.getLogger(__name__)
+
+TEXT_METHODS = ("genept_w", "genept_s")  # cells live in the text model's space
+
+
+@dataclass(frozen=True, eq=False)
+class Candidates:
+    """Candidate cell types with their text embeddings and marker columns."""
+
+    table: pd.DataFrame
+    labels: list[str]
+    text_emb: np.ndarray
+    marker_idx: list[np.ndarray]
+
+
+def read_parts(out_dir: Path, kind: str, method: str, columns: list[str] | None = None) -> pd.DataFrame:
+    """Read every part of an output, sorted by atlas row."""
+    import pyarrow.parquet as pq
+
+    files = sorted((out_dir / kind / method).glob("part-*.parquet"))
+    if not files:
+        return pd.DataFrame(columns=columns or [])
+    df = pd.concat([pq.read_table(f, columns=columns).to_pandas() for f in files], ignore_index=True)
+    return df.sort_values("row").reset_index(drop=True) if "row" in df.columns else df
+
+
+def embedding_mean(out_dir: Path, method: str) -> np.ndarray:
+    """Mean cell embedding of a method over the whole atlas, streamed part by part."""
+    import pyarrow.parquet as pq
+
+    total, n = None, 0
+    for f in sorted((out_dir / "embeddings" / method).glob("part-*.parquet")):
+        col = pq.read_table(f, columns=["embedding"]).column("embedding").combine_chunks()
+        x = col.values.to_numpy().reshape(len(col), -1)
+        total = x.sum(axis=0) if total is None else total + x.sum(axis=0)
+        n += len(col)
+    return (total / max(n, 1)).astype(np.float32)
+
+
+def _resolver(genes: GeneSpace) -> Any:
+    """Marker name → atlas symbols: official symbol, else alias (e.g. CD16 → FCGR3A, FCGR3B)."""
+    symbols = {s for s in genes.resolution.symbols if s}
+    table = genes.table
+
+    def resolve(name: str) -> list[str]:
+        if name in symbols:
+            return [name]
+        if table is None:
+            return []
+        official = table.lookup_symbol(name)
+        hits = [official] if official else list(table.lookup_alias(name))
+        return [h for h in hits if h in symbols]
+
+    return resolve
+
+
+def prepare_candidates(job: JobConfig, atlas: AtlasInfo, genes: GeneSpace, out_dir: Path) -> Candidates:
+    """Build, embed and write the candidate table (``annotations/label_mapping.parquet``)."""
+    import pyarrow as pa
+
+    from raypipe.annotate.candidates import build_candidates, unmatched
+    from raypipe.annotate.ontology import load_ontology
+    from raypipe.annotate.scorers import marker_indices
+    from raypipe.atlas.store import read_obs_columns
+    from raypipe.embed.text_stage import embed_texts
+
+    cfg = job.annotate
+    if cfg.candidates:
+        names = list(cfg.candidates)
+    elif job.input.label_key:
+        labels = read_obs_columns(atlas.path, [job.input.label_key])[job.input.label_key]
+        names = sorted({str(v) for v in labels.dropna().unique()})
+    else:
+        raise ConfigError(
+            "annotate.enabled but there are no candidates",
+            fix="list annotate.candidates, or set input.label_key to map its values to Cell Ontology terms",
+        )
+    ontology = load_ontology(cfg.ontology)
+    resolver = _resolver(genes)
+    cand = build_candidates(names, ontology, markers=cfg.markers or None, resolver=resolver)
+    missing = unmatched(cand)
+    if missing:
+        log.warning("candidates matching no Cell Ontology term (scored on their name): %s", ", ".join(missing))
+    out = cand.copy()
+    for col in out.columns:
+        if out[col].map(lambda v: isinstance(v, list | tuple | np.ndarray)).any():
+            out[col] = out[col].map(lambda v: [str(x) for x in v] if v is not None else [])
+    write_parquet_atomic(out_dir / "annotations" / "label_mapping.parquet", pa.Table.from_pandas(out, preserve_index=False))
+    emb, errors = embed_texts(list(cand["text"].astype(str)), job)
+    bad = [n for n, e in zip(cand["label"], errors, strict=True) if e]
+    if bad:
+        raise ConfigError(f"candidate texts could not be embedded: {', '.join(bad)}", fix="see failures.parquet")
+    symbols_per_col = [s or "" for s in genes.resolution.symbols]
+    idx, _ = marker_indices([list(m) for m in cand["markers"]], symbols_per_col)
+    return Candidates(cand, [str(x) for x in cand["label"]], emb, idx)
+
+
+class AnnotateShards:
+    """Ray Data stage: shard specs → ``annotations/<method>/part-*.parquet``.
+
+    Batch contract: in ``shard, start, stop, content_hash``; out ``shard, n_cells, n_empty,
+    seconds, path``.
+    """
+
+    def __init__(
+        self, *, method: str, atlas_path: str, out_dir: str, fingerprint: str, labels: list[str],
+        text_emb: Any, cell_mean: Any, marker_idx: list[np.ndarray], weights: dict[str, float],
+        center: bool, top_k: int, unassigned_threshold: float | None,
+    ) -> None:  # fmt: skip
+        from raypipe.embed.genept_w import _resolve
+
+        self.method, self.atlas_path, self.out_dir = method, atlas_path, Path(out_dir)
+        self.fingerprint, self.labels = fingerprint, labels
+        self.text_emb, self.cell_mean = _resolve(text_emb), _resolve(cell_mean)
+        self.marker_idx, self.weights, self.center = marker_idx, weights, center
+        self.top_k, self.threshold = top_k, unassigned_threshold
+
+    def _score(self, emb: np.ndarray | None, x: Any, center: bool) -> np.ndarray:
+        from raypipe.annotate.scorers import ScoreInputs, score_cells
+
+        inputs = ScoreInputs(
+            cell_emb=emb, text_emb=self.text_emb if emb is not None else None, cell_mean=self.cell_mean,
+            center=center, expr=x, marker_idx=self.marker_idx,
+        )  # fmt: skip
+        return score_cells(inputs, self.weights)[1]
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """Annotate each shard of the batch."""
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        from raypipe.annotate.scorers import assign
+        from raypipe.atlas.store import read_shard
+
+        check_contract("AnnotateShards", batch, SHARD_COLUMNS)
+        rows: dict[str, list[Any]] = {c: [] for c in SUMMARY_COLUMNS}
+        for i in range(len(batch["shard"])):
+            t0 = time.perf_counter()
+            shard, start, stop = int(batch["shard"][i]), int(batch["start"][i]), int(batch["stop"][i])
+            part = pq.read_table(part_path(self.out_dir, "embeddings", self.method, shard)).to_pandas()
+            emb = np.stack(part["embedding"].to_numpy()) if "text" in self.weights else None
+            x = read_shard(self.atlas_path, start, stop) if "markers" in self.weights else None
+            pred = assign(self._score(emb, x, self.center), self.labels, top_k=self.top_k,
+                          unassigned_threshold=self.threshold)  # fmt: skip
+            if self.center and emb is not None:
+                raw = assign(self._score(emb, x, False), self.labels, top_k=1)
+                pred["label_uncentred"] = raw["best_label"].to_numpy()
+            pred.insert(0, "row", part["row"].to_numpy())
+            pred.insert(0, "shard", shard)
+            pred.insert(0, "obs_name", part["obs_name"].to_numpy())
+            table = pa.Table.from_pandas(pred, preserve_index=False).replace_schema_metadata(
+                {"method": self.method, "fingerprint": self.fingerprint}
+            )
+            path = part_path(self.out_dir, "annotations", self.method, shard)
+            write_parquet_atomic(path, table)
+            seconds = time.perf_counter() - t0
+            atomic_write_json(
+                marker_path(self.out_dir, f"annotate_{self.method}", shard),
+                {"shard": shard, "start": start, "stop": stop, "content_hash": str(batch["content_hash"][i]),
+                 "fingerprint": self.fingerprint, "n_cells": stop - start, "seconds": seconds, "path": str(path)},
+            )  # fmt: skip
+            for k, v in (("shard", shard), ("n_cells", stop - start), ("n_empty", 0), ("seconds", seconds), ("path", str(path))):
+                rows[k].append(v)
+        return {k: np.asarray(v) for k, v in rows.items()}
+
+
+def annotation_fingerprint(job: JobConfig, method_fp: str, cand: Candidates) -> str:
+    """What an annotation part depends on: settings, the embeddings, the candidates."""
+    from raypipe.pipeline.methods import stage_hash
+
+    return stage_hash("annotate", config_hash(job.annotate), method_fp, "|".join(cand.labels),
+                      stage_hash(cand.text_emb.tobytes()))  # fmt: skip

@@ -1,0 +1,189 @@
+"""CE embeddings on Ray Data: CPU tokenise actors → (GPU) encode actors, overlapped.
+
+Step 1, :class:`CETokenize` (CPU): reads the shard's rows, rank-value encodes them
+(:class:`~raypipe.embed.tokenizer.RankValueTokenizer`) and passes packed token ids on.
+Step 2, :class:`CEEncode` (``num_gpus`` when configured): embeds them with
+:class:`~raypipe.embed.ce_model.CellEncoder` (length-bucketed batches under a token budget),
+and writes ``embeddings/ce/part-*.parquet``. Ray Data streams shards through both pools, so
+tokenisation of shard k+1 overlaps inference on shard k.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, ClassVar
+
+import numpy as np
+
+from raypipe.config import config_hash
+from raypipe.errors import ConfigError, InputError
+from raypipe.pipeline.execute import StageSpec
+from raypipe.pipeline.stage import SHARD_COLUMNS, ShardStage, check_contract
+
+if TYPE_CHECKING:
+    from raypipe.atlas.store import AtlasInfo, Shard
+    from raypipe.config import JobConfig
+    from raypipe.genes.space import GeneSpace
+    from raypipe.pipeline.methods import StagePlan
+
+__all__ = ["CEEncode", "CETokenize", "build_ce", "pack_tokens", "unpack_tokens"]
+
+TOKEN_COLUMNS = (*SHARD_COLUMNS, "ids", "offsets")
+
+
+def pack_tokens(cells: list[np.ndarray]) -> tuple[bytes, bytes]:
+    """Pack ragged token arrays into (ids bytes, offsets bytes)."""
+    offsets = np.zeros(len(cells) + 1, dtype=np.int64)
+    np.cumsum([len(c) for c in cells], out=offsets[1:])
+    ids = np.concatenate(cells).astype(np.int32) if cells else np.zeros(0, np.int32)
+    return ids.tobytes(), offsets.tobytes()
+
+
+def unpack_tokens(ids: bytes, offsets: bytes) -> list[np.ndarray]:
+    """Inverse of :func:`pack_tokens`."""
+    flat = np.frombuffer(ids, dtype=np.int32)
+    off = np.frombuffer(offsets, dtype=np.int64)
+    return [flat[off[i] : off[i + 1]] for i in range(off.size - 1)]
+
+
+def _tokenizer(dictionary: str, variant: str, max_length: int | None) -> Any:
+    from raypipe.embed.dictionaries import GeneformerDictionaries
+    from raypipe.embed.tokenizer import RankValueTokenizer
+
+    return RankValueTokenizer(GeneformerDictionaries.load(dictionary), variant=variant, max_length=max_length)  # type: ignore[arg-type]
+
+
+class CETokenize:
+    """Ray Data step: shard specs → packed Geneformer tokens of the shard's cells.
+
+    Batch contract: in ``shard, start, stop, content_hash``; out the same plus ``ids`` and
+    ``offsets`` (bytes).
+    """
+
+    def __init__(
+        self, *, atlas_path: str, dictionary: str, variant: str, max_length: int | None,
+        ensembl_ids: list[str | None], x_kind: str,
+    ) -> None:  # fmt: skip
+        self.atlas_path = atlas_path
+        self.tokenizer = _tokenizer(dictionary, variant, max_length)
+        self.tokenizer.plan(ensembl_ids)
+        self.x_kind = x_kind
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, Any]:
+        """Tokenise each shard of the batch."""
+        from raypipe.atlas.store import read_shard
+
+        check_contract("CETokenize", batch, SHARD_COLUMNS)
+        out: dict[str, list[Any]] = {c: [] for c in TOKEN_COLUMNS}
+        for i in range(len(batch["shard"])):
+            x = read_shard(self.atlas_path, int(batch["start"][i]), int(batch["stop"][i]))
+            ids, offsets = pack_tokens(self.tokenizer.tokenize(x, x_kind=self.x_kind))
+            for c in SHARD_COLUMNS:
+                out[c].append(batch[c][i])
+            out["ids"].append(ids)
+            out["offsets"].append(offsets)
+        return {k: np.asarray(v, dtype=object if k in ("ids", "offsets") else None) for k, v in out.items()}
+
+
+class CEEncode(ShardStage):
+    """Ray Data step: packed tokens → ``embeddings/ce/part-*.parquet`` (+ completion marker).
+
+    Batch contract: in ``shard, start, stop, content_hash, ids, offsets``; out the shard-stage
+    summary.
+    """
+
+    method: ClassVar[str] = "ce"
+    input_columns: ClassVar[tuple[str, ...]] = TOKEN_COLUMNS
+
+    def __init__(
+        self, *, model: str, dictionary: str, variant: str, max_length: int | None,
+        pooling: str | None, max_tokens_per_batch: int, dtype: str, **kwargs: Any,
+    ) -> None:  # fmt: skip
+        from raypipe.embed.ce_model import CellEncoder
+
+        super().__init__(**kwargs)
+        tok = _tokenizer(dictionary, variant, max_length)
+        self.encoder = CellEncoder(
+            model, tokenizer=tok, pooling=pooling, max_tokens_per_batch=max_tokens_per_batch, dtype=dtype  # type: ignore[arg-type]
+        )
+
+    def compute_row(self, batch: dict[str, np.ndarray], i: int) -> tuple[np.ndarray, np.ndarray]:
+        """Encode the shard's packed tokens."""
+        cells = unpack_tokens(batch["ids"][i], batch["offsets"][i])
+        emb = self.encoder.encode(cells)
+        return emb, np.array([len(c) == 0 for c in cells], dtype=bool)
+
+
+def _atlas_ensembl_ids(atlas: AtlasInfo, genes: GeneSpace, dicts: Any) -> tuple[list[str | None], str]:
+    from raypipe.atlas.store import read_var
+    from raypipe.embed.dictionaries import resolve_ensembl_ids
+
+    var = read_var(atlas.path)
+    col = next((c for c in ("ensembl_id", "gene_ids", "gene_id", "feature_id") if c in var.columns), None)
+    if col is not None:
+        return resolve_ensembl_ids(list(var.index), list(var[col]))
+    if any(e is not None for e in genes.resolution.ensembl):
+        return list(genes.resolution.ensembl), "gene table (genes.id_table / text source)"
+    return resolve_ensembl_ids(list(var.index), None, dicts.gene_name_id)
+
+
+def build_ce(job: JobConfig, atlas: AtlasInfo, genes: GeneSpace, shards: list[Shard]) -> StagePlan:
+    """Plan the CE method: check model, dictionary and gene coverage on the driver."""
+    from raypipe.embed.dictionaries import GeneformerDictionaries
+    from raypipe.pipeline.methods import StagePlan, stage_hash
+
+    cfg = job.embed.ce
+    if not cfg.model:
+        raise ConfigError(
+            "embed.methods has ce but embed.ce.model is not set",
+            fix="set embed.ce.model to a Geneformer/LangCell checkpoint folder or hub id "
+            "(for a smoke test: raypipe ce init-random --out models/ce-random)",
+        )
+    if Path(cfg.model).exists() is False and "/" not in cfg.model:
+        raise InputError(f"embed.ce.model {cfg.model} does not exist", fix="give the checkpoint folder")
+    dicts = GeneformerDictionaries.load(cfg.dictionary)
+    tok = _tokenizer(cfg.dictionary, cfg.variant, None)
+    ens, how = _atlas_ensembl_ids(atlas, genes, dicts)
+    plan = tok.plan(ens)
+    if plan.coverage < cfg.min_coverage:
+        raise InputError(
+            f"only {plan.coverage:.1%} of the atlas's {plan.n_vars:,} genes are in the "
+            f"{dicts.name} token dictionary (Ensembl ids from {how}); required "
+            f"{cfg.min_coverage:.0%}; e.g. unknown: {', '.join(plan.unknown_examples)}",
+            fix="give Ensembl ids (var['ensembl_id'] or embed.ce.gene_name_id), check the species, "
+            "or lower embed.ce.min_coverage",
+        )
+    fingerprint = stage_hash("ce", config_hash(cfg), atlas.var_hash, atlas.x_kind, dicts.name)
+    common = {"dictionary": cfg.dictionary, "variant": cfg.variant, "max_length": None}
+    tokenize = StageSpec(
+        CETokenize,
+        {**common, "atlas_path": atlas.path, "ensembl_ids": ens, "x_kind": atlas.x_kind},
+        job.ray.actors,
+        job.ray.actor_cpus,
+    )
+    encode = StageSpec(
+        CEEncode,
+        {
+            **common,
+            "model": cfg.model,
+            "pooling": cfg.pooling,
+            "max_tokens_per_batch": cfg.max_tokens_per_batch,
+            "dtype": cfg.dtype,
+            "atlas_path": atlas.path,
+            "out_dir": job.output_dir,
+            "fingerprint": fingerprint,
+            "metadata": {"model": cfg.model, "variant": cfg.variant, "dictionary": dicts.name},
+        },
+        cfg.actors,
+        job.ray.actor_cpus,
+        cfg.num_gpus,
+    )
+    notes = {
+        "model": cfg.model,
+        "variant": cfg.variant,
+        "dictionary": dicts.name,
+        "gene_coverage": plan.coverage,
+        "ensembl_ids_from": how,
+        "tokenizer_path": "counts" if atlas.x_kind == "counts" else "lognorm (expm1 before ranking)",
+    }
+    return StagePlan([tokenize, encode], fingerprint, notes=notes)

@@ -1,0 +1,293 @@
+"""A real multi-node Ray cluster on 127.0.0.1: `ray job submit`, a lost node, a killed job.
+
+The cluster is started with the `ray` CLI of this venv under a private temp dir (see
+tests/cluster_utils.py); only its own processes are ever killed. The output folder lives on
+the local disk both "nodes" share, which models a cluster's shared storage.
+"""
+
+from __future__ import annotations
+
+import collections
+import gzip
+import json
+import time
+from pathlib import Path
+
+import pandas as pd
+import pyarrow.parquet as pq
+import pytest
+from cluster_utils import ROOT, LocalCluster
+
+pytestmark = [pytest.mark.integration, pytest.mark.timeout(600)]
+
+GENEPT = "MapWorker(MapBatches(GenePTW))"
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    c = LocalCluster(head_cpus=1)
+    try:
+        c.start()
+        yield c
+    finally:
+        c.stop()
+
+
+def _write_table(shared: Path, path: Path, prefix: str = "") -> Path:
+    """A small real gene→text table (orgdb full names) for 400 genes of both Kang files."""
+    import anndata as ad
+
+    cells = shared / "cells"
+    var = set(ad.read_h5ad(cells / "kang2018_pbmc_8k_muscat_kang.h5ad", backed="r").var_names)
+    var &= set(
+        ad.read_h5ad(
+            cells / "kang2018_pbmc_ctrl_stim_1.5k_muscat_example_sce.h5ad", backed="r"
+        ).var_names
+    )
+    with gzip.open(shared / "genes" / "orgHs_gene_text_go.tsv.gz", "rt") as fh:
+        org = pd.read_csv(fh, sep="\t", usecols=["symbol", "full_name"])
+    org = org[org["symbol"].isin(var)].drop_duplicates("symbol").head(400)
+    text = prefix + org["symbol"] + ": " + org["full_name"]
+    pd.DataFrame({"symbol": org["symbol"], "text": text}).to_csv(path, sep="\t", index=False)
+    return path
+
+
+@pytest.fixture(scope="module")
+def gene_table(shared_data: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Quick to embed (400 short texts) yet real gene text."""
+    return _write_table(shared_data, tmp_path_factory.mktemp("genes") / "gene_text.tsv")
+
+
+def _overrides(
+    kang: Path, out: Path, table: Path, rows: int = 64, actor_cpus: float = 0.5
+) -> list[str]:
+    sets = {
+        "input.path": kang,
+        "input.rows_per_chunk": rows,
+        "output_dir": out,
+        "shards.rows": rows,
+        "genes.text_source": "table",
+        "genes.table": table,
+        "genes.min_coverage": 0.1,
+        "embed.genept_w.hvg": "null",
+        "ray.actor_cpus": actor_cpus,
+    }
+    args: list[str] = []
+    for k, v in sets.items():
+        args += ["--set", f"{k}={v}"]
+    return args
+
+
+def _submit(cluster: LocalCluster, job_id: str, sets: list[str]) -> None:
+    res = cluster.submit(
+        "--no-wait",
+        "--submission-id",
+        job_id,
+        "--working-dir",
+        ".",
+        "--",
+        "python",
+        "jobs/run.py",
+        "--config",
+        "configs/cluster-demo.yaml",
+        *sets,
+    )
+    assert res.returncode == 0, res.stdout + res.stderr
+
+
+def _markers(out: Path) -> int:
+    folder = out / "state" / "genept_w"
+    return len(list(folder.glob("shard-*.json"))) if folder.is_dir() else 0
+
+
+def _wait_for(cond, what: str, cluster: LocalCluster, job_id: str, timeout: float = 240) -> None:
+    deadline = time.time() + timeout
+    while not cond():
+        status = cluster.job_status(job_id)
+        if status in {"SUCCEEDED", "FAILED", "STOPPED"}:
+            pytest.fail(f"job ended ({status}) before {what}:\n{cluster.job_logs(job_id)[-3000:]}")
+        if time.time() > deadline:
+            pytest.fail(f"timed out waiting for {what}")
+        time.sleep(0.1)
+
+
+def _check_exact(out: Path, kang: Path) -> None:
+    """Every input cell exactly once across all parts: no loss, no duplicates."""
+    import anndata as ad
+
+    _check_parts(out, [str(n) for n in ad.read_h5ad(kang, backed="r").obs_names])
+
+
+def _check_parts(out: Path, names: list[str]) -> None:
+    expected = collections.Counter(names)
+    parts = sorted((out / "embeddings" / "genept_w").glob("part-*.parquet"))
+    got: collections.Counter[str] = collections.Counter()
+    for p in parts:
+        got.update(pq.read_table(p, columns=["obs_name"]).column("obs_name").to_pylist())
+    dupes = [n for n, c in got.items() if c > 1]
+    assert not dupes, f"{len(dupes)} cells written twice, e.g. {dupes[:3]}"
+    assert got == expected, f"missing {len(expected - got)}, unexpected {len(got - expected)}"
+
+
+def test_job_survives_losing_a_worker_node(cluster, kang8k, gene_table, tmp_path):
+    out = tmp_path / "run"
+    node = cluster.add_worker(num_cpus=1, resources={"victim": 1})
+    # 0.75 CPU per actor: at most one fits per 1-CPU node, so one actor runs on the worker
+    _submit(cluster, "fault", _overrides(kang8k, out, gene_table, actor_cpus=0.75))
+
+    def worker_busy() -> bool:
+        from cluster_utils import cmdline
+
+        on_worker = any(GENEPT in " ".join(cmdline(p)) for p in node.processes())
+        return on_worker and _markers(out) >= 2
+
+    _wait_for(
+        worker_busy, "a GenePT-w actor on the worker node and 2 finished shards", cluster, "fault"
+    )
+    done_before = _markers(out)
+    killed = node.kill()
+    assert killed
+    assert node.raylet() is None
+    status = cluster.wait_job("fault", timeout=300)
+    logs = cluster.job_logs("fault")
+    assert status == "SUCCEEDED", logs[-4000:]
+    manifest = json.loads((out / "manifest.json").read_text())
+    n_shards = manifest["shards"]["n"]
+    assert n_shards >= 8
+    assert done_before < n_shards, (done_before, n_shards)
+    assert manifest["status"] == "complete"
+    _check_exact(out, kang8k)
+
+
+def test_killed_job_resumes_from_finished_shards(cluster, kang8k, gene_table, tmp_path):
+    out = tmp_path / "run"
+    sets = _overrides(kang8k, out, gene_table)
+    _submit(cluster, "killed", sets)
+    _wait_for(lambda: _markers(out) >= 3, "3 finished shards", cluster, "killed")
+    res = cluster.job("stop", "killed")
+    assert res.returncode == 0, res.stdout + res.stderr
+    assert cluster.wait_job("killed", timeout=120) == "STOPPED"
+    finished = _markers(out)
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["status"] == "running"  # the killed run never completed
+
+    _submit(cluster, "resumed", sets)
+    status = cluster.wait_job("resumed", timeout=300)
+    logs = cluster.job_logs("resumed")
+    assert status == "SUCCEEDED", logs[-4000:]
+    manifest = json.loads((out / "manifest.json").read_text())
+    n = manifest["shards"]["n"]
+    computed = manifest["methods"]["genept_w"]["shards_computed"]
+    assert computed <= n - finished, (computed, n, finished)
+    assert f"{computed} shards computed, {n - computed} reused" in logs
+    _check_exact(out, kang8k)
+
+
+def test_ray_job_submit_as_in_readme(cluster, shared_data, gene_table, tmp_path):
+    """The README's sequence: submit with the working dir, read the logs, list the job."""
+    kang = shared_data / "cells" / "kang2018_pbmc_ctrl_stim_1.5k_muscat_example_sce.h5ad"
+    out = tmp_path / "cluster-demo"
+    res = cluster.submit(
+        "--address",
+        cluster.dashboard,
+        "--submission-id",
+        "demo",
+        "--working-dir",
+        ".",
+        "--",
+        "python",
+        "jobs/run.py",
+        "--config",
+        "configs/cluster-demo.yaml",
+        "--set",
+        f"input.path={kang}",
+        "--set",
+        f"output_dir={out}",
+        "--set",
+        "genes.text_source=table",  # test only: a small gene table instead of orgdb, for speed
+        "--set",
+        f"genes.table={gene_table}",
+        "--set",
+        "genes.min_coverage=0.1",
+    )
+    assert res.returncode == 0, res.stdout + res.stderr
+    assert "succeeded" in (res.stdout + res.stderr).lower()
+    logs = cluster.job("logs", "--address", cluster.dashboard, "demo")
+    assert "raypipe run summary" in logs.stdout
+    assert "Ray cluster" in logs.stdout  # the driver joined the cluster, not an embedded Ray
+    listing = cluster.job("list", "--address", cluster.dashboard)
+    assert "demo" in listing.stdout
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["status"] == "complete"
+    assert (ROOT / "configs" / "cluster-demo.yaml").is_file()
+    _check_exact(out, kang)
+
+
+def test_incremental_reprocessing(ray_local, shared_data, kang1k5, gene_table, tmp_path):
+    """A grown atlas recomputes only new/changed shards; new gene text invalidates everything."""
+    import anndata as ad
+
+    from raypipe.atlas.store import open_atlas, plan_shards
+    from raypipe.config import load_config
+    from raypipe.pipeline.runner import run_job
+
+    full = ad.read_h5ad(kang1k5)
+    src = tmp_path / "atlas.h5ad"
+    full[:1000].copy().write_h5ad(src)
+    out = tmp_path / "run"
+
+    def job(table: Path = gene_table, **extra: object):
+        cfg = {
+            "input": {"path": str(src), "label_key": "cluster_id", "rows_per_chunk": 128},
+            "output_dir": str(out),
+            "shards": {"rows": 256},
+            "genes": {"text_source": "table", "table": str(table), "min_coverage": 0.1},
+            "embed": {"methods": ["genept_w"], "genept_w": {"hvg": None, **extra}},
+            "ray": {"actors": 2, "actor_cpus": 0.5},
+        }
+        return load_config(cfg)
+
+    first = run_job(job(), progress=False)
+    old = {s.index: s.content_hash for s in plan_shards(open_atlas(out / "atlas.zarr"), 256)}
+    assert first.shards_done["genept_w"] == len(old) == 4
+    m1 = json.loads((out / "manifest.json").read_text())
+
+    # the atlas grew: the same 1,000 cells, then 556 more (re-ingested on the fly)
+    full.write_h5ad(src)
+    second = run_job(job(), progress=False)
+    new = plan_shards(open_atlas(out / "atlas.zarr"), 256)
+    changed = [s.index for s in new if old.get(s.index) != s.content_hash]
+    assert changed == [3, 4, 5, 6]  # the last partial shard of the old atlas, and 3 new ones
+    assert second.shards_done["genept_w"] == len(changed)
+    assert second.shards_skipped["genept_w"] == 3
+    _check_parts(out, [str(n) for n in full.obs_names])
+    m2 = json.loads((out / "manifest.json").read_text())
+    assert m2["genes"]["fingerprint"] == m1["genes"]["fingerprint"]
+    assert m2["methods"]["genept_w"]["fingerprint"] == m1["methods"]["genept_w"]["fingerprint"]
+
+    # a GenePT-w setting changes: every genept_w shard, but the gene space stays
+    third = run_job(job(center=False), progress=False)
+    assert third.shards_done["genept_w"] == len(new)
+    m3 = json.loads((out / "manifest.json").read_text())
+    assert m3["genes"]["fingerprint"] == m2["genes"]["fingerprint"]
+    assert m3["config_hash"] != m2["config_hash"]
+    assert m3["methods"]["genept_w"]["fingerprint"] != m2["methods"]["genept_w"]["fingerprint"]
+
+    # different gene text: the gene space and every shard are invalidated
+    other = _write_table(shared_data, tmp_path / "other_text.tsv", prefix="human gene ")
+    fourth = run_job(job(table=other, center=False), progress=False)
+    assert fourth.shards_done["genept_w"] == len(new)
+    assert fourth.shards_skipped["genept_w"] == 0
+    m4 = json.loads((out / "manifest.json").read_text())
+    assert m4["genes"]["fingerprint"] != m3["genes"]["fingerprint"]
+    _check_parts(out, [str(n) for n in full.obs_names])
+
+    # what the manifest records for reproducibility
+    assert m4["status"] == "complete"
+    assert m4["versions"]["raypipe"]
+    assert m4["versions"]["ray"]
+    assert m4["genes"]["model"] == "all-MiniLM-L6-v2"
+    assert m4["genes"]["text_source"] == "table"
+    assert len(m4["config_hash"]) == 16
+    assert {"atlas", "genes", "genept_w"} <= set(m4["timings"])
+    assert all(v >= 0 for v in m4["timings"].values())

@@ -1,0 +1,35 @@
+"""Ray actors share one named limiter: the server never sees more than the budget."""
+
+from __future__ import annotations
+
+import tempfile
+
+import pytest
+from servers.openai_server import FakeOpenAI
+
+from raypipe.bench.llm import KEY, LLMWorker, _job
+from raypipe.llm.ratelimit import limiter_name
+
+pytestmark = pytest.mark.integration
+
+
+def test_two_actors_share_one_budget(ray_local):
+    ray = ray_local
+    with FakeOpenAI(KEY, rpm=6, window_s=1.0) as srv, tempfile.TemporaryDirectory() as out:
+        job = _job(srv.base_url, out, rpm=6 * 60, tpm=1e9, in_flight=8)
+        cls = ray.remote(num_cpus=0.5, runtime_env={"env_vars": {"RAYPIPE_BENCH_KEY": KEY}})(
+            LLMWorker
+        )
+        workers = [cls.remote(job.model_dump_json(), 1.0) for _ in range(2)]
+        genes = [[f"RAYA{i}" for i in range(12)], [f"RAYB{i}" for i in range(12)]]
+        done = ray.get([w.describe.remote(g) for w, g in zip(workers, genes, strict=True)])
+        assert done == [12, 12]
+        # one named limiter actor for the endpoint, found by both workers
+        assert ray.get_actor(limiter_name(srv.base_url), namespace="raypipe") is not None
+        ray.get([w.close.remote() for w in workers])
+        for w in workers:
+            ray.kill(w)
+    assert srv.status[429] == 0
+    assert srv.max_requests_in_window(1.0) <= 6
+    assert set(srv.served.values()) == {1}
+    assert len(srv.served) == 24
