@@ -36,6 +36,7 @@ __all__ = [
     "apply_overrides",
     "config_hash",
     "load_config",
+    "reference",
 ]
 
 EmbedMethod = Literal["genept_w", "genept_s", "ce"]
@@ -96,6 +97,9 @@ class GenesConfig(_Section):
     ncbi_url: str = Field("https://mygene.info/v3", description="MyGene.info base URL for the `ncbi` source.")
     ncbi_batch_size: int = Field(1000, gt=0, le=1000, description="Genes per MyGene.info POST.")
     min_coverage: float = Field(0.5, ge=0.0, le=1.0, description="Stop when fewer atlas genes than this share have text.")
+    fallback: Literal["none", "symbol"] = Field(
+        "none", description="When the text source is unavailable: `symbol` uses gene names as text (loudly warned)."
+    )
 
 
 class TextModelConfig(_Section):
@@ -347,3 +351,17 @@ def config_hash(obj: BaseModel | dict[str, Any]) -> str:
     data = obj.model_dump(mode="json") if isinstance(obj, BaseModel) else obj
     blob = json.dumps(data, sort_keys=True, default=str).encode()
     return hashlib.sha256(blob).hexdigest()[:16]
+
+
+def reference(model: type[BaseModel] = JobConfig, prefix: str = "") -> list[tuple[str, str, str]]:
+    """Every config key as ``(key, default, description)`` rows (for docs and ``--help``)."""
+    rows: list[tuple[str, str, str]] = []
+    for name, f in model.model_fields.items():
+        key = f"{prefix}{name}"
+        ann = f.annotation
+        if isinstance(ann, type) and issubclass(ann, BaseModel):
+            rows += reference(ann, key + ".")
+            continue
+        default = "(required)" if f.is_required() else repr(f.get_default(call_default_factory=True))
+        rows.append((key, default, f.description or ""))
+    return rows

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import logging
 from pathlib import Path
 
@@ -111,13 +112,13 @@ def test_plan_shards_aligned_to_chunks(tmp_path: Path):
         assert len(shards) == expect, rows
         assert shards[0].start == 0
         assert shards[-1].stop == 200
-        for a, b in zip(shards, shards[1:], strict=False):
+        for a, b in itertools.pairwise(shards):
             assert a.stop == b.start
         assert all(s.start % 32 == 0 for s in shards)
         assert all(s.n_rows % 32 == 0 for s in shards[:-1])
         assert [s.index for s in shards] == list(range(len(shards)))
     for bad in (0, -1):
-        with pytest.raises(InputError, match="shards.rows must be > 0"):
+        with pytest.raises(InputError, match=r"shards\.rows must be > 0"):
             plan_shards(info, bad)
 
 
@@ -264,7 +265,7 @@ def test_not_anndata_inputs(tmp_path: Path):
     empty_dir = tmp_path / "folder"
     empty_dir.mkdir()
     (empty_dir / "notes.txt").write_text("x")
-    with pytest.raises(InputError, match="without matrix.mtx"):
+    with pytest.raises(InputError, match=r"without matrix\.mtx"):
         ingest(empty_dir, tmp_path / "c.zarr", progress=False)
 
     other = tmp_path / "cells.csv"

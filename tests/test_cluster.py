@@ -107,7 +107,7 @@ def _wait_for(cond, what: str, cluster: LocalCluster, job_id: str, timeout: floa
         if status in {"SUCCEEDED", "FAILED", "STOPPED"}:
             pytest.fail(f"job ended ({status}) before {what}:\n{cluster.job_logs(job_id)[-3000:]}")
         if time.time() > deadline:
-            pytest.fail(f"timed out waiting for {what}")
+            pytest.fail(f"timed out waiting for {what}:\n{cluster.job_logs(job_id)[-3000:]}")
         time.sleep(0.1)
 
 

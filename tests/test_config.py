@@ -142,7 +142,8 @@ for argv in (["--help"], ["run", "--help"], ["ingest", "--help"]):
             main(argv)
         except SystemExit:
             pass
-heavy = [m for m in {heavy!r} if m in sys.modules or any(k.startswith(m + ".") for k in sys.modules)]
+mods = set(sys.modules)
+heavy = [m for m in {heavy!r} if m in mods or any(k.startswith(m + ".") for k in mods)]
 print("HEAVY=" + ",".join(heavy))
 """
 

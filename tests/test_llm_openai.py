@@ -32,7 +32,7 @@ def server():
         yield srv
 
 
-def make_job(tmp_path, srv, *, window_s=60.0, rpm=60_000, tpm=1e9, **limits):
+def make_job(tmp_path, srv, *, window_s=60.0, rpm=60_000, tpm=1e9, safety_s=0.05, **limits):
     job = load_config(
         {
             "input": {"path": "unused.h5ad"},
@@ -55,6 +55,7 @@ def make_job(tmp_path, srv, *, window_s=60.0, rpm=60_000, tpm=1e9, **limits):
         window_s=window_s,
         use_ray=False,
         breaker_cooldown_s=0.05,
+        safety_s=safety_s,
     )
     return job, lim
 
@@ -125,9 +126,12 @@ def test_restart_pays_only_for_the_missing_half(tmp_path, server):
 
 
 def test_rate_limit_is_never_exceeded(tmp_path, server):
-    # a scaled window: 8 requests and 200 tokens per 1 s window
+    # a scaled window: 8 requests and 200 tokens per 1 s window; the 0.25 s safety margin
+    # absorbs scheduling delays between booking and arrival on a loaded machine
     server.rpm, server.tpm, server.window_s = 8, 200, 1.0
-    job, lim = make_job(tmp_path, server, window_s=1.0, rpm=8 * 60, tpm=200 * 60, max_in_flight=8)
+    job, lim = make_job(
+        tmp_path, server, window_s=1.0, rpm=8 * 60, tpm=200 * 60, max_in_flight=8, safety_s=0.25
+    )
     job.text_model.batch_size = 1
     df, _ = describe(job, lim, GENES[:10])  # chat books prompt + max_tokens (~80 tokens)
     vecs, _ = embed(job, lim, [f"text number {i}" for i in range(16)])
@@ -136,7 +140,7 @@ def test_rate_limit_is_never_exceeded(tmp_path, server):
     assert server.status[429] == 0
     assert server.max_requests_in_window(1.0) <= 8
     assert server.max_tokens_in_window(1.0) <= 200
-    assert server.max_requests_in_window(1.0) >= 6  # and the budget is used
+    assert server.max_requests_in_window(1.0) >= 5  # and the budget is used
 
 
 def test_retry_after_pauses_and_every_item_arrives(tmp_path, server):

@@ -20,7 +20,7 @@ def test_two_actors_share_one_budget(ray_local):
         cls = ray.remote(num_cpus=0.5, runtime_env={"env_vars": {"RAYPIPE_BENCH_KEY": KEY}})(
             LLMWorker
         )
-        workers = [cls.remote(job.model_dump_json(), 1.0) for _ in range(2)]
+        workers = [cls.remote(job.model_dump_json(), 1.0, 0.25) for _ in range(2)]
         genes = [[f"RAYA{i}" for i in range(12)], [f"RAYB{i}" for i in range(12)]]
         done = ray.get([w.describe.remote(g) for w, g in zip(workers, genes, strict=True)])
         assert done == [12, 12]

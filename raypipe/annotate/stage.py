@@ -90,7 +90,7 @@ def prepare_candidates(job: JobConfig, atlas: AtlasInfo, genes: GeneSpace, out_d
     """Build, embed and write the candidate table (``annotations/label_mapping.parquet``)."""
     import pyarrow as pa
 
-    from raypipe.annotate.candidates import build_candidates, unmatched
+    from raypipe.annotate.candidates import build_candidates
     from raypipe.annotate.ontology import load_ontology
     from raypipe.annotate.scorers import marker_indices
     from raypipe.atlas.store import read_obs_columns
@@ -110,9 +110,6 @@ def prepare_candidates(job: JobConfig, atlas: AtlasInfo, genes: GeneSpace, out_d
     ontology = load_ontology(cfg.ontology)
     resolver = _resolver(genes)
     cand = build_candidates(names, ontology, markers=cfg.markers or None, resolver=resolver)
-    missing = unmatched(cand)
-    if missing:
-        log.warning("candidates matching no Cell Ontology term (scored on their name): %s", ", ".join(missing))
     out = cand.copy()
     for col in out.columns:
         if out[col].map(lambda v: isinstance(v, list | tuple | np.ndarray)).any():

@@ -39,9 +39,13 @@ class LLMWorker:
         ``JobConfig.model_dump_json()``.
     window_s
         Budget window (60 s real time; shorter when time is scaled).
+    safety_s
+        Limiter spacing margin (default: :func:`~raypipe.llm.ratelimit.get_limiter`'s).
     """
 
-    def __init__(self, job_json: str, window_s: float = 60.0) -> None:
+    def __init__(
+        self, job_json: str, window_s: float = 60.0, safety_s: float | None = None
+    ) -> None:
         from raypipe.config import JobConfig
         from raypipe.llm.generate import OpenAIChat
         from raypipe.llm.openai_backend import OpenAIEmbedder
@@ -55,6 +59,7 @@ class LLMWorker:
             lim.tokens_per_minute,
             window_s=window_s,
             use_ray=True,
+            **({} if safety_s is None else {"safety_s": safety_s}),
         )
         kw: dict[str, Any] = {"limiter": limiter, "window_s": window_s}
         self.chat = OpenAIChat(job, **kw)

@@ -375,6 +375,12 @@ def fetch_orgdb(dest: str | Path | None = None) -> Path:
         run = subprocess.run(
             [apt, "download", *DEBIAN_PACKAGES], cwd=tmp, capture_output=True, text=True
         )
+        if run.returncode != 0 and os.geteuid() == 0:
+            # a fresh machine has no package lists yet: fetch them once, then retry
+            subprocess.run([apt, "update", "-qq"], capture_output=True, text=True)
+            run = subprocess.run(
+                [apt, "download", *DEBIAN_PACKAGES], cwd=tmp, capture_output=True, text=True
+            )
         debs = sorted(Path(tmp).glob("*.deb"))
         if run.returncode != 0 or len(debs) < len(DEBIAN_PACKAGES):
             raise RaypipeError(

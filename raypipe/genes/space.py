@@ -129,10 +129,21 @@ def prepare_gene_space(job: JobConfig, atlas: AtlasInfo, out_dir: Path) -> GeneS
         (c for c in ("ensembl_id", "gene_ids", "gene_id", "feature_id") if c in var.columns), None
     )
     ensembl_ids = [str(v) for v in var[ens_col]] if ens_col else None
-    source = _build_source(job)
+    fallback_note = None
+    try:
+        source = _build_source(job)
+        if hasattr(source, "fingerprint"):
+            source.fingerprint()  # sources that locate data lazily fail here, not mid-run
+    except InputError as exc:
+        if job.genes.fallback != "symbol":
+            raise
+        fallback_note = f"FALLBACK: gene text source {job.genes.text_source!r} is unavailable ({exc.message}); using gene symbols as text"
+        log.warning(fallback_note)
+        job = job.model_copy(update={"genes": job.genes.model_copy(update={"text_source": "symbol"})})
+        source = _build_source(job)
     table = gene_table_for(job.genes, source)
     resolution = resolve_genes(names, table, ensembl_ids=ensembl_ids)
-    warnings = list(resolution.warnings[:5])
+    warnings = list(resolution.warnings[:5]) + ([fallback_note] if fallback_note else [])
     symbols = list(resolution.unique_symbols)
     texts = source.texts(symbols, list(resolution.unique_ensembl))
     texts = texts.drop_duplicates("symbol").reset_index(drop=True)

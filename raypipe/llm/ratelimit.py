@@ -212,11 +212,26 @@ class WindowBudget:
         }
 
 
+async def _sleep_until_due(wait: float, status: str, max_late_s: float) -> bool:
+    """Sleep until a booked slot; True when the request may go now.
+
+    A slot woken up more than ``max_late_s`` late (a starved event loop or CPU) is abandoned
+    and booked again: sent late, it could land in the next window with that window's requests.
+    """
+    due = time.monotonic() + wait
+    if wait > 0:
+        await asyncio.sleep(wait)
+    if status != "ok":
+        return False
+    return time.monotonic() - due <= max_late_s
+
+
 class LocalLimiter:
     """In-process limiter (single process, unit tests)."""
 
     def __init__(self, budget: WindowBudget) -> None:
         self.budget = budget
+        self.max_late_s = budget.safety
         self._lock = threading.Lock()  # clients may run event loops in several threads
 
     async def acquire(self, n_tokens: float = 0.0) -> None:
@@ -224,9 +239,7 @@ class LocalLimiter:
         while True:
             with self._lock:
                 wait, status = self.budget.reserve(n_tokens)
-            if wait > 0:
-                await asyncio.sleep(wait)
-            if status == "ok":
+            if await _sleep_until_due(wait, status, self.max_late_s):
                 return
             if status == "open":
                 raise CircuitOpen(f"endpoint down (circuit open, waited {wait:.1f}s)")
@@ -249,16 +262,15 @@ class LocalLimiter:
 class RayLimiter:
     """Client of the cluster-wide limiter actor (same API as :class:`LocalLimiter`)."""
 
-    def __init__(self, handle: Any) -> None:
+    def __init__(self, handle: Any, max_late_s: float = 0.05) -> None:
         self.handle = handle
+        self.max_late_s = max_late_s
 
     async def acquire(self, n_tokens: float = 0.0) -> None:
         """Wait for a slot; raise :class:`CircuitOpen` when the circuit is open."""
         while True:
             wait, status = await self.handle.reserve.remote(n_tokens)
-            if wait > 0:
-                await asyncio.sleep(wait)
-            if status == "ok":
+            if await _sleep_until_due(wait, status, self.max_late_s):
                 return
             if status == "open":
                 raise CircuitOpen(f"endpoint down (circuit open, waited {wait:.1f}s)")
@@ -315,10 +327,13 @@ def get_limiter(
     namespace
         Ray namespace of the named actor.
     **breaker
-        ``breaker_failures``, ``breaker_cooldown_s``, ``breaker_max_cooldown_s``.
+        ``breaker_failures``, ``breaker_cooldown_s``, ``breaker_max_cooldown_s``, ``safety_s``
+        (spacing margin, default max(0.05 s, 0.5% of the window); also the most a client may
+        wake up late before it books its slot again).
     """
     scale = window_s / 60.0 if window_s != 60.0 else 1.0
     rpw, tpw = requests_per_minute * scale, tokens_per_minute * scale
+    breaker.setdefault("safety_s", max(0.05, 0.005 * window_s))
     if use_ray is None:
         try:
             import ray
@@ -341,7 +356,7 @@ def get_limiter(
         num_cpus=0,
         max_concurrency=1,
     )
-    return RayLimiter(actor.remote(rpw, tpw, window_s, **breaker))
+    return RayLimiter(actor.remote(rpw, tpw, window_s, **breaker), breaker["safety_s"])
 
 
 def _header(exc: Any, name: str) -> str | None:

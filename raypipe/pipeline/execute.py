@@ -28,6 +28,7 @@ def init_ray(cfg: RayConfig) -> str:
     if ray.is_initialized():
         return "existing Ray session"
     if cfg.address == "local" and not os.environ.get("RAY_ADDRESS"):
+        os.environ.setdefault("RAY_AUTH_MODE", "disabled")  # embedded, loopback-only Ray
         ray.init(
             num_cpus=cfg.num_cpus,
             object_store_memory=cfg.object_store_memory,

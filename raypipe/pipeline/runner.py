@@ -63,7 +63,9 @@ class RunSummary:
         lines.append("outputs:")
         lines += [f"  {o}" for o in self.outputs]
         if self.metrics is not None and len(self.metrics):
-            wide = self.metrics.pivot_table(index="metric", columns="method", values="value", sort=False)
+            wide = self.metrics.pivot_table(
+                index="metric", columns="method", values="value", sort=False
+            )
             lines.append("metrics (metrics.parquet):")
             lines += ["  " + ln for ln in wide.round(3).fillna("").to_string().splitlines()]
         for w in self.warnings:
@@ -75,7 +77,17 @@ def _versions() -> dict[str, str]:
     from importlib.metadata import PackageNotFoundError, version
 
     out = {"raypipe": __version__, "python": sys.version.split()[0]}
-    for pkg in ("ray", "anndata", "zarr", "numpy", "scipy", "torch", "transformers", "sentence-transformers", "openai"):
+    for pkg in (
+        "ray",
+        "anndata",
+        "zarr",
+        "numpy",
+        "scipy",
+        "torch",
+        "transformers",
+        "sentence-transformers",
+        "openai",
+    ):
         try:
             out[pkg] = version(pkg)
         except PackageNotFoundError:
@@ -104,7 +116,12 @@ def ensure_atlas(job: JobConfig, out_dir: Path, *, progress: bool = True) -> Any
             return atlas
     target = out_dir / "atlas.zarr"
     stat = src.stat()
-    stamp = {"source": str(src), "size": stat.st_size, "mtime": stat.st_mtime, "layer": job.input.layer}
+    stamp = {
+        "source": str(src),
+        "size": stat.st_size,
+        "mtime": stat.st_mtime,
+        "layer": job.input.layer,
+    }
     stamp_file = out_dir / "state" / "atlas_source.json"
     if target.exists() and read_marker(stamp_file) == stamp:
         atlas = open_atlas(target)
@@ -176,7 +193,10 @@ def pending_shards(out_dir: Path, method: str, shards: list[Any], fingerprint: s
 
 def _drop_stale_parts(out_dir: Path, kind: str, method: str, n_shards: int) -> None:
     """Remove parts/markers of shard indices beyond the current plan (the atlas shrank)."""
-    for folder, pattern in ((out_dir / kind / method, "part-*.parquet"), (out_dir / "state" / method, "shard-*.json")):
+    for folder, pattern in (
+        (out_dir / kind / method, "part-*.parquet"),
+        (out_dir / "state" / method, "shard-*.json"),
+    ):
         for p in folder.glob(pattern) if folder.exists() else []:
             if int(p.stem.split("-")[1]) >= n_shards:
                 p.unlink()
@@ -190,7 +210,13 @@ def _annotate(
     import ray
     from tqdm.auto import tqdm
 
-    from raypipe.annotate.stage import TEXT_METHODS, AnnotateShards, annotation_fingerprint, embedding_mean, prepare_candidates
+    from raypipe.annotate.stage import (
+        TEXT_METHODS,
+        AnnotateShards,
+        annotation_fingerprint,
+        embedding_mean,
+        prepare_candidates,
+    )
     from raypipe.pipeline.execute import StageSpec, map_shards
 
     cand = prepare_candidates(job, atlas, genes, out_dir)
@@ -200,15 +226,24 @@ def _annotate(
     for method in job.embed.methods:
         weights = dict(job.annotate.scorers)
         if method not in TEXT_METHODS:
-            weights.pop("text", None)  # CE and text live in different spaces (no LangCell text encoder here)
+            weights.pop(
+                "text", None
+            )  # CE and text live in different spaces (no LangCell text encoder here)
         if not any(w > 0 for w in weights.values()):
-            summary.warnings.append(f"annotate: no scorer applies to {method} (text needs a GenePT method); skipped")
+            summary.warnings.append(
+                f"annotate: no scorer applies to {method} (text needs a GenePT method); skipped"
+            )
             continue
         fp = annotation_fingerprint(job, manifest["methods"][method]["fingerprint"], cand)
         stage_name = f"annotate_{method}"
         _drop_stale_parts(out_dir, "annotations", method, len(shards))
         todo = pending_shards(out_dir, stage_name, shards, fp)
-        bar = tqdm(total=sum(s.n_rows for s in todo), unit="cell", desc=stage_name, disable=not progress or not todo)
+        bar = tqdm(
+            total=sum(s.n_rows for s in todo),
+            unit="cell",
+            desc=stage_name,
+            disable=not progress or not todo,
+        )
         kwargs = {
             "method": method, "atlas_path": atlas.path, "out_dir": str(out_dir), "fingerprint": fp,
             "labels": cand.labels, "text_emb": text_ref, "cell_mean": ray.put(embedding_mean(out_dir, method)),
@@ -219,7 +254,11 @@ def _annotate(
         map_shards([spec], todo, on_done=lambda row, bar=bar: bar.update(int(row["n_cells"])))
         bar.close()
         summary.outputs.append(str(out_dir / "annotations" / method))
-        manifest["annotate"]["methods"][method] = {"fingerprint": fp, "scorers": weights, "shards_computed": len(todo)}
+        manifest["annotate"]["methods"][method] = {
+            "fingerprint": fp,
+            "scorers": weights,
+            "shards_computed": len(todo),
+        }
     return cand
 
 
@@ -267,7 +306,11 @@ def run_job(job: JobConfig, *, overwrite: bool = False, progress: bool = True) -
         "text_source": genes.source,
         "model": genes.model,
         "fingerprint": genes.fingerprint,
-        "coverage": {"n_genes": genes.coverage.n_genes, "n_covered": genes.coverage.n_covered, "share": genes.coverage.share},
+        "coverage": {
+            "n_genes": genes.coverage.n_genes,
+            "n_covered": genes.coverage.n_covered,
+            "share": genes.coverage.share,
+        },
         "unmatched_examples": list(genes.coverage.unmatched),
     }
     shards = plan_shards(atlas, job.shards.rows)
@@ -281,14 +324,23 @@ def run_job(job: JobConfig, *, overwrite: bool = False, progress: bool = True) -
         kind = plan.kind
         _drop_stale_parts(out_dir, kind, name, len(shards))
         todo = pending_shards(out_dir, name, shards, plan.fingerprint)
-        bar = tqdm(total=sum(s.n_rows for s in todo), unit="cell", desc=name, disable=not progress or not todo)
+        bar = tqdm(
+            total=sum(s.n_rows for s in todo),
+            unit="cell",
+            desc=name,
+            disable=not progress or not todo,
+        )
         map_shards(plan.steps, todo, on_done=lambda row, bar=bar: bar.update(int(row["n_cells"])))
         bar.close()
         summary.timings[name] = time.perf_counter() - t
         summary.shards_done[name] = len(todo)
         summary.shards_skipped[name] = len(shards) - len(todo)
         summary.outputs.append(str(out_dir / kind / name))
-        manifest["methods"][name] = {"fingerprint": plan.fingerprint, "shards_computed": len(todo), **plan.notes}
+        manifest["methods"][name] = {
+            "fingerprint": plan.fingerprint,
+            "shards_computed": len(todo),
+            **plan.notes,
+        }
 
     candidates = None
     if job.annotate.enabled:
