@@ -24,6 +24,13 @@ GENEPT = "MapWorker(MapBatches(GenePTW))"
 
 
 @pytest.fixture(scope="module")
+def spare_worker(cluster: LocalCluster) -> LocalCluster:
+    """A second 1-CPU node: Ray Data needs a CPU for its tasks beside the actors' CPUs."""
+    cluster.add_worker(num_cpus=1)
+    return cluster
+
+
+@pytest.fixture(scope="module")
 def cluster():
     c = LocalCluster(head_cpus=1)
     try:
@@ -159,7 +166,8 @@ def test_job_survives_losing_a_worker_node(cluster, kang8k, gene_table, tmp_path
     _check_exact(out, kang8k)
 
 
-def test_killed_job_resumes_from_finished_shards(cluster, kang8k, gene_table, tmp_path):
+def test_killed_job_resumes_from_finished_shards(spare_worker, kang8k, gene_table, tmp_path):
+    cluster = spare_worker
     out = tmp_path / "run"
     sets = _overrides(kang8k, out, gene_table)
     _submit(cluster, "killed", sets)
@@ -183,8 +191,9 @@ def test_killed_job_resumes_from_finished_shards(cluster, kang8k, gene_table, tm
     _check_exact(out, kang8k)
 
 
-def test_ray_job_submit_as_in_readme(cluster, shared_data, gene_table, tmp_path):
+def test_ray_job_submit_as_in_readme(spare_worker, shared_data, gene_table, tmp_path):
     """The README's sequence: submit with the working dir, read the logs, list the job."""
+    cluster = spare_worker
     kang = shared_data / "cells" / "kang2018_pbmc_ctrl_stim_1.5k_muscat_example_sce.h5ad"
     out = tmp_path / "cluster-demo"
     res = cluster.submit(

@@ -28,7 +28,7 @@ if TYPE_CHECKING:
     from raypipe.config import JobConfig
     from raypipe.genes.space import GeneSpace
 
-__all__ = ["AnnotateShards", "Candidates", "TEXT_METHODS", "embedding_mean", "prepare_candidates", "read_parts"]
+__all__ = ["TEXT_METHODS", "AnnotateShards", "Candidates", "embedding_mean", "prepare_candidates", "read_parts"]
 
 log = logging.getLogger(__name__)
 
@@ -43,6 +43,7 @@ class Candidates:
     labels: list[str]
     text_emb: np.ndarray
     marker_idx: list[np.ndarray]
+    usage: dict[str, Any]
 
 
 def read_parts(out_dir: Path, kind: str, method: str, columns: list[str] | None = None) -> pd.DataFrame:
@@ -115,13 +116,13 @@ def prepare_candidates(job: JobConfig, atlas: AtlasInfo, genes: GeneSpace, out_d
         if out[col].map(lambda v: isinstance(v, list | tuple | np.ndarray)).any():
             out[col] = out[col].map(lambda v: [str(x) for x in v] if v is not None else [])
     write_parquet_atomic(out_dir / "annotations" / "label_mapping.parquet", pa.Table.from_pandas(out, preserve_index=False))
-    emb, errors = embed_texts(list(cand["text"].astype(str)), job)
+    emb, errors, usage = embed_texts(list(cand["text"].astype(str)), job)
     bad = [n for n, e in zip(cand["label"], errors, strict=True) if e]
     if bad:
         raise ConfigError(f"candidate texts could not be embedded: {', '.join(bad)}", fix="see failures.parquet")
     symbols_per_col = [s or "" for s in genes.resolution.symbols]
     idx, _ = marker_indices([list(m) for m in cand["markers"]], symbols_per_col)
-    return Candidates(cand, [str(x) for x in cand["label"]], emb, idx)
+    return Candidates(cand, [str(x) for x in cand["label"]], emb, idx, usage)
 
 
 class AnnotateShards:

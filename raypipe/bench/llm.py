@@ -53,13 +53,14 @@ class LLMWorker:
 
         job = JobConfig.model_validate_json(job_json)
         lim = job.limits
+        extra: dict[str, Any] = {} if safety_s is None else {"safety_s": safety_s}
         limiter = get_limiter(
             job.llm.base_url,
             lim.requests_per_minute,
             lim.tokens_per_minute,
             window_s=window_s,
             use_ray=True,
-            **({} if safety_s is None else {"safety_s": safety_s}),
+            **extra,
         )
         kw: dict[str, Any] = {"limiter": limiter, "window_s": window_s}
         self.chat = OpenAIChat(job, **kw)

@@ -29,26 +29,44 @@ class EmbedTexts:
         from raypipe.llm.backends import build_embedder
 
         self.embedder = build_embedder(JobConfig.model_validate(json.loads(job_json)))
+        self._seen: dict[str, dict[str, int]] = {}
 
     def __call__(self, batch: pd.DataFrame) -> pd.DataFrame:
         """Embed ``batch['text']``; per-item failures are reported in ``error``."""
         check_contract("EmbedTexts", dict.fromkeys(batch.columns), ("text",))
         texts = [str(t) for t in batch["text"]]
         out = batch.copy()
-        embed_many = getattr(self.embedder, "embed_with_errors", None)
-        if embed_many is not None:
-            emb, errors = embed_many(texts)
+        detailed = getattr(self.embedder, "embed_detailed", None)
+        if detailed is not None:
+            res = detailed(texts)
+            emb, errors = res.vectors, [res.reasons.get(i, "") for i in range(len(texts))]
         else:
             emb, errors = self.embedder.embed(texts), [""] * len(texts)
         out["embedding"] = list(np.asarray(emb, dtype=np.float32))
         out["error"] = [e or "" for e in errors]
+        out["usage"] = [json.dumps(usage_delta(self.embedder, self._seen))] + ["{}"] * (len(texts) - 1)
         return out
+
+
+def usage_delta(client: Any, seen: dict[str, dict[str, int]]) -> dict[str, dict[str, int]]:
+    """Usage of ``client`` (calls, tokens, cache hits per model) since the last call; updates ``seen``."""
+    usage = getattr(client, "usage", None)
+    if usage is None:
+        return {}
+    now = usage()
+    delta = {
+        model: {k: int(v) - int(seen.get(model, {}).get(k, 0)) for k, v in u.items()}
+        for model, u in now.items()
+    }
+    seen.clear()
+    seen.update({m: dict(u) for m, u in now.items()})
+    return {m: u for m, u in delta.items() if any(u.values())}
 
 
 def embed_texts(
     texts: list[str], job: JobConfig, *, actors: int | None = None, batch_size: int | None = None
-) -> tuple[np.ndarray, list[str]]:
-    """Embed unique ``texts`` through an actor pool; return ``(embeddings, errors)`` in order.
+) -> tuple[np.ndarray, list[str], dict[str, Any]]:
+    """Embed unique ``texts`` through an actor pool; return ``(embeddings, errors, usage)`` in order.
 
     Parameters
     ----------
@@ -64,8 +82,10 @@ def embed_texts(
     """
     import ray
 
+    from raypipe.llm.cost import CostMeter
+
     if not texts:
-        return np.zeros((0, 0), dtype=np.float32), []
+        return np.zeros((0, 0), dtype=np.float32), [], {}
     remote = job.text_model.backend != "local"
     n_actors = actors or (job.limits.actors if remote else job.ray.actors)
     n_actors = max(1, min(n_actors, len(texts)))
@@ -84,7 +104,10 @@ def embed_texts(
     ).to_pandas()
     out = out.sort_values("i")
     emb = np.stack([np.asarray(e, dtype=np.float32) for e in out["embedding"]])
-    return emb, [str(e) for e in out["error"]]
+    meter = CostMeter()
+    for u in out["usage"]:
+        meter.merge(json.loads(u))
+    return emb, [str(e) for e in out["error"]], meter.to_dict()
 
 
 def as_object_ref(obj: Any) -> Any:

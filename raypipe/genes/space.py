@@ -26,7 +26,7 @@ if TYPE_CHECKING:
     from raypipe.config import JobConfig
     from raypipe.genes.identity import CoverageReport, GeneResolution
 
-__all__ = ["GeneSpace", "load_cached_embeddings", "prepare_gene_space"]
+__all__ = ["GeneSpace", "load_cached_embeddings", "prepare_gene_space", "write_failures"]
 
 log = logging.getLogger(__name__)
 
@@ -65,6 +65,7 @@ class GeneSpace:
     fingerprint: str
     warnings: list[str] = field(default_factory=list)
     table: Any = None
+    usage: dict[str, Any] = field(default_factory=dict)
 
     @property
     def collapse(self) -> sp.csr_matrix:
@@ -108,6 +109,24 @@ def _write_cache(path: Path, texts: pd.DataFrame, emb: np.ndarray, model: str) -
         }
     )
     write_parquet_atomic(path, table)
+
+
+def _merge_usage(a: dict[str, Any], b: dict[str, Any]) -> dict[str, Any]:
+    from raypipe.llm.cost import CostMeter
+
+    return CostMeter().merge(a).merge(b).to_dict()
+
+
+def write_failures(out_dir: Path, stage: str, rows: list[dict[str, Any]]) -> Path:
+    """Write a stage's failed items to ``state/failures/<stage>.parquet`` (merged at the end)."""
+    import pyarrow as pa
+
+    from raypipe.pipeline.outputs import write_parquet_atomic
+
+    df = pd.DataFrame(rows).astype(str)
+    path = out_dir / "state" / "failures" / f"{stage}.parquet"
+    write_parquet_atomic(path, pa.Table.from_pandas(df, preserve_index=False))
+    return path
 
 
 def prepare_gene_space(job: JobConfig, atlas: AtlasInfo, out_dir: Path) -> GeneSpace:
@@ -161,16 +180,25 @@ def prepare_gene_space(job: JobConfig, atlas: AtlasInfo, out_dir: Path) -> GeneS
     cache_path = out_dir / CACHE_FILE
     cached = load_cached_embeddings(cache_path, model)
     todo = sorted({t for t in texts["text"] if t not in cached})
+    usage_fn = getattr(source, "usage", None)
+    usage: dict[str, Any] = dict(usage_fn() or {}) if callable(usage_fn) else {}
+    src_fail = getattr(source, "failures", None)
+    failures = src_fail.to_dict("records") if isinstance(src_fail, pd.DataFrame) else list(src_fail or [])
     if todo:
-        emb, errors = embed_texts(todo, job)
-        failed = [t for t, e in zip(todo, errors, strict=True) if e]
+        emb, errors, embed_usage = embed_texts(todo, job)
+        usage = _merge_usage(usage, embed_usage)
+        by_text = dict(zip(texts["text"], texts["symbol"], strict=False))
         for t, e, err in zip(todo, emb, errors, strict=True):
-            if not err:
+            if err:
+                failures.append({"stage": "gene_embeddings", "item": by_text.get(t, t[:80]), "reason": err})
+            else:
                 cached[t] = e
-        if failed:
-            warnings.append(
-                f"{len(failed)} gene texts could not be embedded (see failures.parquet)"
-            )
+    if failures:
+        from raypipe.llm.cost import check_failure_share
+
+        warnings.append(f"{len(failures)} genes got no text embedding (see failures.parquet)")
+        write_failures(out_dir, "genes", failures)
+        check_failure_share(len(failures), max(len(symbols), 1), job.limits.max_failure_share, "genes")
     texts = texts[texts["text"].isin(cached)].reset_index(drop=True)
     if texts.empty:
         raise InputError(
@@ -202,4 +230,5 @@ def prepare_gene_space(job: JobConfig, atlas: AtlasInfo, out_dir: Path) -> GeneS
         fingerprint=digest.hexdigest()[:16],
         warnings=warnings,
         table=table,
+        usage=usage,
     )

@@ -121,7 +121,11 @@ class VLLMEmbedder:
         self.cache.refresh()
         hits = self.cache.get_many(list(keys.values()))
         self.meter.add_hits(self.model_id, len(hits))
-        vecs = {t: hits[k].vec for t, k in keys.items() if k in hits}
+        vecs: dict[str, np.ndarray] = {}
+        for t, k in keys.items():
+            v = hits[k].vec if k in hits else None
+            if v is not None:
+                vecs[t] = v
         todo = [t for t in unique if t not in vecs]
         parts = _split(todo, len(self._workers)) if todo else []
         results = ray.get([w.embed.remote(p) for w, p in zip(self._workers, parts, strict=False)])

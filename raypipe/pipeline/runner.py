@@ -43,6 +43,7 @@ class RunSummary:
     ray: str = ""
     wall_s: float = 0.0
     metrics: Any = None
+    llm: str = ""
 
     def render(self) -> str:
         """Human summary."""
@@ -62,6 +63,9 @@ class RunSummary:
         lines.append("stage times: " + ", ".join(f"{k} {v:.1f}s" for k, v in self.timings.items()))
         lines.append("outputs:")
         lines += [f"  {o}" for o in self.outputs]
+        if self.llm:
+            lines.append("LLM usage (this run; cache hits are free):")
+            lines += [f"  {ln}" for ln in self.llm.splitlines()]
         if self.metrics is not None and len(self.metrics):
             wide = self.metrics.pivot_table(
                 index="metric", columns="method", values="value", sort=False
@@ -262,6 +266,49 @@ def _annotate(
     return cand
 
 
+def _collect_llm(
+    job: JobConfig, out_dir: Path, shards: list[Any], genes: Any, candidates: Any,
+    summary: RunSummary, manifest: dict[str, Any],
+) -> str | None:  # fmt: skip
+    """Sum LLM usage and cost; merge failures into failures.parquet; check the failure share."""
+    import pandas as pd
+    import pyarrow as pa
+
+    from raypipe.llm.cost import CostMeter
+    from raypipe.pipeline.outputs import write_parquet_atomic
+
+    meter = CostMeter().merge(genes.usage or {})
+    if candidates is not None:
+        meter.merge(candidates.usage or {})
+    rows = []
+    for f in sorted((out_dir / "state" / "failures").glob("*.parquet")):
+        rows += pd.read_parquet(f).to_dict("records")
+    exceeded = None
+    for method in job.embed.methods:
+        n_failed = 0
+        for s in shards:
+            m = read_marker(marker_path(out_dir, method, s.index)) or {}
+            meter.merge(m.get("usage") or {})
+            n_failed += len(m.get("failures") or [])
+            rows += m.get("failures") or []
+        share = n_failed / max(summary.n_cells, 1)
+        if method == "genept_s" and share > job.limits.max_failure_share:
+            exceeded = (
+                f"{n_failed:,} of {summary.n_cells:,} cells ({share:.1%}) got no GenePT-s embedding, "
+                f"more than limits.max_failure_share = {job.limits.max_failure_share:.1%}"
+            )
+    if rows:
+        df = pd.DataFrame(rows).astype(str)
+        write_parquet_atomic(out_dir / "failures.parquet", pa.Table.from_pandas(df, preserve_index=False))
+        summary.outputs.append(str(out_dir / "failures.parquet"))
+        summary.warnings.append(f"{len(df):,} items failed for good: see failures.parquet")
+    prices = {k: v.model_dump() for k, v in job.prices.items()}
+    if meter.models:
+        manifest["llm_usage"] = meter.summary(prices)
+        summary.llm = meter.format(prices)
+    return exceeded
+
+
 def run_job(job: JobConfig, *, overwrite: bool = False, progress: bool = True) -> RunSummary:
     """Run every stage the config names; return the summary (also written to the manifest)."""
     from tqdm.auto import tqdm
@@ -358,6 +405,7 @@ def run_job(job: JobConfig, *, overwrite: bool = False, progress: bool = True) -
             summary.outputs += [p for p in (ev.get("metrics"), ev.get("report")) if p]
         manifest["evaluation"] = ev
 
+    failures_exceeded = _collect_llm(job, out_dir, shards, genes, candidates, summary, manifest)
     summary.wall_s = time.perf_counter() - t_start
     manifest.update(
         status="complete",
@@ -368,5 +416,12 @@ def run_job(job: JobConfig, *, overwrite: bool = False, progress: bool = True) -
         outputs=summary.outputs,
     )
     summary.outputs.append(str(out_dir / MANIFEST))
+    if failures_exceeded:
+        manifest["status"] = "failed"
     atomic_write_json(out_dir / MANIFEST, manifest)
+    if failures_exceeded:
+        from raypipe.llm.cost import FailureShareExceeded
+
+        print(summary.render())
+        raise FailureShareExceeded(failures_exceeded, fix="see failures.parquet; re-run to retry only the failed items")
     return summary

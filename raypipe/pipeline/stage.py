@@ -75,6 +75,10 @@ class ShardStage:
         """Return ``(embedding (n, d) float32, empty (n,) bool)`` for the shard's rows."""
         raise NotImplementedError
 
+    def marker_extra(self) -> dict[str, Any]:
+        """Extra fields for the shard's completion marker (e.g. LLM usage of this shard)."""
+        return {}
+
     def compute_row(self, batch: dict[str, np.ndarray], i: int) -> tuple[np.ndarray, np.ndarray]:
         """Compute row ``i`` of ``batch``: by default read the shard's X and :meth:`compute`."""
         from raypipe.atlas.store import read_shard
@@ -109,6 +113,7 @@ class ShardStage:
                     "n_empty": int(np.count_nonzero(empty)),
                     "seconds": seconds,
                     "path": str(path),
+                    **self.marker_extra(),
                 },
             )
             rows["shard"].append(shard)
