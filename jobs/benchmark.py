@@ -1,9 +1,9 @@
 """Benchmarks (print figures; not timed tests).
 
-    python jobs/benchmark.py genept   # GenePT-w pipeline vs in-memory scipy, 100k and 1M cells
-    python jobs/benchmark.py ce       # Geneformer tokenizer and CE encoder throughput
-    python jobs/benchmark.py llm      # LLM actors vs a rate-limited loopback OpenAI server
-    python jobs/benchmark.py scale    # 1M-cell end-to-end run, per-stage times and memory
+python jobs/benchmark.py genept   # GenePT-w pipeline vs in-memory scipy, 100k and 1M cells
+python jobs/benchmark.py ce       # Geneformer tokenizer and CE encoder throughput
+python jobs/benchmark.py llm      # LLM actors vs a rate-limited loopback OpenAI server
+python jobs/benchmark.py scale    # 1M-cell end-to-end run, per-stage times and memory
 """
 
 from __future__ import annotations

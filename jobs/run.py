@@ -11,7 +11,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # working_dir upload without install
 
-from raypipe.cli import main  # noqa: E402
+from raypipe.cli import main
 
 
 def _args(argv: list[str] | None) -> list[str]:

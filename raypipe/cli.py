@@ -33,7 +33,9 @@ def _cmd_ingest(args: argparse.Namespace) -> int:
     if res.zero_count_cells:
         print(f"note: {res.zero_count_cells} cells have zero counts (flagged `empty` in outputs)")
     if res.duplicate_genes:
-        print(f"note: {len(res.duplicate_genes)} duplicate gene names (summed when mapped), e.g. {res.duplicate_genes[:5]}")
+        print(
+            f"note: {len(res.duplicate_genes)} duplicate gene names (summed when mapped), e.g. {res.duplicate_genes[:5]}"
+        )
     return 0
 
 
@@ -77,7 +79,9 @@ def _cmd_ce_init_random(args: argparse.Namespace) -> int:
     out = build_random_encoder(
         args.config, args.out, args.seed, layout=args.layout, num_hidden_layers=args.layers
     )
-    print(f"wrote a RANDOMLY INITIALISED cell encoder to {out} (for smoke tests only: no pretrained weights)")
+    print(
+        f"wrote a RANDOMLY INITIALISED cell encoder to {out} (for smoke tests only: no pretrained weights)"
+    )
     return 0
 
 
@@ -92,43 +96,77 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-v", "--verbose", action="store_true", help="log more")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    ing = sub.add_parser("ingest", help="write an .h5ad / AnnData .zarr / 10x folder as a row-chunked Zarr atlas")
-    ing.add_argument("input", help=".h5ad, AnnData .zarr, 10x matrix.mtx(.gz) folder, or builtin:pbmc68k_reduced")
+    ing = sub.add_parser(
+        "ingest", help="write an .h5ad / AnnData .zarr / 10x folder as a row-chunked Zarr atlas"
+    )
+    ing.add_argument(
+        "input", help=".h5ad, AnnData .zarr, 10x matrix.mtx(.gz) folder, or builtin:pbmc68k_reduced"
+    )
     ing.add_argument("--out", required=True, help="destination ATLAS.zarr")
-    ing.add_argument("--rows-per-chunk", type=int, default=1024, help="rows per Zarr chunk (default 1024)")
-    ing.add_argument("--x-kind", choices=["auto", "counts", "lognorm"], default="auto", help="override detection")
+    ing.add_argument(
+        "--rows-per-chunk", type=int, default=1024, help="rows per Zarr chunk (default 1024)"
+    )
+    ing.add_argument(
+        "--x-kind", choices=["auto", "counts", "lognorm"], default="auto", help="override detection"
+    )
     ing.add_argument("--layer", default=None, help="read X from `raw` or a named layer")
     ing.add_argument("--overwrite", action="store_true", help="replace an existing --out")
     ing.set_defaults(func=_cmd_ingest)
 
     run = sub.add_parser("run", help="run the stages a YAML config names")
     run.add_argument("config", help="job config (YAML), e.g. configs/demo.yaml")
-    run.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key (repeatable)")
-    run.add_argument("--overwrite", action="store_true", help="start fresh: delete the previous run in output_dir")
-    run.add_argument("--dry-run", action="store_true", help="print the plan and cost estimate; call nothing")
+    run.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a config key (repeatable)",
+    )
+    run.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="start fresh: delete the previous run in output_dir",
+    )
+    run.add_argument(
+        "--dry-run", action="store_true", help="print the plan and cost estimate; call nothing"
+    )
     run.add_argument("--no-progress", action="store_true", help="no progress bars")
     run.set_defaults(func=_cmd_run)
 
     tok = sub.add_parser("tokenize", help="Geneformer rank-value tokens of every cell → parquet")
-    tok.add_argument("input", help=".h5ad or AnnData .zarr with raw counts or log-normalised values")
+    tok.add_argument(
+        "input", help=".h5ad or AnnData .zarr with raw counts or log-normalised values"
+    )
     tok.add_argument("--out", required=True, help="tokens.parquet (obs_name, input_ids, length)")
     tok.add_argument("--dictionary", default="V1", help="V1, V2 or a folder with the dictionaries")
-    tok.add_argument("--variant", choices=["geneformer_v1", "geneformer_v2", "langcell"], default=None)
+    tok.add_argument(
+        "--variant", choices=["geneformer_v1", "geneformer_v2", "langcell"], default=None
+    )
     tok.set_defaults(func=_cmd_tokenize)
 
     genes = sub.add_parser("genes", help="gene text helpers")
     gsub = genes.add_subparsers(dest="genes_command", required=True, metavar="COMMAND")
-    fetch = gsub.add_parser("fetch-orgdb", help="fetch Bioconductor org.Hs.eg.db + GO.db sqlite files via apt")
+    fetch = gsub.add_parser(
+        "fetch-orgdb", help="fetch Bioconductor org.Hs.eg.db + GO.db sqlite files via apt"
+    )
     fetch.add_argument("--dest", default=None, help="folder (default ~/.cache/raypipe/orgdb)")
     fetch.set_defaults(func=_cmd_fetch_orgdb)
 
     ce = sub.add_parser("ce", help="cell-encoder helpers")
     csub = ce.add_subparsers(dest="ce_command", required=True, metavar="COMMAND")
-    rnd = csub.add_parser("init-random", help="save a randomly initialised encoder built from a real config")
-    rnd.add_argument("--config", required=True, help="a Geneformer config.json (e.g. config_Geneformer-V1-10M.json)")
+    rnd = csub.add_parser(
+        "init-random", help="save a randomly initialised encoder built from a real config"
+    )
+    rnd.add_argument(
+        "--config",
+        required=True,
+        help="a Geneformer config.json (e.g. config_Geneformer-V1-10M.json)",
+    )
     rnd.add_argument("--out", required=True, help="folder to write")
     rnd.add_argument("--layout", choices=["geneformer", "langcell"], default="langcell")
-    rnd.add_argument("--layers", type=int, default=None, help="override num_hidden_layers (smaller = faster)")
+    rnd.add_argument(
+        "--layers", type=int, default=None, help="override num_hidden_layers (smaller = faster)"
+    )
     rnd.add_argument("--seed", type=int, default=0)
     rnd.set_defaults(func=_cmd_ce_init_random)
 

@@ -49,13 +49,27 @@ class _Section(BaseModel):
 class InputConfig(_Section):
     """Where the atlas comes from and which obs columns hold labels and batches."""
 
-    path: str = Field(description="Atlas `.zarr` written by `raypipe ingest`, or `.h5ad`/AnnData `.zarr`/10x folder (ingested on the fly).")
-    label_key: str | None = Field(None, description="obs column with cell-type labels (enables evaluation).")
-    batch_key: str | None = Field(None, description="obs column with batches/donors (enables batch metrics).")
-    x_kind: Literal["auto", "counts", "lognorm"] = Field("auto", description="What X holds; `auto` detects it at ingest.")
-    rows_per_chunk: int = Field(1024, gt=0, description="Zarr row-chunk size when ingesting on the fly.")
-    layer: str | None = Field(None, description="Ingest X from `raw` (adata.raw) or a named layer instead of X.")
-    name: str | None = Field(None, description="Dataset name used in metrics.parquet (default: the file stem).")
+    path: str = Field(
+        description="Atlas `.zarr` written by `raypipe ingest`, or `.h5ad`/AnnData `.zarr`/10x folder (ingested on the fly)."
+    )
+    label_key: str | None = Field(
+        None, description="obs column with cell-type labels (enables evaluation)."
+    )
+    batch_key: str | None = Field(
+        None, description="obs column with batches/donors (enables batch metrics)."
+    )
+    x_kind: Literal["auto", "counts", "lognorm"] = Field(
+        "auto", description="What X holds; `auto` detects it at ingest."
+    )
+    rows_per_chunk: int = Field(
+        1024, gt=0, description="Zarr row-chunk size when ingesting on the fly."
+    )
+    layer: str | None = Field(
+        None, description="Ingest X from `raw` (adata.raw) or a named layer instead of X."
+    )
+    name: str | None = Field(
+        None, description="Dataset name used in metrics.parquet (default: the file stem)."
+    )
 
     @model_validator(mode="after")
     def _keys_differ(self) -> InputConfig:
@@ -86,43 +100,69 @@ class GenesConfig(_Section):
     text_source: Literal["table", "orgdb", "ncbi", "symbol", "llm"] = Field(
         "orgdb", description="Registry name of the gene text source."
     )
-    table: str | None = Field(None, description="Path of a gene→text table (TSV/CSV/parquet/JSON) for `table`.")
+    table: str | None = Field(
+        None, description="Path of a gene→text table (TSV/CSV/parquet/JSON) for `table`."
+    )
     orgdb: str | None = Field(
         None,
         description="orgdb source: a `orgHs_gene_text_go.tsv.gz`-style TSV, or a folder holding "
         "Bioconductor's org.Hs.eg.sqlite and GO.sqlite. Default: searched in known places.",
     )
-    id_table: str | None = Field(None, description="Symbol↔Ensembl table (CSV/TSV); default: built from the text source.")
+    id_table: str | None = Field(
+        None, description="Symbol↔Ensembl table (CSV/TSV); default: built from the text source."
+    )
     aliases: str | None = Field(None, description="Alias→symbol table (TSV: alias, symbol).")
-    ncbi_url: str = Field("https://mygene.info/v3", description="MyGene.info base URL for the `ncbi` source.")
+    ncbi_url: str = Field(
+        "https://mygene.info/v3", description="MyGene.info base URL for the `ncbi` source."
+    )
     ncbi_batch_size: int = Field(1000, gt=0, le=1000, description="Genes per MyGene.info POST.")
-    min_coverage: float = Field(0.5, ge=0.0, le=1.0, description="Stop when fewer atlas genes than this share have text.")
+    min_coverage: float = Field(
+        0.5, ge=0.0, le=1.0, description="Stop when fewer atlas genes than this share have text."
+    )
     fallback: Literal["none", "symbol"] = Field(
-        "none", description="When the text source is unavailable: `symbol` uses gene names as text (loudly warned)."
+        "none",
+        description="When the text source is unavailable: `symbol` uses gene names as text (loudly warned).",
     )
 
 
 class TextModelConfig(_Section):
     """The text-embedding model that embeds gene and cell-type texts."""
 
-    backend: Literal["local", "openai", "vllm"] = Field("local", description="Registry name of the embedding backend.")
-    model: str = Field("all-MiniLM-L6-v2", description="Model id or local directory (`all-MiniLM-L6-v2` = the packaged offline model).")
+    backend: Literal["local", "openai", "vllm"] = Field(
+        "local", description="Registry name of the embedding backend."
+    )
+    model: str = Field(
+        "all-MiniLM-L6-v2",
+        description="Model id or local directory (`all-MiniLM-L6-v2` = the packaged offline model).",
+    )
     base_url: str | None = Field(None, description="OpenAI-compatible endpoint (openai backend).")
-    api_key_env: str = Field("OPENAI_API_KEY", description="Name of the environment variable holding the API key.")
+    api_key_env: str = Field(
+        "OPENAI_API_KEY", description="Name of the environment variable holding the API key."
+    )
     batch_size: int = Field(64, gt=0, description="Texts per embedding request/batch.")
-    dimensions: int | None = Field(None, gt=0, description="Requested embedding size, where the API supports it.")
+    dimensions: int | None = Field(
+        None, gt=0, description="Requested embedding size, where the API supports it."
+    )
     num_gpus: float = Field(1.0, ge=0, description="GPUs per vLLM actor.")
-    device: str | None = Field(None, description="torch device for the local backend (default: cuda if present, else cpu).")
+    device: str | None = Field(
+        None, description="torch device for the local backend (default: cuda if present, else cpu)."
+    )
 
 
 class LLMConfig(_Section):
     """The generative model that writes gene descriptions (`genes.text_source: llm`)."""
 
-    backend: Literal["openai", "vllm"] = Field("openai", description="Registry name of the generation backend.")
+    backend: Literal["openai", "vllm"] = Field(
+        "openai", description="Registry name of the generation backend."
+    )
     model: str = Field("gpt-4o-mini", description="Chat model id or local directory (vllm).")
     base_url: str | None = Field(None, description="OpenAI-compatible endpoint.")
-    api_key_env: str = Field("OPENAI_API_KEY", description="Name of the environment variable holding the API key.")
-    prompt_version: str = Field("v1", description="Version of the gene-description prompt template.")
+    api_key_env: str = Field(
+        "OPENAI_API_KEY", description="Name of the environment variable holding the API key."
+    )
+    prompt_version: str = Field(
+        "v1", description="Version of the gene-description prompt template."
+    )
     max_tokens: int = Field(300, gt=0, description="Max output tokens per description.")
     temperature: float = Field(0.0, ge=0.0, le=2.0)
     num_gpus: float = Field(1.0, ge=0, description="GPUs per vLLM actor.")
@@ -136,14 +176,18 @@ class LimitsConfig(_Section):
     max_in_flight: int = Field(8, gt=0, description="Concurrent requests per actor.")
     max_retries: int = Field(6, ge=0)
     timeout_s: float = Field(60.0, gt=0, description="Per-request timeout.")
-    max_failure_share: float = Field(0.01, ge=0, le=1, description="Run fails when more items than this share fail.")
+    max_failure_share: float = Field(
+        0.01, ge=0, le=1, description="Run fails when more items than this share fail."
+    )
     actors: int = Field(2, gt=0, description="LLM client actors.")
 
 
 class CacheConfig(_Section):
     """Durable content-addressed cache of every paid LLM result."""
 
-    path: str | None = Field(None, description="Cache folder (default: <output_dir>/cache); shareable across runs.")
+    path: str | None = Field(
+        None, description="Cache folder (default: <output_dir>/cache); shareable across runs."
+    )
 
 
 class Price(_Section):
@@ -157,9 +201,13 @@ class GenePTWConfig(_Section):
     """GenePT-w options (see README, 'GenePT-w variants')."""
 
     hvg: int | None = Field(
-        500, gt=0, description="Restrict to the N most variable genes with text (null = all genes, the paper's plain method)."
+        500,
+        gt=0,
+        description="Restrict to the N most variable genes with text (null = all genes, the paper's plain method).",
     )
-    center: bool = Field(True, description="Centre gene embeddings (subtract their mean) before weighting.")
+    center: bool = Field(
+        True, description="Centre gene embeddings (subtract their mean) before weighting."
+    )
     target_sum: float = Field(1e4, gt=0, description="Counts per cell after normalisation.")
 
 
@@ -167,17 +215,27 @@ class GenePTSConfig(_Section):
     """GenePT-s options."""
 
     top_n: int = Field(100, gt=0, description="Genes per cell sentence.")
-    warn_calls: int = Field(10_000, ge=0, description="Warn with a cost estimate above this many embedding calls.")
+    warn_calls: int = Field(
+        10_000, ge=0, description="Warn with a cost estimate above this many embedding calls."
+    )
 
 
 class CEConfig(_Section):
     """Cell-encoder (Geneformer / LangCell) options."""
 
-    model: str | None = Field(None, description="Local HF directory or hub id of the cell encoder checkpoint.")
+    model: str | None = Field(
+        None, description="Local HF directory or hub id of the cell encoder checkpoint."
+    )
     variant: Literal["geneformer_v1", "geneformer_v2", "langcell"] = Field("langcell")
-    dictionary: str = Field("V1", description="`V1`, `V2` or a folder/file with token/median dictionaries.")
-    gene_name_id: str | None = Field(None, description="Symbol→Ensembl table (Geneformer's gene_name_id_dict or GENCODE CSV).")
-    pooling: Literal["cls", "mean"] | None = Field(None, description="Default: cls for langcell, mean for geneformer.")
+    dictionary: str = Field(
+        "V1", description="`V1`, `V2` or a folder/file with token/median dictionaries."
+    )
+    gene_name_id: str | None = Field(
+        None, description="Symbol→Ensembl table (Geneformer's gene_name_id_dict or GENCODE CSV)."
+    )
+    pooling: Literal["cls", "mean"] | None = Field(
+        None, description="Default: cls for langcell, mean for geneformer."
+    )
     max_tokens_per_batch: int = Field(65_536, gt=0)
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
     num_gpus: float = Field(0.0, ge=0, description="GPUs per CE actor (0 = CPU).")
@@ -198,12 +256,24 @@ class AnnotateConfig(_Section):
     """Zero-shot annotation."""
 
     enabled: bool = False
-    candidates: list[str] = Field(default_factory=list, description="Cell-type names or CL ids; empty = from input.label_key.")
-    ontology: str | None = Field(None, description="Cell Ontology JSON(.gz); default: cellxgene-ontology-guide.")
-    scorers: dict[str, float] = Field(default_factory=lambda: {"text": 1.0}, description="Scorer name → weight.")
-    markers: dict[str, list[str]] = Field(default_factory=dict, description="Candidate → marker genes.")
-    center: bool = Field(True, description="Centre cells and candidate texts against their means before cosine.")
-    unassigned_threshold: float | None = Field(None, description="Margin below which a cell is `unassigned`.")
+    candidates: list[str] = Field(
+        default_factory=list, description="Cell-type names or CL ids; empty = from input.label_key."
+    )
+    ontology: str | None = Field(
+        None, description="Cell Ontology JSON(.gz); default: cellxgene-ontology-guide."
+    )
+    scorers: dict[str, float] = Field(
+        default_factory=lambda: {"text": 1.0}, description="Scorer name → weight."
+    )
+    markers: dict[str, list[str]] = Field(
+        default_factory=dict, description="Candidate → marker genes."
+    )
+    center: bool = Field(
+        True, description="Centre cells and candidate texts against their means before cosine."
+    )
+    unassigned_threshold: float | None = Field(
+        None, description="Margin below which a cell is `unassigned`."
+    )
     top_k: int = Field(3, gt=0)
     llm_descriptions: bool = Field(False, description="Add LLM-written candidate descriptions.")
 
@@ -212,7 +282,9 @@ class EvaluateConfig(_Section):
     """Evaluation reductions."""
 
     enabled: bool = False
-    sample_size: int = Field(20_000, gt=0, description="Cap for quadratic metrics (seeded subsample).")
+    sample_size: int = Field(
+        20_000, gt=0, description="Cap for quadratic metrics (seeded subsample)."
+    )
     seed: int = 0
     pca_components: int = Field(50, gt=0)
     leiden_resolution: float = Field(1.0, gt=0)
@@ -223,25 +295,35 @@ class EvaluateConfig(_Section):
 class RayConfig(_Section):
     """Where and how the job runs on Ray."""
 
-    address: str = Field("local", description="`local` starts an embedded Ray; anything else is passed to ray.init.")
+    address: str = Field(
+        "local", description="`local` starts an embedded Ray; anything else is passed to ray.init."
+    )
     num_cpus: int | None = Field(None, gt=0, description="CPUs for the embedded Ray (local only).")
-    object_store_memory: int | None = Field(None, gt=0, description="Bytes of object store for the embedded Ray.")
+    object_store_memory: int | None = Field(
+        None, gt=0, description="Bytes of object store for the embedded Ray."
+    )
     actors: int = Field(2, gt=0, description="Actor-pool size for the embedding stages.")
-    actor_cpus: float = Field(0.5, gt=0, description="CPUs per actor (fractional on small machines).")
+    actor_cpus: float = Field(
+        0.5, gt=0, description="CPUs per actor (fractional on small machines)."
+    )
 
 
 class JobConfig(_Section):
     """A whole raypipe job."""
 
     input: InputConfig
-    output_dir: str = Field(description="Folder for all outputs (embeddings, manifest, metrics, report).")
+    output_dir: str = Field(
+        description="Folder for all outputs (embeddings, manifest, metrics, report)."
+    )
     shards: ShardsConfig = Field(default_factory=ShardsConfig)
     genes: GenesConfig = Field(default_factory=GenesConfig)
     text_model: TextModelConfig = Field(default_factory=TextModelConfig)
     llm: LLMConfig = Field(default_factory=LLMConfig)
     limits: LimitsConfig = Field(default_factory=LimitsConfig)
     cache: CacheConfig = Field(default_factory=CacheConfig)
-    prices: dict[str, Price] = Field(default_factory=dict, description="Model id → USD per 1M tokens.")
+    prices: dict[str, Price] = Field(
+        default_factory=dict, description="Model id → USD per 1M tokens."
+    )
     embed: EmbedConfig = Field(default_factory=EmbedConfig)
     annotate: AnnotateConfig = Field(default_factory=AnnotateConfig)
     evaluate: EvaluateConfig = Field(default_factory=EvaluateConfig)
@@ -296,7 +378,9 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
     """
     for item in overrides:
         if "=" not in item:
-            raise ConfigError(f"--set {item!r} is not key=value", fix="write e.g. --set shards.rows=2048")
+            raise ConfigError(
+                f"--set {item!r} is not key=value", fix="write e.g. --set shards.rows=2048"
+            )
         key, value = item.split("=", 1)
         parts = key.strip().split(".")
         cur = data
@@ -331,7 +415,10 @@ def load_config(
     else:
         path = Path(source)
         if not path.is_file():
-            raise ConfigError(f"config file {path} not found", fix="pass the path of a YAML config, e.g. configs/demo.yaml")
+            raise ConfigError(
+                f"config file {path} not found",
+                fix="pass the path of a YAML config, e.g. configs/demo.yaml",
+            )
         try:
             data = yaml.safe_load(path.read_text()) or {}
         except yaml.YAMLError as exc:
@@ -362,6 +449,8 @@ def reference(model: type[BaseModel] = JobConfig, prefix: str = "") -> list[tupl
         if isinstance(ann, type) and issubclass(ann, BaseModel):
             rows += reference(ann, key + ".")
             continue
-        default = "(required)" if f.is_required() else repr(f.get_default(call_default_factory=True))
+        default = (
+            "(required)" if f.is_required() else repr(f.get_default(call_default_factory=True))
+        )
         rows.append((key, default, f.description or ""))
     return rows

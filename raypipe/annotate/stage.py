@@ -28,7 +28,14 @@ if TYPE_CHECKING:
     from raypipe.config import JobConfig
     from raypipe.genes.space import GeneSpace
 
-__all__ = ["TEXT_METHODS", "AnnotateShards", "Candidates", "embedding_mean", "prepare_candidates", "read_parts"]
+__all__ = [
+    "TEXT_METHODS",
+    "AnnotateShards",
+    "Candidates",
+    "embedding_mean",
+    "prepare_candidates",
+    "read_parts",
+]
 
 log = logging.getLogger(__name__)
 
@@ -46,14 +53,18 @@ class Candidates:
     usage: dict[str, Any]
 
 
-def read_parts(out_dir: Path, kind: str, method: str, columns: list[str] | None = None) -> pd.DataFrame:
+def read_parts(
+    out_dir: Path, kind: str, method: str, columns: list[str] | None = None
+) -> pd.DataFrame:
     """Read every part of an output, sorted by atlas row."""
     import pyarrow.parquet as pq
 
     files = sorted((out_dir / kind / method).glob("part-*.parquet"))
     if not files:
         return pd.DataFrame(columns=columns or [])
-    df = pd.concat([pq.read_table(f, columns=columns).to_pandas() for f in files], ignore_index=True)
+    df = pd.concat(
+        [pq.read_table(f, columns=columns).to_pandas() for f in files], ignore_index=True
+    )
     return df.sort_values("row").reset_index(drop=True) if "row" in df.columns else df
 
 
@@ -87,7 +98,9 @@ def _resolver(genes: GeneSpace) -> Any:
     return resolve
 
 
-def prepare_candidates(job: JobConfig, atlas: AtlasInfo, genes: GeneSpace, out_dir: Path) -> Candidates:
+def prepare_candidates(
+    job: JobConfig, atlas: AtlasInfo, genes: GeneSpace, out_dir: Path
+) -> Candidates:
     """Build, embed and write the candidate table (``annotations/label_mapping.parquet``)."""
     import pyarrow as pa
 
@@ -115,11 +128,16 @@ def prepare_candidates(job: JobConfig, atlas: AtlasInfo, genes: GeneSpace, out_d
     for col in out.columns:
         if out[col].map(lambda v: isinstance(v, list | tuple | np.ndarray)).any():
             out[col] = out[col].map(lambda v: [str(x) for x in v] if v is not None else [])
-    write_parquet_atomic(out_dir / "annotations" / "label_mapping.parquet", pa.Table.from_pandas(out, preserve_index=False))
+    write_parquet_atomic(
+        out_dir / "annotations" / "label_mapping.parquet",
+        pa.Table.from_pandas(out, preserve_index=False),
+    )
     emb, errors, usage = embed_texts(list(cand["text"].astype(str)), job)
     bad = [n for n, e in zip(cand["label"], errors, strict=True) if e]
     if bad:
-        raise ConfigError(f"candidate texts could not be embedded: {', '.join(bad)}", fix="see failures.parquet")
+        raise ConfigError(
+            f"candidate texts could not be embedded: {', '.join(bad)}", fix="see failures.parquet"
+        )
     symbols_per_col = [s or "" for s in genes.resolution.symbols]
     idx, _ = marker_indices([list(m) for m in cand["markers"]], symbols_per_col)
     return Candidates(cand, [str(x) for x in cand["label"]], emb, idx, usage)
@@ -133,10 +151,21 @@ class AnnotateShards:
     """
 
     def __init__(
-        self, *, method: str, atlas_path: str, out_dir: str, fingerprint: str, labels: list[str],
-        text_emb: Any, cell_mean: Any, marker_idx: list[np.ndarray], weights: dict[str, float],
-        center: bool, top_k: int, unassigned_threshold: float | None,
-    ) -> None:  # fmt: skip
+        self,
+        *,
+        method: str,
+        atlas_path: str,
+        out_dir: str,
+        fingerprint: str,
+        labels: list[str],
+        text_emb: Any,
+        cell_mean: Any,
+        marker_idx: list[np.ndarray],
+        weights: dict[str, float],
+        center: bool,
+        top_k: int,
+        unassigned_threshold: float | None,
+    ) -> None:
         from raypipe.embed.genept_w import _resolve
 
         self.method, self.atlas_path, self.out_dir = method, atlas_path, Path(out_dir)
@@ -149,9 +178,13 @@ class AnnotateShards:
         from raypipe.annotate.scorers import ScoreInputs, score_cells
 
         inputs = ScoreInputs(
-            cell_emb=emb, text_emb=self.text_emb if emb is not None else None, cell_mean=self.cell_mean,
-            center=center, expr=x, marker_idx=self.marker_idx,
-        )  # fmt: skip
+            cell_emb=emb,
+            text_emb=self.text_emb if emb is not None else None,
+            cell_mean=self.cell_mean,
+            center=center,
+            expr=x,
+            marker_idx=self.marker_idx,
+        )
         return score_cells(inputs, self.weights)[1]
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -166,12 +199,22 @@ class AnnotateShards:
         rows: dict[str, list[Any]] = {c: [] for c in SUMMARY_COLUMNS}
         for i in range(len(batch["shard"])):
             t0 = time.perf_counter()
-            shard, start, stop = int(batch["shard"][i]), int(batch["start"][i]), int(batch["stop"][i])
-            part = pq.read_table(part_path(self.out_dir, "embeddings", self.method, shard)).to_pandas()
+            shard, start, stop = (
+                int(batch["shard"][i]),
+                int(batch["start"][i]),
+                int(batch["stop"][i]),
+            )
+            part = pq.read_table(
+                part_path(self.out_dir, "embeddings", self.method, shard)
+            ).to_pandas()
             emb = np.stack(part["embedding"].to_numpy()) if "text" in self.weights else None
             x = read_shard(self.atlas_path, start, stop) if "markers" in self.weights else None
-            pred = assign(self._score(emb, x, self.center), self.labels, top_k=self.top_k,
-                          unassigned_threshold=self.threshold)  # fmt: skip
+            pred = assign(
+                self._score(emb, x, self.center),
+                self.labels,
+                top_k=self.top_k,
+                unassigned_threshold=self.threshold,
+            )
             if self.center and emb is not None:
                 raw = assign(self._score(emb, x, False), self.labels, top_k=1)
                 pred["label_uncentred"] = raw["best_label"].to_numpy()
@@ -186,17 +229,36 @@ class AnnotateShards:
             seconds = time.perf_counter() - t0
             atomic_write_json(
                 marker_path(self.out_dir, f"annotate_{self.method}", shard),
-                {"shard": shard, "start": start, "stop": stop, "content_hash": str(batch["content_hash"][i]),
-                 "fingerprint": self.fingerprint, "n_cells": stop - start, "seconds": seconds, "path": str(path)},
-            )  # fmt: skip
-            for k, v in (("shard", shard), ("n_cells", stop - start), ("n_empty", 0), ("seconds", seconds), ("path", str(path))):
+                {
+                    "shard": shard,
+                    "start": start,
+                    "stop": stop,
+                    "content_hash": str(batch["content_hash"][i]),
+                    "fingerprint": self.fingerprint,
+                    "n_cells": stop - start,
+                    "seconds": seconds,
+                    "path": str(path),
+                },
+            )
+            for k, v in (
+                ("shard", shard),
+                ("n_cells", stop - start),
+                ("n_empty", 0),
+                ("seconds", seconds),
+                ("path", str(path)),
+            ):
                 rows[k].append(v)
         return {k: np.asarray(v) for k, v in rows.items()}
 
 
 def annotation_fingerprint(job: JobConfig, method_fp: str, cand: Candidates) -> str:
-    """What an annotation part depends on: settings, the embeddings, the candidates."""
+    """Hash what an annotation part depends on: settings, the embeddings, the candidates."""
     from raypipe.pipeline.methods import stage_hash
 
-    return stage_hash("annotate", config_hash(job.annotate), method_fp, "|".join(cand.labels),
-                      stage_hash(cand.text_emb.tobytes()))  # fmt: skip
+    return stage_hash(
+        "annotate",
+        config_hash(job.annotate),
+        method_fp,
+        "|".join(cand.labels),
+        stage_hash(cand.text_emb.tobytes()),
+    )

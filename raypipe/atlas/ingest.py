@@ -48,12 +48,17 @@ def resolve_input_path(path: str) -> Path:
     if path.startswith("builtin:"):
         name = path.split(":", 1)[1]
         if name not in BUILTINS:
-            raise InputError(f"unknown builtin dataset {name!r}", fix=f"use one of: {', '.join(sorted(BUILTINS))}")
+            raise InputError(
+                f"unknown builtin dataset {name!r}",
+                fix=f"use one of: {', '.join(sorted(BUILTINS))}",
+            )
         import scanpy
 
         found = sorted(Path(scanpy.__file__).parent.glob(f"**/*{name}.h5ad"))
         if not found:
-            raise InputError(f"scanpy does not ship {name}.h5ad in this version", fix="pass a file path instead")
+            raise InputError(
+                f"scanpy does not ship {name}.h5ad in this version", fix="pass a file path instead"
+            )
         return found[0]
     return Path(path)
 
@@ -65,7 +70,9 @@ class _Source:
         self.path = path
         self._handle: Any = None
         if not path.exists():
-            raise InputError(f"input {path} does not exist", fix="check the path (input.path / INPUT)")
+            raise InputError(
+                f"input {path} does not exist", fix="check the path (input.path / INPUT)"
+            )
         if path.is_dir() and not (path / "zarr.json").exists() and not (path / ".zgroup").exists():
             self._open_10x(path)
         elif path.suffix == ".h5ad" or (path.is_file() and _is_hdf5(path)):
@@ -122,12 +129,17 @@ class _Source:
         x_elem, var_elem = group["X"], group["var"]
         if layer == "raw":
             if "raw" not in group:
-                raise InputError(f"{path} has no .raw", fix="drop input.layer or choose an existing layer")
+                raise InputError(
+                    f"{path} has no .raw", fix="drop input.layer or choose an existing layer"
+                )
             x_elem, var_elem = group["raw"]["X"], group["raw"]["var"]
         elif layer:
             if "layers" not in group or layer not in group["layers"]:
                 have = list(group["layers"].keys()) if "layers" in group else []
-                raise InputError(f"{path} has no layer {layer!r}; layers: {have}", fix="set input.layer to one of them")
+                raise InputError(
+                    f"{path} has no layer {layer!r}; layers: {have}",
+                    fix="set input.layer to one of them",
+                )
             x_elem = group["layers"][layer]
         self.obs = read_elem(group["obs"])
         self.var = read_elem(var_elem)
@@ -153,7 +165,9 @@ class _Source:
         adata = ad.read_h5ad(path)
         if layer == "raw":
             if adata.raw is None:
-                raise InputError(f"{path} has no .raw", fix="drop input.layer or choose an existing layer")
+                raise InputError(
+                    f"{path} has no .raw", fix="drop input.layer or choose an existing layer"
+                )
             adata = adata.raw.to_adata()
         elif layer:
             if layer not in adata.layers:
@@ -255,7 +269,9 @@ def ingest(
     src_path = resolve_input_path(str(input_path))
     out = Path(out)
     if out.exists() and not overwrite:
-        raise InputError(f"{out} already exists", fix="pass --overwrite to replace it, or choose another --out")
+        raise InputError(
+            f"{out} already exists", fix="pass --overwrite to replace it, or choose another --out"
+        )
     src = _Source(src_path, layer)
     try:
         if src.n_obs == 0 or src.n_vars == 0:
@@ -266,7 +282,9 @@ def ingest(
         if dup:
             log.warning(
                 "%s: %d duplicate gene names (e.g. %s); their counts are summed when genes are mapped",
-                src_path, len(dup), ", ".join(dup[:5]),
+                src_path,
+                len(dup),
+                ", ".join(dup[:5]),
             )
         obs = src.obs.copy()
         obs.index = obs.index.astype(str)
@@ -310,7 +328,11 @@ def ingest(
                 "ingest the raw counts layer (--layer)",
             )
         if zero_cells:
-            log.warning("%s: %d cells have zero counts; they get a zero embedding flagged `empty`", src_path, zero_cells)
+            log.warning(
+                "%s: %d cells have zero counts; they get a zero embedding flagged `empty`",
+                src_path,
+                zero_cells,
+            )
         var_hash = hashlib.blake2b("\n".join(var.index).encode(), digest_size=12).hexdigest()
         meta = {
             "format_version": 1,
@@ -327,7 +349,9 @@ def ingest(
             "duplicate_genes": len(dup),
             "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         }
-        group.attrs.update({"encoding-type": "anndata", "encoding-version": "0.1.0", ATLAS_ATTR: meta})
+        group.attrs.update(
+            {"encoding-type": "anndata", "encoding-version": "0.1.0", ATLAS_ATTR: meta}
+        )
     except BaseException:
         src.close()
         if "tmp" in locals() and Path(tmp).exists():

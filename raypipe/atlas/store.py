@@ -89,7 +89,9 @@ def _open_group(path: str | Path) -> Any:
 
     p = Path(path)
     if not p.exists():
-        raise InputError(f"atlas {p} does not exist", fix=f"run `raypipe ingest INPUT --out {p}` first")
+        raise InputError(
+            f"atlas {p} does not exist", fix=f"run `raypipe ingest INPUT --out {p}` first"
+        )
     try:
         return zarr.open_group(str(p), mode="r")
     except Exception as exc:
@@ -139,7 +141,9 @@ def plan_shards(atlas: AtlasInfo, rows: int) -> list[Shard]:
         Target rows per shard; rounded up to a multiple of ``atlas.rows_per_chunk``.
     """
     if rows <= 0:
-        raise InputError(f"shards.rows must be > 0 (got {rows})", fix="set shards.rows to e.g. 4096")
+        raise InputError(
+            f"shards.rows must be > 0 (got {rows})", fix="set shards.rows to e.g. 4096"
+        )
     per = max(1, -(-rows // atlas.rows_per_chunk))  # chunks per shard
     shards = []
     n_chunks = len(atlas.chunk_hashes)

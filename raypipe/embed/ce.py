@@ -50,7 +50,9 @@ def _tokenizer(dictionary: str, variant: str, max_length: int | None) -> Any:
     from raypipe.embed.dictionaries import GeneformerDictionaries
     from raypipe.embed.tokenizer import RankValueTokenizer
 
-    return RankValueTokenizer(GeneformerDictionaries.load(dictionary), variant=variant, max_length=max_length)  # type: ignore[arg-type]
+    return RankValueTokenizer(
+        GeneformerDictionaries.load(dictionary), variant=variant, max_length=max_length
+    )  # type: ignore[arg-type]
 
 
 class CETokenize:
@@ -61,9 +63,15 @@ class CETokenize:
     """
 
     def __init__(
-        self, *, atlas_path: str, dictionary: str, variant: str, max_length: int | None,
-        ensembl_ids: list[str | None], x_kind: str,
-    ) -> None:  # fmt: skip
+        self,
+        *,
+        atlas_path: str,
+        dictionary: str,
+        variant: str,
+        max_length: int | None,
+        ensembl_ids: list[str | None],
+        x_kind: str,
+    ) -> None:
         self.atlas_path = atlas_path
         self.tokenizer = _tokenizer(dictionary, variant, max_length)
         self.tokenizer.plan(ensembl_ids)
@@ -82,7 +90,10 @@ class CETokenize:
                 out[c].append(batch[c][i])
             out["ids"].append(ids)
             out["offsets"].append(offsets)
-        return {k: np.asarray(v, dtype=object if k in ("ids", "offsets") else None) for k, v in out.items()}
+        return {
+            k: np.asarray(v, dtype=object if k in ("ids", "offsets") else None)
+            for k, v in out.items()
+        }
 
 
 class CEEncode(ShardStage):
@@ -96,15 +107,27 @@ class CEEncode(ShardStage):
     input_columns: ClassVar[tuple[str, ...]] = TOKEN_COLUMNS
 
     def __init__(
-        self, *, model: str, dictionary: str, variant: str, max_length: int | None,
-        pooling: str | None, max_tokens_per_batch: int, dtype: str, **kwargs: Any,
-    ) -> None:  # fmt: skip
+        self,
+        *,
+        model: str,
+        dictionary: str,
+        variant: str,
+        max_length: int | None,
+        pooling: str | None,
+        max_tokens_per_batch: int,
+        dtype: str,
+        **kwargs: Any,
+    ) -> None:
         from raypipe.embed.ce_model import CellEncoder
 
         super().__init__(**kwargs)
         tok = _tokenizer(dictionary, variant, max_length)
         self.encoder = CellEncoder(
-            model, tokenizer=tok, pooling=pooling, max_tokens_per_batch=max_tokens_per_batch, dtype=dtype  # type: ignore[arg-type]
+            model,
+            tokenizer=tok,
+            pooling=pooling,
+            max_tokens_per_batch=max_tokens_per_batch,
+            dtype=dtype,  # type: ignore[arg-type]
         )
 
     def compute_row(self, batch: dict[str, np.ndarray], i: int) -> tuple[np.ndarray, np.ndarray]:
@@ -114,12 +137,16 @@ class CEEncode(ShardStage):
         return emb, np.array([len(c) == 0 for c in cells], dtype=bool)
 
 
-def _atlas_ensembl_ids(atlas: AtlasInfo, genes: GeneSpace, dicts: Any) -> tuple[list[str | None], str]:
+def _atlas_ensembl_ids(
+    atlas: AtlasInfo, genes: GeneSpace, dicts: Any
+) -> tuple[list[str | None], str]:
     from raypipe.atlas.store import read_var
     from raypipe.embed.dictionaries import resolve_ensembl_ids
 
     var = read_var(atlas.path)
-    col = next((c for c in ("ensembl_id", "gene_ids", "gene_id", "feature_id") if c in var.columns), None)
+    col = next(
+        (c for c in ("ensembl_id", "gene_ids", "gene_id", "feature_id") if c in var.columns), None
+    )
     if col is not None:
         return resolve_ensembl_ids(list(var.index), list(var[col]))
     if any(e is not None for e in genes.resolution.ensembl):
@@ -140,7 +167,9 @@ def build_ce(job: JobConfig, atlas: AtlasInfo, genes: GeneSpace, shards: list[Sh
             "(for a smoke test: raypipe ce init-random --out models/ce-random)",
         )
     if Path(cfg.model).exists() is False and "/" not in cfg.model:
-        raise InputError(f"embed.ce.model {cfg.model} does not exist", fix="give the checkpoint folder")
+        raise InputError(
+            f"embed.ce.model {cfg.model} does not exist", fix="give the checkpoint folder"
+        )
     dicts = GeneformerDictionaries.load(cfg.dictionary)
     tok = _tokenizer(cfg.dictionary, cfg.variant, None)
     ens, how = _atlas_ensembl_ids(atlas, genes, dicts)
@@ -184,6 +213,8 @@ def build_ce(job: JobConfig, atlas: AtlasInfo, genes: GeneSpace, shards: list[Sh
         "dictionary": dicts.name,
         "gene_coverage": plan.coverage,
         "ensembl_ids_from": how,
-        "tokenizer_path": "counts" if atlas.x_kind == "counts" else "lognorm (expm1 before ranking)",
+        "tokenizer_path": "counts"
+        if atlas.x_kind == "counts"
+        else "lognorm (expm1 before ranking)",
     }
     return StagePlan([tokenize, encode], fingerprint, notes=notes)

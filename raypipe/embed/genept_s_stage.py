@@ -40,8 +40,15 @@ class GenePTS(ShardStage):
     method: ClassVar[str] = "genept_s"
 
     def __init__(
-        self, *, job_json: str, collapse: Any, symbols: list[str], x_kind: str, top_n: int, **kwargs: Any
-    ) -> None:  # fmt: skip
+        self,
+        *,
+        job_json: str,
+        collapse: Any,
+        symbols: list[str],
+        x_kind: str,
+        top_n: int,
+        **kwargs: Any,
+    ) -> None:
         from raypipe.config import JobConfig
         from raypipe.embed.genept_w import _resolve
         from raypipe.llm.backends import build_embedder
@@ -66,7 +73,11 @@ class GenePTS(ShardStage):
         sentences = cell_sentences(xl, self.symbols, self.top_n)
         emb, failed = embed_sentences(sentences, self.embedder)
         self._last_failures = [
-            {"stage": "genept_s", "item": f"row {start + i}", "reason": "no expressed gene" if not s else "embedding failed"}
+            {
+                "stage": "genept_s",
+                "item": f"row {start + i}",
+                "reason": "no expressed gene" if not s else "embedding failed",
+            }
             for i, s in enumerate(sentences)
             if failed[i]
         ]
@@ -79,7 +90,9 @@ class GenePTS(ShardStage):
         return {"usage": usage_delta(self.embedder, self._seen), "failures": self._last_failures}
 
 
-def build_genept_s(job: JobConfig, atlas: AtlasInfo, genes: GeneSpace, shards: list[Shard]) -> StagePlan:
+def build_genept_s(
+    job: JobConfig, atlas: AtlasInfo, genes: GeneSpace, shards: list[Shard]
+) -> StagePlan:
     """Plan GenePT-s; warn with a cost estimate before a large paid run."""
     import ray
 
@@ -87,7 +100,11 @@ def build_genept_s(job: JobConfig, atlas: AtlasInfo, genes: GeneSpace, shards: l
     from raypipe.pipeline.methods import StagePlan, stage_hash
 
     cfg = job.embed.genept_s
-    notes: dict[str, Any] = {"top_n": cfg.top_n, "backend": job.text_model.backend, "model": job.text_model.model}
+    notes: dict[str, Any] = {
+        "top_n": cfg.top_n,
+        "backend": job.text_model.backend,
+        "model": job.text_model.model,
+    }
     if job.text_model.backend in PAID_BACKENDS and atlas.n_obs > cfg.warn_calls:
         from raypipe.pipeline.dryrun import plan_estimates
 
@@ -96,15 +113,29 @@ def build_genept_s(job: JobConfig, atlas: AtlasInfo, genes: GeneSpace, shards: l
             msg = f"GenePT-s will embed up to {atlas.n_obs:,} cell sentences: {est.format()}"
             log.warning(msg)
             notes["cost_estimate"] = msg
-    fingerprint = stage_hash("genept_s", config_hash(cfg), genes.fingerprint, atlas.x_kind,
-                             job.text_model.backend, job.text_model.model, job.text_model.dimensions)  # fmt: skip
+    fingerprint = stage_hash(
+        "genept_s",
+        config_hash(cfg),
+        genes.fingerprint,
+        atlas.x_kind,
+        job.text_model.backend,
+        job.text_model.model,
+        job.text_model.dimensions,
+    )
     kwargs = {
-        "atlas_path": atlas.path, "out_dir": job.output_dir, "fingerprint": fingerprint,
+        "atlas_path": atlas.path,
+        "out_dir": job.output_dir,
+        "fingerprint": fingerprint,
         "metadata": {"model": job.text_model.model, "backend": job.text_model.backend},
-        "job_json": job.model_dump_json(), "collapse": ray.put(genes.collapse),
-        "symbols": list(genes.resolution.unique_symbols), "x_kind": atlas.x_kind, "top_n": cfg.top_n,
-    }  # fmt: skip
+        "job_json": job.model_dump_json(),
+        "collapse": ray.put(genes.collapse),
+        "symbols": list(genes.resolution.unique_symbols),
+        "x_kind": atlas.x_kind,
+        "top_n": cfg.top_n,
+    }
     remote = job.text_model.backend != "local"
     actors = job.limits.actors if remote else job.ray.actors
     gpus = job.text_model.num_gpus if job.text_model.backend == "vllm" else 0.0
-    return StagePlan([StageSpec(GenePTS, kwargs, actors, job.ray.actor_cpus, gpus)], fingerprint, notes=notes)
+    return StagePlan(
+        [StageSpec(GenePTS, kwargs, actors, job.ray.actor_cpus, gpus)], fingerprint, notes=notes
+    )

@@ -44,7 +44,9 @@ class EmbedTexts:
             emb, errors = self.embedder.embed(texts), [""] * len(texts)
         out["embedding"] = list(np.asarray(emb, dtype=np.float32))
         out["error"] = [e or "" for e in errors]
-        out["usage"] = [json.dumps(usage_delta(self.embedder, self._seen))] + ["{}"] * (len(texts) - 1)
+        out["usage"] = [json.dumps(usage_delta(self.embedder, self._seen))] + ["{}"] * (
+            len(texts) - 1
+        )
         return out
 
 

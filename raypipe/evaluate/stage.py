@@ -78,7 +78,9 @@ def run_evaluation(
 
     label_key, batch_key = job.input.label_key, job.input.batch_key
     if not label_key:
-        log.warning("evaluate.enabled but input.label_key is not set: no metrics need no labels; skipped")
+        log.warning(
+            "evaluate.enabled but input.label_key is not set: no metrics need no labels; skipped"
+        )
         return {"skipped": "no input.label_key"}
     obs = read_obs_columns(atlas.path, [k for k in (label_key, batch_key) if k])
     labels = obs[label_key].to_numpy()
@@ -102,26 +104,48 @@ def run_evaluation(
         text_labels = candidates.labels
     dataset = job.input.name or Path(job.input.path).stem
     ev = evaluate_embeddings(
-        dataset, embeddings, labels, batches, cfg=job.evaluate, annotations=annotations,
-        text_emb=text_emb or None, text_labels=text_labels, center=job.annotate.center,
-    )  # fmt: skip
+        dataset,
+        embeddings,
+        labels,
+        batches,
+        cfg=job.evaluate,
+        annotations=annotations,
+        text_emb=text_emb or None,
+        text_labels=text_labels,
+        center=job.annotate.center,
+    )
     eval_dir = out_dir / "evaluation"
-    write_parquet_atomic(out_dir / "metrics.parquet", pa.Table.from_pandas(ev.metrics, preserve_index=False))
-    write_parquet_atomic(eval_dir / "skipped.parquet", pa.Table.from_pandas(ev.skipped, preserve_index=False))
+    write_parquet_atomic(
+        out_dir / "metrics.parquet", pa.Table.from_pandas(ev.metrics, preserve_index=False)
+    )
+    write_parquet_atomic(
+        eval_dir / "skipped.parquet", pa.Table.from_pandas(ev.skipped, preserve_index=False)
+    )
     for m, conf in ev.confusion.items():
-        write_parquet_atomic(eval_dir / f"confusion_{m}.parquet", pa.Table.from_pandas(conf.reset_index()))
+        write_parquet_atomic(
+            eval_dir / f"confusion_{m}.parquet", pa.Table.from_pandas(conf.reset_index())
+        )
     for m, pc in ev.per_class.items():
-        write_parquet_atomic(eval_dir / f"per_class_{m}.parquet", pa.Table.from_pandas(pc.reset_index()))
+        write_parquet_atomic(
+            eval_dir / f"per_class_{m}.parquet", pa.Table.from_pandas(pc.reset_index())
+        )
     report = None
     if job.evaluate.report:
         from raypipe.evaluate.report import write_report
 
         predictions = {m: p for m, p in annotations.items() if not m.endswith("_uncentred")}
         report = write_report(
-            out_dir, ev.metrics, embeddings, labels, predictions, ev.confusion,
-            skipped=ev.skipped, notes=ev.notes, seed=job.evaluate.seed,
+            out_dir,
+            ev.metrics,
+            embeddings,
+            labels,
+            predictions,
+            ev.confusion,
+            skipped=ev.skipped,
+            notes=ev.notes,
+            seed=job.evaluate.seed,
             title=f"raypipe report: {dataset}",
-        )  # fmt: skip
+        )
     return {
         "metrics": str(out_dir / "metrics.parquet"),
         "report": str(report) if report else None,

@@ -158,7 +158,9 @@ def prepare_gene_space(job: JobConfig, atlas: AtlasInfo, out_dir: Path) -> GeneS
             raise
         fallback_note = f"FALLBACK: gene text source {job.genes.text_source!r} is unavailable ({exc.message}); using gene symbols as text"
         log.warning(fallback_note)
-        job = job.model_copy(update={"genes": job.genes.model_copy(update={"text_source": "symbol"})})
+        job = job.model_copy(
+            update={"genes": job.genes.model_copy(update={"text_source": "symbol"})}
+        )
         source = _build_source(job)
     table = gene_table_for(job.genes, source)
     resolution = resolve_genes(names, table, ensembl_ids=ensembl_ids)
@@ -183,14 +185,18 @@ def prepare_gene_space(job: JobConfig, atlas: AtlasInfo, out_dir: Path) -> GeneS
     usage_fn = getattr(source, "usage", None)
     usage: dict[str, Any] = dict(usage_fn() or {}) if callable(usage_fn) else {}
     src_fail = getattr(source, "failures", None)
-    failures = src_fail.to_dict("records") if isinstance(src_fail, pd.DataFrame) else list(src_fail or [])
+    failures = (
+        src_fail.to_dict("records") if isinstance(src_fail, pd.DataFrame) else list(src_fail or [])
+    )
     if todo:
         emb, errors, embed_usage = embed_texts(todo, job)
         usage = _merge_usage(usage, embed_usage)
         by_text = dict(zip(texts["text"], texts["symbol"], strict=False))
         for t, e, err in zip(todo, emb, errors, strict=True):
             if err:
-                failures.append({"stage": "gene_embeddings", "item": by_text.get(t, t[:80]), "reason": err})
+                failures.append(
+                    {"stage": "gene_embeddings", "item": by_text.get(t, t[:80]), "reason": err}
+                )
             else:
                 cached[t] = e
     if failures:
@@ -198,7 +204,9 @@ def prepare_gene_space(job: JobConfig, atlas: AtlasInfo, out_dir: Path) -> GeneS
 
         warnings.append(f"{len(failures)} genes got no text embedding (see failures.parquet)")
         write_failures(out_dir, "genes", failures)
-        check_failure_share(len(failures), max(len(symbols), 1), job.limits.max_failure_share, "genes")
+        check_failure_share(
+            len(failures), max(len(symbols), 1), job.limits.max_failure_share, "genes"
+        )
     texts = texts[texts["text"].isin(cached)].reset_index(drop=True)
     if texts.empty:
         raise InputError(

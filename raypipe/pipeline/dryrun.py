@@ -44,11 +44,17 @@ def _atlas_shape(job: JobConfig) -> tuple[int, list[str], Any]:
         import anndata as ad
 
         adata = ad.read_h5ad(src)
-        adata = adata.raw.to_adata() if job.input.layer == "raw" and adata.raw is not None else adata
+        adata = (
+            adata.raw.to_adata() if job.input.layer == "raw" and adata.raw is not None else adata
+        )
         return adata.n_obs, [str(v) for v in adata.var_names], lambda n: adata.X[:n]
     else:
         x_elem, var = group["X"], read_elem(group["var"])
-    x = sparse_dataset(x_elem) if dict(x_elem.attrs).get("encoding-type") == "csr_matrix" else x_elem
+    x = (
+        sparse_dataset(x_elem)
+        if dict(x_elem.attrs).get("encoding-type") == "csr_matrix"
+        else x_elem
+    )
     return int(x.shape[0]), [str(v) for v in var.index], lambda n: x[:n]
 
 
@@ -66,27 +72,57 @@ def plan_estimates(job: JobConfig) -> list[Any]:
         from raypipe.genes.llm_source import render_prompt
 
         prompts = [render_prompt(job.llm.prompt_version, g) for g in genes]
-        rows.append(("gene descriptions (chat)", estimate(
-            prompts, model=job.llm.model, prices=prices, requests_per_minute=lim.requests_per_minute,
-            tokens_per_minute=lim.tokens_per_minute, max_tokens_out=job.llm.max_tokens)))  # fmt: skip
+        rows.append(
+            (
+                "gene descriptions (chat)",
+                estimate(
+                    prompts,
+                    model=job.llm.model,
+                    prices=prices,
+                    requests_per_minute=lim.requests_per_minute,
+                    tokens_per_minute=lim.tokens_per_minute,
+                    max_tokens_out=job.llm.max_tokens,
+                ),
+            )
+        )
         gene_texts = ["x" * (3 * job.llm.max_tokens)] * len(genes)
     else:
         gene_texts = [f"{g}: " + "x" * 600 for g in genes]  # ~200 tokens per gene text
     batch = job.text_model.batch_size
-    rows.append(("gene-text embeddings", estimate(
-        gene_texts, model=job.text_model.model, prices=prices, requests_per_minute=lim.requests_per_minute,
-        tokens_per_minute=lim.tokens_per_minute, items_per_call=batch)))  # fmt: skip
+    rows.append(
+        (
+            "gene-text embeddings",
+            estimate(
+                gene_texts,
+                model=job.text_model.model,
+                prices=prices,
+                requests_per_minute=lim.requests_per_minute,
+                tokens_per_minute=lim.tokens_per_minute,
+                items_per_call=batch,
+            ),
+        )
+    )
     if "genept_s" in job.embed.methods:
         block = sp.csr_matrix(sample(min(n_cells, SENTENCE_SAMPLE)))
         sents = cell_sentences(block, np.asarray(genes), job.embed.genept_s.top_n)
         scale = n_cells / max(len(sents), 1)
-        est = estimate(sents, model=job.text_model.model, prices=prices,
-                       requests_per_minute=lim.requests_per_minute,
-                       tokens_per_minute=lim.tokens_per_minute, items_per_call=batch)  # fmt: skip
+        est = estimate(
+            sents,
+            model=job.text_model.model,
+            prices=prices,
+            requests_per_minute=lim.requests_per_minute,
+            tokens_per_minute=lim.tokens_per_minute,
+            items_per_call=batch,
+        )
         est = type(est)(
-            est.model, int(est.items * scale), int(np.ceil(est.calls * scale)), int(est.tokens_in * scale),
-            int(est.tokens_out * scale), None if est.cost_usd is None else est.cost_usd * scale, est.time_s * scale,
-        )  # fmt: skip
+            est.model,
+            int(est.items * scale),
+            int(np.ceil(est.calls * scale)),
+            int(est.tokens_in * scale),
+            int(est.tokens_out * scale),
+            None if est.cost_usd is None else est.cost_usd * scale,
+            est.time_s * scale,
+        )
         rows.append(("GenePT-s cell sentences", est))
     return rows
 

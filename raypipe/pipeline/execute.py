@@ -86,7 +86,10 @@ def map_shards(
     if not shards:
         return []
     ds = ray.data.from_items(
-        [{"shard": s.index, "start": s.start, "stop": s.stop, "content_hash": s.content_hash} for s in shards],
+        [
+            {"shard": s.index, "start": s.start, "stop": s.stop, "content_hash": s.content_hash}
+            for s in shards
+        ],
         override_num_blocks=len(shards),
     )
     for spec in specs:
@@ -94,7 +97,9 @@ def map_shards(
             spec.stage,
             fn_constructor_kwargs=spec.kwargs,
             batch_size=1,
-            compute=ray.data.ActorPoolStrategy(min_size=1, max_size=max(1, min(spec.actors, len(shards)))),
+            compute=ray.data.ActorPoolStrategy(
+                min_size=1, max_size=max(1, min(spec.actors, len(shards)))
+            ),
             num_cpus=spec.actor_cpus,
             num_gpus=spec.num_gpus or None,
             max_restarts=-1,

@@ -44,7 +44,9 @@ def stage_hash(*parts: object) -> str:
 
 
 @METHODS.register("genept_w")
-def build_genept_w(job: JobConfig, atlas: AtlasInfo, genes: GeneSpace, shards: list[Shard]) -> StagePlan:
+def build_genept_w(
+    job: JobConfig, atlas: AtlasInfo, genes: GeneSpace, shards: list[Shard]
+) -> StagePlan:
     """GenePT-w: fold HVG selection and centring into one (genes × d) weight matrix."""
     import ray
 
@@ -68,7 +70,9 @@ def build_genept_w(job: JobConfig, atlas: AtlasInfo, genes: GeneSpace, shards: l
                 "target_sum": cfg.target_sum,
             },
             batch_size=1,
-            compute=ray.data.ActorPoolStrategy(min_size=1, max_size=max(1, min(job.ray.actors, len(shards)))),
+            compute=ray.data.ActorPoolStrategy(
+                min_size=1, max_size=max(1, min(job.ray.actors, len(shards)))
+            ),
             num_cpus=job.ray.actor_cpus,
         )
         n, total, total_sq = 0, 0.0, 0.0
@@ -83,7 +87,9 @@ def build_genept_w(job: JobConfig, atlas: AtlasInfo, genes: GeneSpace, shards: l
         notes["hvg_genes"] = int(mask.sum())
     weights = weight_matrix(genes.embeddings, genes.has_text, center=cfg.center, gene_mask=mask)
     payload = ray.put({"collapse": genes.collapse, "weights": weights})
-    fingerprint = stage_hash("genept_w", config_hash(cfg), genes.fingerprint, atlas.x_kind, stage_hash(weights.tobytes()))
+    fingerprint = stage_hash(
+        "genept_w", config_hash(cfg), genes.fingerprint, atlas.x_kind, stage_hash(weights.tobytes())
+    )
     kwargs = {
         "atlas_path": atlas.path,
         "out_dir": job.output_dir,
@@ -93,7 +99,9 @@ def build_genept_w(job: JobConfig, atlas: AtlasInfo, genes: GeneSpace, shards: l
         "x_kind": atlas.x_kind,
         "target_sum": cfg.target_sum,
     }
-    return StagePlan([StageSpec(GenePTW, kwargs, job.ray.actors, job.ray.actor_cpus)], fingerprint, notes=notes)
+    return StagePlan(
+        [StageSpec(GenePTW, kwargs, job.ray.actors, job.ray.actor_cpus)], fingerprint, notes=notes
+    )
 
 
 METHODS.add("ce", "raypipe.embed.ce:build_ce")

@@ -98,7 +98,9 @@ def embedding_table(
 
     n, d = embedding.shape
     flat = pa.array(np.ascontiguousarray(embedding, dtype=np.float32).reshape(-1))
-    emb = pa.FixedSizeListArray.from_arrays(flat, d) if n else pa.array([], pa.list_(pa.float32(), d))
+    emb = (
+        pa.FixedSizeListArray.from_arrays(flat, d) if n else pa.array([], pa.list_(pa.float32(), d))
+    )
     table = pa.table(
         {
             "obs_name": pa.array([str(x) for x in obs_names], pa.string()),

@@ -207,9 +207,15 @@ def _drop_stale_parts(out_dir: Path, kind: str, method: str, n_shards: int) -> N
 
 
 def _annotate(
-    job: JobConfig, atlas: Any, genes: Any, shards: list[Any], out_dir: Path,
-    manifest: dict[str, Any], summary: RunSummary, progress: bool,
-) -> Any:  # fmt: skip
+    job: JobConfig,
+    atlas: Any,
+    genes: Any,
+    shards: list[Any],
+    out_dir: Path,
+    manifest: dict[str, Any],
+    summary: RunSummary,
+    progress: bool,
+) -> Any:
     """Zero-shot annotation of every embedding method the scorers can use."""
     import ray
     from tqdm.auto import tqdm
@@ -249,11 +255,19 @@ def _annotate(
             disable=not progress or not todo,
         )
         kwargs = {
-            "method": method, "atlas_path": atlas.path, "out_dir": str(out_dir), "fingerprint": fp,
-            "labels": cand.labels, "text_emb": text_ref, "cell_mean": ray.put(embedding_mean(out_dir, method)),
-            "marker_idx": cand.marker_idx, "weights": weights, "center": job.annotate.center,
-            "top_k": job.annotate.top_k, "unassigned_threshold": job.annotate.unassigned_threshold,
-        }  # fmt: skip
+            "method": method,
+            "atlas_path": atlas.path,
+            "out_dir": str(out_dir),
+            "fingerprint": fp,
+            "labels": cand.labels,
+            "text_emb": text_ref,
+            "cell_mean": ray.put(embedding_mean(out_dir, method)),
+            "marker_idx": cand.marker_idx,
+            "weights": weights,
+            "center": job.annotate.center,
+            "top_k": job.annotate.top_k,
+            "unassigned_threshold": job.annotate.unassigned_threshold,
+        }
         spec = StageSpec(AnnotateShards, kwargs, job.ray.actors, job.ray.actor_cpus)
         map_shards([spec], todo, on_done=lambda row, bar=bar: bar.update(int(row["n_cells"])))
         bar.close()
@@ -267,9 +281,14 @@ def _annotate(
 
 
 def _collect_llm(
-    job: JobConfig, out_dir: Path, shards: list[Any], genes: Any, candidates: Any,
-    summary: RunSummary, manifest: dict[str, Any],
-) -> str | None:  # fmt: skip
+    job: JobConfig,
+    out_dir: Path,
+    shards: list[Any],
+    genes: Any,
+    candidates: Any,
+    summary: RunSummary,
+    manifest: dict[str, Any],
+) -> str | None:
     """Sum LLM usage and cost; merge failures into failures.parquet; check the failure share."""
     import pandas as pd
     import pyarrow as pa
@@ -299,7 +318,9 @@ def _collect_llm(
             )
     if rows:
         df = pd.DataFrame(rows).astype(str)
-        write_parquet_atomic(out_dir / "failures.parquet", pa.Table.from_pandas(df, preserve_index=False))
+        write_parquet_atomic(
+            out_dir / "failures.parquet", pa.Table.from_pandas(df, preserve_index=False)
+        )
         summary.outputs.append(str(out_dir / "failures.parquet"))
         summary.warnings.append(f"{len(df):,} items failed for good: see failures.parquet")
     prices = {k: v.model_dump() for k, v in job.prices.items()}
@@ -348,7 +369,7 @@ def run_job(job: JobConfig, *, overwrite: bool = False, progress: bool = True) -
     summary.timings["genes"] = time.perf_counter() - t
     summary.coverage = genes.coverage.summary()
     summary.warnings += genes.warnings
-    manifest["atlas"] = {k: v for k, v in atlas.extra.items()} | {"path": atlas.path}
+    manifest["atlas"] = dict(atlas.extra) | {"path": atlas.path}
     manifest["genes"] = {
         "text_source": genes.source,
         "model": genes.model,
@@ -423,5 +444,7 @@ def run_job(job: JobConfig, *, overwrite: bool = False, progress: bool = True) -
         from raypipe.llm.cost import FailureShareExceeded
 
         print(summary.render())
-        raise FailureShareExceeded(failures_exceeded, fix="see failures.parquet; re-run to retry only the failed items")
+        raise FailureShareExceeded(
+            failures_exceeded, fix="see failures.parquet; re-run to retry only the failed items"
+        )
     return summary

@@ -94,7 +94,11 @@ class ShardStage:
         rows: dict[str, list[Any]] = {c: [] for c in self.output_columns}
         for i in range(len(batch["shard"])):
             t0 = time.perf_counter()
-            shard, start, stop = int(batch["shard"][i]), int(batch["start"][i]), int(batch["stop"][i])
+            shard, start, stop = (
+                int(batch["shard"][i]),
+                int(batch["start"][i]),
+                int(batch["stop"][i]),
+            )
             names = read_obs_names(self.atlas_path, start, stop)
             emb, empty = self.compute_row(batch, i)
             meta = {**self.metadata, "method": self.method, "fingerprint": self.fingerprint}
