@@ -57,9 +57,19 @@ def _cmd_run(args: argparse.Namespace) -> int:
 def _cmd_tokenize(args: argparse.Namespace) -> int:
     from raypipe.embed.tokenizer import write_tokens
 
-    result = write_tokens(args.input, args.out, dictionary=args.dictionary, variant=args.variant)
-    if result is not None:
-        print(result)
+    res = write_tokens(
+        args.input,
+        args.out,
+        dictionary=args.dictionary,
+        variant=args.variant,
+        gene_name_id=args.gene_name_id,
+        x_kind=args.x_kind,
+        min_coverage=args.min_coverage,
+    )
+    print(
+        f"wrote {res['out']}: {res['n_cells']:,} cells ({res['n_empty']} without known genes), "
+        f"gene coverage {float(res['coverage']):.1%}, input {res['x_kind']}, Ensembl ids from {res['id_source']}"
+    )
     return 0
 
 
@@ -140,7 +150,14 @@ def build_parser() -> argparse.ArgumentParser:
     tok.add_argument("--out", required=True, help="tokens.parquet (obs_name, input_ids, length)")
     tok.add_argument("--dictionary", default="V1", help="V1, V2 or a folder with the dictionaries")
     tok.add_argument(
-        "--variant", choices=["geneformer_v1", "geneformer_v2", "langcell"], default=None
+        "--variant", choices=["geneformer_v1", "geneformer_v2", "langcell"], default="geneformer_v1"
+    )
+    tok.add_argument(
+        "--gene-name-id", default=None, help="symbol→Ensembl table (default: the dictionary's)"
+    )
+    tok.add_argument("--x-kind", choices=["auto", "counts", "lognorm"], default="auto")
+    tok.add_argument(
+        "--min-coverage", type=float, default=0.5, help="fail below this share of known genes"
     )
     tok.set_defaults(func=_cmd_tokenize)
 

@@ -180,6 +180,18 @@ class LimitsConfig(_Section):
         0.01, ge=0, le=1, description="Run fails when more items than this share fail."
     )
     actors: int = Field(2, gt=0, description="LLM client actors.")
+    window_s: float = Field(
+        60.0,
+        gt=0,
+        description="Budget window of requests_per_minute/tokens_per_minute (scaled down only in tests/benchmarks).",
+    )
+    backoff_base_s: float = Field(
+        0.5, gt=0, description="First retry delay (doubles, with jitter)."
+    )
+    backoff_max_s: float = Field(30.0, gt=0, description="Longest retry delay.")
+    breaker_cooldown_s: float = Field(
+        2.0, gt=0, description="How long the circuit breaker stays open before a trial request."
+    )
 
 
 class CacheConfig(_Section):
