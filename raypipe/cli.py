@@ -6,6 +6,7 @@ import argparse
 import logging
 import sys
 from collections.abc import Callable
+from typing import Any
 
 from raypipe import __version__
 from raypipe.errors import RaypipeError
@@ -66,9 +67,10 @@ def _cmd_tokenize(args: argparse.Namespace) -> int:
         x_kind=args.x_kind,
         min_coverage=args.min_coverage,
     )
+    coverage: Any = res["coverage"]
     print(
         f"wrote {res['out']}: {res['n_cells']:,} cells ({res['n_empty']} without known genes), "
-        f"gene coverage {float(res['coverage']):.1%}, input {res['x_kind']}, Ensembl ids from {res['id_source']}"
+        f"gene coverage {float(coverage):.1%}, input {res['x_kind']}, Ensembl ids from {res['id_source']}"
     )
     return 0
 
@@ -192,8 +194,8 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def _plugin_parsers() -> list[Callable[[argparse._SubParsersAction], None]]:
-    out = []
+def _plugin_parsers() -> list[Callable[[argparse._SubParsersAction], object]]:
+    out: list[Callable[[argparse._SubParsersAction], object]] = []
     try:
         from raypipe.llm.cli import add_cache_parser
 

@@ -258,7 +258,7 @@ class CEConfig(_Section):
 class EmbedConfig(_Section):
     """Which cell embeddings to compute."""
 
-    methods: list[EmbedMethod] = Field(default_factory=lambda: ["genept_w"])
+    methods: list[EmbedMethod] = Field(default_factory=lambda: list[EmbedMethod](["genept_w"]))
     genept_w: GenePTWConfig = Field(default_factory=GenePTWConfig)
     genept_s: GenePTSConfig = Field(default_factory=GenePTSConfig)
     ce: CEConfig = Field(default_factory=CEConfig)

@@ -248,3 +248,34 @@ def test_the_key_never_leaks(tmp_path, server, caplog, capsys, monkeypatch):
     for secret in (KEY, wrong, "TOPSECRET", "ANOTHERSECRET"):
         assert not any(secret in t for t in texts)
         assert not any(secret.encode() in p.read_bytes() for p in files)
+
+
+def test_concurrent_clients_with_slow_server_never_exceed_the_budget(tmp_path, server):
+    # 4 clients (each its own event loop thread) share one budget of 8 requests per 1 s window;
+    # the server answers after 0.3 s, so requests are in flight across window edges. No safety
+    # margin: a slot is live from grant until one window after its answer.
+    import threading
+
+    server.rpm, server.window_s, server.latency_s = 8, 1.0, 0.3
+    job, lim = make_job(tmp_path, server, window_s=1.0, rpm=8 * 60, max_in_flight=8, safety_s=0.0)
+    chats = [OpenAIChat(job, limiter=lim, **FAST) for _ in range(4)]
+    results: dict[int, list] = {}
+
+    def work(i: int) -> None:
+        prompts = [f"Describe the human gene CONC{i}_{j}: function." for j in range(7)]
+        results[i] = chats[i].generate(prompts, version="v1")
+
+    threads = [threading.Thread(target=work, args=(i,)) for i in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=60)
+    for c in chats:
+        c.close()
+    assert sorted(results) == [0, 1, 2, 3]
+    assert all(r.error is None for rs in results.values() for r in rs)
+    assert server.calls["/v1/chat/completions"] == 28
+    assert server.status[429] == 0
+    assert server.max_requests_in_window(1.0) <= 8
+    assert server.max_requests_in_window(1.0) >= 6  # and the budget is used
+    assert lim.state()["in_flight"] == 0

@@ -72,7 +72,8 @@ def embedding_mean(out_dir: Path, method: str) -> np.ndarray:
     """Mean cell embedding of a method over the whole atlas, streamed part by part."""
     import pyarrow.parquet as pq
 
-    total, n = None, 0
+    total: Any = None
+    n = 0
     for f in sorted((out_dir / "embeddings" / method).glob("part-*.parquet")):
         col = pq.read_table(f, columns=["embedding"]).column("embedding").combine_chunks()
         x = col.values.to_numpy().reshape(len(col), -1)

@@ -188,7 +188,8 @@ def build_synthetic(
     write_elem(group, "var", var)
     hashes: list[str] = []
     zero_cells = 0
-    zx = hx = None
+    zx: Any = None
+    hx: Any = None
     with h5py.File(tmp_h5, "w") as fh:
         write_elem(fh, "obs", obs)
         write_elem(fh, "var", var)
@@ -207,7 +208,7 @@ def build_synthetic(
                 zx.append(x)
                 hx.append(x)
         fh.attrs.update({"encoding-type": "anndata", "encoding-version": "0.1.0"})
-    meta = {
+    meta: dict[str, Any] = {
         "format_version": 1,
         "n_obs": n_cells,
         "n_vars": int(var.shape[0]),

@@ -46,7 +46,7 @@ def unpack_tokens(ids: bytes, offsets: bytes) -> list[np.ndarray]:
     return [flat[off[i] : off[i + 1]] for i in range(off.size - 1)]
 
 
-def _tokenizer(dictionary: str, variant: str, max_length: int | None) -> Any:
+def _tokenizer(dictionary: str, variant: Any, max_length: int | None) -> Any:
     from raypipe.embed.dictionaries import GeneformerDictionaries
     from raypipe.embed.tokenizer import RankValueTokenizer
 
@@ -113,7 +113,7 @@ class CEEncode(ShardStage):
         dictionary: str,
         variant: str,
         max_length: int | None,
-        pooling: str | None,
+        pooling: Any,
         max_tokens_per_batch: int,
         dtype: str,
         **kwargs: Any,

@@ -15,7 +15,7 @@ import scipy.sparse as sp
 
 from raypipe.pipeline.stage import ShardStage
 
-__all__ = ["GenePTW", "genept_w", "log_normalize", "weight_matrix"]
+__all__ = ["GenePTW", "fold_collapse", "genept_w", "log_normalize", "weight_matrix"]
 
 
 def log_normalize(x: sp.csr_matrix, totals: np.ndarray, target_sum: float) -> sp.csr_matrix:
@@ -72,7 +72,7 @@ def weight_matrix(
 
 def genept_w(
     x: sp.csr_matrix,
-    collapse: sp.csr_matrix,
+    collapse: sp.csr_matrix | None,
     weights: np.ndarray,
     *,
     x_kind: str = "counts",
@@ -85,9 +85,10 @@ def genept_w(
     x
         (n, g_atlas) expression (raw counts, or log-normalised when ``x_kind='lognorm'``).
     collapse
-        (g_atlas, g) 0/1 matrix summing duplicate atlas columns into unique genes.
+        (g_atlas, g) 0/1 matrix summing duplicate atlas columns into unique genes, or None
+        when ``weights`` is already per atlas column (no duplicates: see :func:`fold_collapse`).
     weights
-        (g, d) from :func:`weight_matrix`.
+        (g, d) from :func:`weight_matrix` (or (g_atlas, d) when ``collapse`` is None).
     x_kind
         ``counts`` (normalise + log1p here) or ``lognorm`` (used as is).
     target_sum
@@ -100,17 +101,32 @@ def genept_w(
     empty
         (n,) bool: no expressed gene with a text embedding (e.g. a zero-count cell).
     """
-    if x_kind == "counts":
-        totals = np.asarray(x.sum(axis=1)).ravel()
-        xl = log_normalize(x @ collapse, totals, target_sum)
+    genes = x if collapse is None else x @ collapse
+    if x_kind == "counts":  # totals over every atlas gene, as scanpy's normalize_total
+        xl = log_normalize(genes, np.asarray(x.sum(axis=1)).ravel(), target_sum)
     else:
-        xl = sp.csr_matrix(x @ collapse, dtype=np.float32)
+        xl = sp.csr_matrix(genes, dtype=np.float32)
     emb = np.asarray(xl @ weights, dtype=np.float32)
     norms = np.linalg.norm(emb, axis=1)
     empty = ~(norms > 0)
     emb[~empty] /= norms[~empty, None]
     emb[empty] = 0.0
     return emb, empty
+
+
+def fold_collapse(
+    collapse: sp.csr_matrix, weights: np.ndarray
+) -> tuple[sp.csr_matrix | None, np.ndarray]:
+    """Fold the collapse matrix into the weights when no two atlas columns share a gene.
+
+    Then ``log1p(norm(x @ C)) @ W == log1p(norm(x)) @ (C @ W)`` exactly, and the per-shard
+    sparse product with ``C`` disappears from the hot path. With duplicates, counts must be
+    summed before ``log1p``, so ``C`` stays.
+    """
+    c = sp.csc_matrix(collapse)
+    if c.nnz == 0 or np.diff(c.indptr).max() <= 1:
+        return None, np.asarray(sp.csr_matrix(collapse) @ weights, dtype=np.float32)
+    return collapse, weights
 
 
 def _resolve(obj: Any) -> Any:
@@ -146,8 +162,7 @@ class GenePTW(ShardStage):
     def __init__(self, *, genes: Any, x_kind: str, target_sum: float, **kwargs: Any) -> None:
         super().__init__(**kwargs)
         payload = _resolve(genes)
-        self.collapse = payload["collapse"]
-        self.weights = payload["weights"]
+        self.collapse, self.weights = fold_collapse(payload["collapse"], payload["weights"])
         self.x_kind = x_kind
         self.target_sum = target_sum
 

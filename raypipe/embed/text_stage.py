@@ -92,7 +92,7 @@ def embed_texts(
     n_actors = actors or (job.limits.actors if remote else job.ray.actors)
     n_actors = max(1, min(n_actors, len(texts)))
     bs = batch_size or 8 * job.text_model.batch_size
-    ds = ray.data.from_pandas(pd.DataFrame({"i": np.arange(len(texts)), "text": texts}))
+    ds: Any = ray.data.from_pandas(pd.DataFrame({"i": np.arange(len(texts)), "text": texts}))
     ds = ds.repartition(max(1, min(len(texts) // bs + 1, 4 * n_actors)))
     gpus = job.text_model.num_gpus if job.text_model.backend == "vllm" else 0
     out = ds.map_batches(

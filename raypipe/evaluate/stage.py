@@ -87,7 +87,7 @@ def run_evaluation(
     batches = obs[batch_key].to_numpy() if batch_key else None
     embeddings = {m: load_embedding_matrix(out_dir, m, atlas.n_obs) for m in methods}
     embeddings["pca"] = _pca(job, atlas)
-    annotations: dict[str, np.ndarray] = {}
+    annotations: dict[str, Any] = {}
     text_emb: dict[str, np.ndarray] = {}
     text_labels = None
     if candidates is not None:

@@ -80,6 +80,23 @@ def load_full_names(path: str | Path) -> dict[str, str]:
     return dict(zip(df["symbol"], df["full_name"], strict=True))
 
 
+def _orgdb_full_names(setting: str | None) -> dict[str, str]:
+    from raypipe.errors import InputError
+    from raypipe.genes.orgdb import locate_orgdb, read_orgdb
+
+    if setting and os.path.isfile(setting) and not setting.endswith((".sqlite", ".db")):
+        try:
+            return load_full_names(setting)
+        except (ValueError, KeyError):
+            pass
+    try:
+        genes = read_orgdb(locate_orgdb(setting)).genes
+    except InputError:
+        return {}
+    genes = genes.dropna(subset=["symbol", "full_name"]).drop_duplicates("symbol")
+    return dict(zip(genes["symbol"].astype(str), genes["full_name"].astype(str), strict=True))
+
+
 class LLMTextSource:
     """Gene texts written by the job's generation backend (``llm`` section).
 
@@ -93,7 +110,9 @@ class LLMTextSource:
     generator
         Inject a generator (default: :func:`raypipe.llm.generate.build_generator`).
     full_names
-        Symbol → full name used in the prompt (default: from ``genes_cfg.orgdb``).
+        Symbol → full name used in the prompt (default: from the orgdb data that
+        ``genes_cfg.orgdb`` names or that is found, as for the ``orgdb`` source; none when
+        there is none).
     """
 
     def __init__(
@@ -113,9 +132,7 @@ class LLMTextSource:
         self.version = job.llm.prompt_version
         render_prompt(self.version, "X")  # fail early on an unknown version
         self._generator = generator
-        if full_names is None and genes_cfg.orgdb and os.path.isfile(genes_cfg.orgdb):
-            full_names = load_full_names(genes_cfg.orgdb)
-        self.full_names = full_names or {}
+        self._full_names = full_names
         self.failures = pd.DataFrame(columns=["gene_id", "symbol", "stage", "reason"])
         self.out_dir = Path(job.output_dir) / "genes"
 
@@ -127,6 +144,18 @@ class LLMTextSource:
 
             self._generator = build_generator(self.job)
         return self._generator
+
+    @property
+    def full_names(self) -> dict[str, str]:
+        """Symbol → full gene name for the prompts (read from orgdb on first use)."""
+        if self._full_names is None:
+            self._full_names = _orgdb_full_names(self.cfg.orgdb)
+        return self._full_names
+
+    def usage(self) -> dict[str, dict[str, int]]:
+        """Return the calls, tokens and cache hits of the generator so far (empty before any call)."""
+        fn = getattr(self._generator, "usage", None)
+        return dict(fn()) if callable(fn) else {}
 
     def fingerprint(self) -> str:
         """Hash of everything that changes the texts (backend, model, prompt, parameters)."""

@@ -2,18 +2,19 @@
 
 Design
 ------
-* :class:`WindowBudget` is the pure core: a sliding-window log of granted requests and their
-  tokens. ``reserve(n)`` returns how long the caller must wait before sending, and books the
-  request at that future instant, so no window ``(t - W, t]`` ever holds more than
-  ``requests_per_window`` requests or ``tokens_per_window`` tokens (a token bucket would let
-  ``burst + rate·W`` through in one window). ``pause(s)`` (from a ``Retry-After``) stops the
-  whole budget; ``report(ok)`` drives a circuit breaker (``breaker_failures`` consecutive
-  failures open it for a cooldown that doubles up to ``breaker_max_cooldown_s``; then one probe
-  is let through, half-open, and its outcome closes or re-opens it).
+* :class:`WindowBudget` is the pure core. A request holds a budget slot from the moment it is
+  granted until one window after its answer (or error) came back: the limiter grants only while
+  fewer than ``requests_per_window`` slots (and ``tokens_per_window`` tokens) are live, so every
+  window of arrivals at the server holds at most the budget, however late requests are sent or
+  answered. ``pause(s)`` (from a ``Retry-After``) stops the whole budget; ``report(ok)``
+  drives a circuit breaker (``breaker_failures`` consecutive failures open it for a cooldown
+  that doubles up to ``breaker_max_cooldown_s``; then one probe is let through, half-open, and
+  its outcome closes or re-opens it).
 * :func:`get_limiter` returns a :class:`RayLimiter` (a named Ray actor, ``get_if_exists=True``,
   one per endpoint, shared by every actor of the cluster) when Ray is initialised, else a
-  :class:`LocalLimiter` (in-process). Both expose ``async acquire(n_tokens)``, ``pause(s)`` and
-  ``report(ok)``; clients bound their own in-flight requests with a semaphore.
+  :class:`LocalLimiter` (in-process). Both expose ``async acquire(n_tokens) -> slot``,
+  ``release(slot, ok)``, ``pause(s)`` and ``report(ok)``; clients bound their own in-flight
+  requests with a semaphore.
 * :func:`call_with_retries` is the only retry loop: exponential backoff with full jitter on
   429 (honouring ``Retry-After``), 5xx, timeouts, connection errors and malformed responses.
 """
@@ -21,16 +22,17 @@ Design
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import logging
 import random
 import re
 import threading
-import time
-from collections import deque
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any, TypeVar
+
+from raypipe.llm.budget import WindowBudget
 
 __all__ = [
     "CallFailed",
@@ -94,136 +96,37 @@ def redact(text: str, secrets: tuple[str, ...] = ()) -> str:
     return _SECRET.sub("***", text)
 
 
-class WindowBudget:
-    """Sliding-window request/token budget with pause and circuit breaker (pure, no I/O).
+class _Gate:
+    """One waiter per event loop asks the limiter at a time (the others queue locally).
 
-    Parameters
-    ----------
-    requests_per_window, tokens_per_window
-        Budget per window.
-    window_s
-        Window length (60 = per minute; smaller values scale time down for tests).
-    breaker_failures
-        Consecutive failures that open the circuit.
-    breaker_cooldown_s, breaker_max_cooldown_s
-        First and largest open time.
-    safety_s
-        Extra spacing added to the window, so that client-side scheduling jitter cannot
-        push two bookings from different windows into one window at the server.
-    clock
-        Monotonic clock (injectable for tests).
+    Keeps a full budget from being polled by every coroutine of every actor: a process sends
+    at most one pending ask, and sleeps exactly until the earliest moment a slot can free.
     """
 
-    def __init__(
-        self,
-        requests_per_window: float,
-        tokens_per_window: float,
-        window_s: float = 60.0,
-        *,
-        breaker_failures: int = 5,
-        breaker_cooldown_s: float = 2.0,
-        breaker_max_cooldown_s: float = 60.0,
-        safety_s: float = 0.05,
-        clock: Callable[[], float] = time.monotonic,
-    ) -> None:
-        self.safety = float(safety_s)
-        self.max_req = max(1, int(requests_per_window))
-        self.max_tok = float(tokens_per_window)
-        self.window = float(window_s)
-        self.clock = clock
-        self._grants: deque[tuple[float, float]] = deque()
-        self._paused_until = 0.0
-        self.breaker_failures = breaker_failures
-        self.cooldown0, self.cooldown_max = breaker_cooldown_s, breaker_max_cooldown_s
-        self._cooldown = breaker_cooldown_s
-        self._fails = 0
-        self._open_until: float | None = None
-        self._probe_deadline: float | None = None
-        self.granted = 0
-        self.paused = 0
+    def __init__(self) -> None:
+        self._locks: dict[int, asyncio.Lock] = {}
+        self._guard = threading.Lock()
 
-    def reserve(self, n_tokens: float = 0.0) -> tuple[float, str]:
-        """Book one request of ``n_tokens``.
-
-        Returns
-        -------
-        (wait_s, status)
-            ``"ok"``: sleep ``wait_s`` then send. ``"open"``: the circuit is open; nothing was
-            booked, try again after ``wait_s`` (this counts as a failed attempt).
-            ``"probing"``: a half-open probe is in flight; try again after ``wait_s``.
-        """
-        now = self.clock()
-        if self._open_until is not None:
-            if now < self._open_until:
-                return self._open_until - now, "open"
-            if self._probe_deadline is not None and now < self._probe_deadline:
-                return min(0.2, self._probe_deadline - now), "probing"
-            self._probe_deadline = now + max(self.cooldown0, 5.0)  # half-open: one probe
-        n = min(float(n_tokens), self.max_tok)
-        g = self._grants
-        w = self.window + self.safety
-        while g and g[0][0] <= now - w:
-            g.popleft()
-        t = max(now, self._paused_until, g[-1][0] if g else now)
-        if len(g) >= self.max_req:
-            t = max(t, g[len(g) - self.max_req][0] + w)
-        total = sum(x[1] for x in g)
-        if total + n > self.max_tok:
-            acc = total
-            for gt, gn in g:
-                acc -= gn
-                if acc + n <= self.max_tok:
-                    t = max(t, gt + w)
-                    break
-        t += 1e-6
-        g.append((t, n))
-        self.granted += 1
-        return t - now, "ok"
-
-    def pause(self, seconds: float) -> None:
-        """Stop granting for ``seconds`` (a server's ``Retry-After``)."""
-        self._paused_until = max(self._paused_until, self.clock() + float(seconds))
-        self.paused += 1
-
-    def report(self, ok: bool) -> None:
-        """Feed the circuit breaker with a request outcome."""
-        if ok:
-            self._fails, self._open_until, self._probe_deadline = 0, None, None
-            self._cooldown = self.cooldown0
-            return
-        self._fails += 1
-        half_open = self._probe_deadline is not None
-        if half_open or self._fails >= self.breaker_failures:
-            if half_open:
-                self._cooldown = min(self._cooldown * 2, self.cooldown_max)
-            self._open_until = self.clock() + self._cooldown
-            self._probe_deadline = None
-            log.warning("LLM endpoint failing: circuit open for %.1fs", self._cooldown)
-
-    def state(self) -> dict[str, Any]:
-        """Counters for logs and tests."""
-        now = self.clock()
-        is_open = self._open_until is not None and now < self._open_until
-        return {
-            "granted": self.granted,
-            "paused": self.paused,
-            "circuit": "open" if is_open else ("half-open" if self._open_until else "closed"),
-            "consecutive_failures": self._fails,
-        }
+    def lock(self) -> asyncio.Lock:
+        loop = asyncio.get_running_loop()
+        with self._guard:
+            lk = self._locks.get(id(loop))
+            if lk is None or getattr(lk, "_raypipe_loop", None) is not loop:
+                lk = asyncio.Lock()
+                lk._raypipe_loop = loop  # type: ignore[attr-defined]
+                self._locks[id(loop)] = lk
+            return lk
 
 
-async def _sleep_until_due(wait: float, status: str, max_late_s: float) -> bool:
-    """Sleep until a booked slot; True when the request may go now.
-
-    A slot woken up more than ``max_late_s`` late (a starved event loop or CPU) is abandoned
-    and booked again: sent late, it could land in the next window with that window's requests.
-    """
-    due = time.monotonic() + wait
-    if wait > 0:
-        await asyncio.sleep(wait)
-    if status != "ok":
-        return False
-    return time.monotonic() - due <= max_late_s
+async def _acquire(ask: Callable[[], Awaitable[tuple[float, str, int]]], gate: _Gate) -> int:
+    async with gate.lock():
+        while True:
+            wait, status, slot = await ask()
+            if status == "ok":
+                return slot
+            await asyncio.sleep(wait)
+            if status == "open":
+                raise CircuitOpen(f"endpoint down (circuit open, waited {wait:.1f}s)")
 
 
 class LocalLimiter:
@@ -231,18 +134,22 @@ class LocalLimiter:
 
     def __init__(self, budget: WindowBudget) -> None:
         self.budget = budget
-        self.max_late_s = budget.safety
         self._lock = threading.Lock()  # clients may run event loops in several threads
+        self._gate = _Gate()
 
-    async def acquire(self, n_tokens: float = 0.0) -> None:
-        """Wait for a slot; raise :class:`CircuitOpen` when the circuit is open."""
-        while True:
+    async def acquire(self, n_tokens: float = 0.0, lease_s: float = 600.0) -> int:
+        """Wait for a slot and return its id; raise :class:`CircuitOpen` when the circuit is open."""
+
+        async def ask() -> tuple[float, str, int]:
             with self._lock:
-                wait, status = self.budget.reserve(n_tokens)
-            if await _sleep_until_due(wait, status, self.max_late_s):
-                return
-            if status == "open":
-                raise CircuitOpen(f"endpoint down (circuit open, waited {wait:.1f}s)")
+                return self.budget.reserve(n_tokens, lease_s)
+
+        return await _acquire(ask, self._gate)
+
+    def release(self, slot: int, ok: bool | None = None) -> None:
+        """Give back ``slot`` (its request finished); ``ok`` feeds the breaker."""
+        with self._lock:
+            self.budget.release(slot, ok)
 
     def pause(self, seconds: float) -> None:
         """Pause the whole budget."""
@@ -256,24 +163,28 @@ class LocalLimiter:
 
     def state(self) -> dict[str, Any]:
         """Budget counters."""
-        return self.budget.state()
+        with self._lock:
+            return self.budget.state()
 
 
 class RayLimiter:
     """Client of the cluster-wide limiter actor (same API as :class:`LocalLimiter`)."""
 
-    def __init__(self, handle: Any, max_late_s: float = 0.05) -> None:
+    def __init__(self, handle: Any) -> None:
         self.handle = handle
-        self.max_late_s = max_late_s
+        self._gate = _Gate()
 
-    async def acquire(self, n_tokens: float = 0.0) -> None:
-        """Wait for a slot; raise :class:`CircuitOpen` when the circuit is open."""
-        while True:
-            wait, status = await self.handle.reserve.remote(n_tokens)
-            if await _sleep_until_due(wait, status, self.max_late_s):
-                return
-            if status == "open":
-                raise CircuitOpen(f"endpoint down (circuit open, waited {wait:.1f}s)")
+    async def acquire(self, n_tokens: float = 0.0, lease_s: float = 600.0) -> int:
+        """Wait for a slot and return its id; raise :class:`CircuitOpen` when the circuit is open."""
+
+        async def ask() -> tuple[float, str, int]:
+            return await self.handle.reserve.remote(n_tokens, lease_s)  # type: ignore[no-any-return]
+
+        return await _acquire(ask, self._gate)
+
+    def release(self, slot: int, ok: bool | None = None) -> None:
+        """Give back ``slot`` (fire and forget: the actor sees it late, which is conservative)."""
+        self.handle.release.remote(slot, ok)
 
     def pause(self, seconds: float) -> None:
         """Pause the whole budget (fire and forget)."""
@@ -328,8 +239,7 @@ def get_limiter(
         Ray namespace of the named actor.
     **breaker
         ``breaker_failures``, ``breaker_cooldown_s``, ``breaker_max_cooldown_s``, ``safety_s``
-        (spacing margin, default max(0.05 s, 0.5% of the window); also the most a client may
-        wake up late before it books its slot again).
+        (extra time a finished slot stays live, default max(0.05 s, 0.5% of the window)).
     """
     scale = window_s / 60.0 if window_s != 60.0 else 1.0
     rpw, tpw = requests_per_minute * scale, tokens_per_minute * scale
@@ -356,7 +266,7 @@ def get_limiter(
         num_cpus=0,
         max_concurrency=1,
     )
-    return RayLimiter(actor.remote(rpw, tpw, window_s, **breaker), breaker["safety_s"])
+    return RayLimiter(actor.remote(rpw, tpw, window_s, **breaker))
 
 
 def _header(exc: Any, name: str) -> str | None:
@@ -407,12 +317,16 @@ async def _attempt(
     timeout_s: float,
     slots: asyncio.Semaphore | None,
 ) -> T:
-    if slots is None:
-        await limiter.acquire(n_tokens)
-        return await asyncio.wait_for(fn(), timeout_s)
-    async with slots:
-        await limiter.acquire(n_tokens)
-        return await asyncio.wait_for(fn(), timeout_s)
+    async with slots if slots is not None else contextlib.nullcontext():
+        # a slot is live from grant until the answer (or error) is back, plus one window
+        slot = await limiter.acquire(n_tokens, lease_s=2 * timeout_s + 60.0)
+        try:
+            result = await asyncio.wait_for(fn(), timeout_s)
+        except BaseException:
+            limiter.release(slot)
+            raise
+        limiter.release(slot, True)
+        return result
 
 
 async def call_with_retries(
@@ -470,7 +384,6 @@ async def call_with_retries(
                     delay = max(delay, info.retry_after_s)
                 await asyncio.sleep(delay)
             continue
-        limiter.report(True)
         return result
     reason = last.reason if last else "no attempt"
     raise CallFailed(

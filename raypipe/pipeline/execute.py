@@ -85,7 +85,7 @@ def map_shards(
 
     if not shards:
         return []
-    ds = ray.data.from_items(
+    ds: Any = ray.data.from_items(
         [
             {"shard": s.index, "start": s.start, "stop": s.stop, "content_hash": s.content_hash}
             for s in shards

@@ -75,7 +75,9 @@ def build_genept_w(
             ),
             num_cpus=job.ray.actor_cpus,
         )
-        n, total, total_sq = 0, 0.0, 0.0
+        n = 0
+        total: Any = 0.0
+        total_sq: Any = 0.0
         for row in ds.iter_rows():
             n += int(row["n"])
             total = total + np.asarray(row["sum"])

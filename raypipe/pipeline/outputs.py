@@ -48,7 +48,7 @@ def write_parquet_atomic(path: Path, table: Any) -> None:
 
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
-    pq.write_table(table, tmp)
+    pq.write_table(table, tmp, use_dictionary=False)  # embeddings and cell names never repeat
     os.replace(tmp, path)
 
 

@@ -174,6 +174,13 @@ def _check_output_dir(out_dir: Path, job: JobConfig, overwrite: bool) -> None:
         )
 
 
+def _progress(bar: Any) -> Any:
+    def update(row: dict[str, Any]) -> None:
+        bar.update(int(row["n_cells"]))
+
+    return update
+
+
 def pending_shards(out_dir: Path, method: str, shards: list[Any], fingerprint: str) -> list[Any]:
     """Return the shards whose completion marker is missing or stale (content, range, settings)."""
     todo = []
@@ -269,7 +276,7 @@ def _annotate(
             "unassigned_threshold": job.annotate.unassigned_threshold,
         }
         spec = StageSpec(AnnotateShards, kwargs, job.ray.actors, job.ray.actor_cpus)
-        map_shards([spec], todo, on_done=lambda row, bar=bar: bar.update(int(row["n_cells"])))
+        map_shards([spec], todo, on_done=_progress(bar))
         bar.close()
         summary.outputs.append(str(out_dir / "annotations" / method))
         manifest["annotate"]["methods"][method] = {
@@ -398,7 +405,7 @@ def run_job(job: JobConfig, *, overwrite: bool = False, progress: bool = True) -
             desc=name,
             disable=not progress or not todo,
         )
-        map_shards(plan.steps, todo, on_done=lambda row, bar=bar: bar.update(int(row["n_cells"])))
+        map_shards(plan.steps, todo, on_done=_progress(bar))
         bar.close()
         summary.timings[name] = time.perf_counter() - t
         summary.shards_done[name] = len(todo)

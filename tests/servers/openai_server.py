@@ -62,7 +62,8 @@ class Faults:
     ``*_rate`` are probabilities per request (seeded); ``fail_inputs`` maps a substring of an
     input (embedding text or chat message) to a mode that every request containing it gets:
     ``"500"``, ``"400"``, ``"timeout"``, ``"drop"``, ``"malformed"`` or ``"refuse"`` (chat
-    answers with a refusal).
+    answers with a refusal). ``fail_inputs_on`` restricts ``fail_inputs`` to requests whose
+    path contains it (e.g. ``"embeddings"``; empty = every path).
     """
 
     error_rate: float = 0.0
@@ -71,6 +72,7 @@ class Faults:
     malformed_rate: float = 0.0
     timeout_sleep_s: float = 3.0
     fail_inputs: dict[str, str] = field(default_factory=dict)
+    fail_inputs_on: str = ""
     seed: int = 0
 
 
@@ -200,9 +202,10 @@ class FakeOpenAI:
             self._acc_tokens.append(float(tokens))
             return None
 
-    def fault_for(self, inputs: list[str]) -> str | None:
+    def fault_for(self, inputs: list[str], path: str = "") -> str | None:
         """The fault this request gets, if any."""
-        for text in inputs:
+        targeted = self.faults.fail_inputs_on in path
+        for text in inputs if targeted else []:
             for needle, mode in self.faults.fail_inputs.items():
                 if needle in text:
                     return mode
@@ -296,7 +299,7 @@ class _Handler(BaseHTTPRequestHandler):
             return
         if svc.latency_s:
             time.sleep(svc.latency_s)
-        fault = svc.fault_for(inputs)
+        fault = svc.fault_for(inputs, path)
         if fault in ("500", "400"):
             self._error(int(fault), "injected failure")
             return
