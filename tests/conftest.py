@@ -41,6 +41,7 @@ def ray_local():
 
     if not ray.is_initialized():
         ray.init(
+            address="local",
             num_cpus=2,
             object_store_memory=1 << 30,
             include_dashboard=False,

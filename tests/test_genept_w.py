@@ -8,7 +8,7 @@ import pytest
 import scipy.sparse as sp
 from data_factory import GENES, counts, dense_genept_w, ensembl_id
 
-from raypipe.embed.genept_w import GenePTW, genept_w, log_normalize, weight_matrix
+from raypipe.embed.genept_w import GenePTW, fold_collapse, genept_w, log_normalize, weight_matrix
 from raypipe.embed.hvg import gene_moments, select_hvg
 from raypipe.errors import StageContractError
 from raypipe.genes.identity import GeneTable, resolve_genes
@@ -164,3 +164,19 @@ def test_stage_checks_its_contract(tmp_path):
     assert "stage GenePTW needs columns ['stop', 'content_hash']" in str(err.value)
     assert "['shard', 'start']" in str(err.value)
     check_contract("X", {"a": 1}, ("a",))
+
+
+def test_fold_collapse_is_exact_without_duplicates_and_kept_with_them():
+    rng = np.random.default_rng(3)
+    x = sp.random(50, 6, density=0.5, format="csr", random_state=1, dtype=np.float32)
+    x.data = np.ceil(x.data * 10)
+    w = rng.normal(size=(4, 8)).astype(np.float32)
+    # columns 0..3 are genes 0..3; columns 4, 5 are unmatched (dropped)
+    c = sp.csr_matrix((np.ones(4), ([0, 1, 2, 3], [0, 1, 2, 3])), shape=(6, 4))
+    folded_c, folded_w = fold_collapse(c, w)
+    assert folded_c is None
+    np.testing.assert_allclose(genept_w(x, None, folded_w)[0], genept_w(x, c, w)[0], atol=1e-6)
+    dup = sp.csr_matrix((np.ones(5), ([0, 1, 2, 3, 4], [0, 1, 2, 3, 3])), shape=(6, 4))
+    kept_c, kept_w = fold_collapse(dup, w)
+    assert kept_c is dup
+    assert kept_w is w

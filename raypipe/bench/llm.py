@@ -40,7 +40,8 @@ class LLMWorker:
     window_s
         Budget window (60 s real time; shorter when time is scaled).
     safety_s
-        Limiter spacing margin (default: :func:`~raypipe.llm.ratelimit.get_limiter`'s).
+        Extra time a finished request's slot stays live (default:
+        :func:`~raypipe.llm.ratelimit.get_limiter`'s).
     """
 
     def __init__(
@@ -140,7 +141,8 @@ def run_throughput(
     n_items = int(rpm * windows + rpm * 0.25)
     srv = server_cls(KEY, rpm=rpm, tpm=None, window_s=window_s, dim=64)
     with srv, tempfile.TemporaryDirectory() as out:
-        job = _job(srv.base_url, out, rpm, 1e12, in_flight=64)
+        # the limiter scales per-minute budgets by window_s / 60: rpm requests per window
+        job = _job(srv.base_url, out, rpm * 60 / window_s, 1e12, in_flight=64)
         ws = _workers(ray, job, actors, window_s)
         genes = [f"TPUT{actors}_{i}" for i in range(n_items)]
         t0 = time.perf_counter()
@@ -169,7 +171,7 @@ def run_genes(
     """Describe then embed ``n_genes`` genes; return the wall times."""
     srv = server_cls(KEY, rpm=rpm, tpm=tpm * window_s / 60, window_s=window_s, dim=1536)
     with srv, tempfile.TemporaryDirectory() as out:
-        job = _job(srv.base_url, out, rpm, tpm, in_flight=64)
+        job = _job(srv.base_url, out, rpm * 60 / window_s, tpm, in_flight=64)
         ws = _workers(ray, job, actors, window_s)
         genes = [f"BENCH{i}" for i in range(n_genes)]
         t0 = time.perf_counter()

@@ -372,8 +372,10 @@ async def call_with_retries(
         except Exception as exc:
             info = classify(exc)
             last = info
-            if info.status != 429:
-                limiter.report(False)
+            if info.retry and info.status != 429:
+                limiter.report(False)  # the endpoint may be down: feed the breaker
+            elif not info.retry and not info.fatal and info.status is not None:
+                limiter.report(True)  # a 4xx for this input: the endpoint is up
             if not info.retry:
                 raise CallFailed(redact(info.reason), retryable=False, status=info.status) from None
             if info.retry_after_s is not None:

@@ -30,6 +30,7 @@ def init_ray(cfg: RayConfig) -> str:
     if cfg.address == "local" and not os.environ.get("RAY_ADDRESS"):
         os.environ.setdefault("RAY_AUTH_MODE", "disabled")  # embedded, loopback-only Ray
         ray.init(
+            address="local",  # always a new embedded instance, never a cluster found in /tmp/ray
             num_cpus=cfg.num_cpus,
             object_store_memory=cfg.object_store_memory,
             include_dashboard=False,

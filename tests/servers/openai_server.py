@@ -7,6 +7,14 @@ rate or for inputs containing given substrings, and counts every call and input.
 
 Time can be scaled: ``window_s=2`` makes "per minute" budgets apply per 2 s window, so rate
 tests take seconds.
+
+Run it by hand (e.g. for ``configs/kang8k-openai-loopback.yaml``)::
+
+    export RAYPIPE_LOOPBACK_KEY=sk-loopback-anything
+    python tests/servers/openai_server.py --port 8765 --rpm 400 --window-s 10
+
+It prints its counters (calls, HTTP statuses, most requests seen in any window) every
+``--report-s`` seconds and when stopped.
 """
 
 from __future__ import annotations
@@ -25,7 +33,7 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["FakeOpenAI", "Faults", "fake_embedding", "fake_tokens", "max_in_window"]
+__all__ = ["FakeOpenAI", "Faults", "fake_embedding", "fake_tokens", "main", "max_in_window"]
 
 
 def fake_tokens(text: str) -> int:
@@ -93,6 +101,8 @@ class FakeOpenAI:
         Service time added to every request.
     faults
         Faults to inject.
+    port
+        TCP port on 127.0.0.1 (0 = a free one).
     """
 
     def __init__(
@@ -105,11 +115,13 @@ class FakeOpenAI:
         dim: int = 32,
         latency_s: float = 0.0,
         faults: Faults | None = None,
+        port: int = 0,
     ) -> None:
         self.api_key = api_key
         self.rpm, self.tpm, self.window_s = rpm, tpm, window_s
         self.dim, self.latency_s = dim, latency_s
         self.faults = faults or Faults()
+        self.port = port
         self._rng = np.random.default_rng(self.faults.seed)
         self._lock = threading.Lock()
         self.reset_counters()
@@ -163,7 +175,7 @@ class FakeOpenAI:
         """Start serving in a daemon thread; returns self."""
         handler = type("Handler", (_Handler,), {"service": self})
         server_cls = type("Server", (ThreadingHTTPServer,), {"request_queue_size": 512})
-        self._httpd = server_cls(("127.0.0.1", 0), handler)
+        self._httpd = server_cls(("127.0.0.1", self.port), handler)
         self._httpd.daemon_threads = True
         self._thread = threading.Thread(target=self._httpd.serve_forever, daemon=True)
         self._thread.start()
@@ -366,3 +378,51 @@ class _Handler(BaseHTTPRequestHandler):
             ],
             "usage": {"prompt_tokens": pt, "completion_tokens": ct, "total_tokens": pt + ct},
         }
+
+
+def _stats(srv: FakeOpenAI) -> dict[str, Any]:
+    return {
+        "calls": dict(srv.calls),
+        "status": {str(k): v for k, v in srv.status.items()},
+        "tokens_charged": srv.tokens_charged,
+        "max_requests_in_any_window": srv.max_requests_in_window(),
+        "budget_per_window": srv.rpm,
+        "window_s": srv.window_s,
+        "inputs_served_more_than_once": sum(1 for v in srv.served.values() if v > 1),
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Serve until interrupted (the key comes from ``$RAYPIPE_LOOPBACK_KEY``)."""
+    import argparse
+    import os
+
+    p = argparse.ArgumentParser(description="loopback fake OpenAI server (tests only)")
+    p.add_argument("--port", type=int, default=8765)
+    p.add_argument("--rpm", type=float, default=None, help="requests per window")
+    p.add_argument("--tpm", type=float, default=None, help="tokens per window")
+    p.add_argument("--window-s", type=float, default=60.0)
+    p.add_argument("--dim", type=int, default=256)
+    p.add_argument("--report-s", type=float, default=10.0)
+    args = p.parse_args(argv)
+    key = os.environ.get("RAYPIPE_LOOPBACK_KEY", "")
+    if not key:
+        print("set RAYPIPE_LOOPBACK_KEY (the only key the server accepts)")
+        return 2
+    srv = FakeOpenAI(
+        key, rpm=args.rpm, tpm=args.tpm, window_s=args.window_s, dim=args.dim, port=args.port
+    ).start()
+    print(f"serving {srv.base_url}", flush=True)
+    try:
+        while True:
+            time.sleep(args.report_s)
+            print(json.dumps(_stats(srv)), flush=True)
+    except KeyboardInterrupt:
+        print(json.dumps(_stats(srv)), flush=True)
+    finally:
+        srv.stop()
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
