@@ -56,15 +56,19 @@ class Candidates:
 def read_parts(
     out_dir: Path, kind: str, method: str, columns: list[str] | None = None
 ) -> pd.DataFrame:
-    """Read every part of an output, sorted by atlas row."""
+    """Read every part of an output, sorted by atlas row (``columns`` absent from a part are skipped)."""
     import pyarrow.parquet as pq
 
     files = sorted((out_dir / kind / method).glob("part-*.parquet"))
     if not files:
         return pd.DataFrame(columns=columns or [])
-    df = pd.concat(
-        [pq.read_table(f, columns=columns).to_pandas() for f in files], ignore_index=True
-    )
+
+    def read(f: Path) -> pd.DataFrame:
+        names = pq.read_schema(f).names
+        cols = None if columns is None else [c for c in columns if c in names]
+        return pq.read_table(f, columns=cols).to_pandas()
+
+    df = pd.concat([read(f) for f in files], ignore_index=True)
     return df.sort_values("row").reset_index(drop=True) if "row" in df.columns else df
 
 

@@ -11,48 +11,58 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
+import pandas as pd
 
 if TYPE_CHECKING:
     from raypipe.annotate.stage import Candidates
     from raypipe.atlas.store import AtlasInfo
     from raypipe.config import JobConfig
 
-__all__ = ["load_embedding_matrix", "run_evaluation"]
+__all__ = ["load_embedding_rows", "run_evaluation"]
 
 log = logging.getLogger(__name__)
 
 
-def load_embedding_matrix(out_dir: Path, method: str, n_obs: int) -> np.ndarray:
-    """(n_obs, d) float32 embeddings of ``method`` in atlas row order."""
+def load_embedding_rows(out_dir: Path, method: str, rows: np.ndarray) -> np.ndarray:
+    """(len(rows), d) float32 embeddings of ``method`` for the atlas rows ``rows`` (sorted).
+
+    Reads one part at a time, so memory is bounded by the sample, not the atlas.
+    """
     import pyarrow.parquet as pq
 
+    pos = {int(r): i for i, r in enumerate(rows)}
     out: np.ndarray | None = None
     for f in sorted((out_dir / "embeddings" / method).glob("part-*.parquet")):
         t = pq.read_table(f, columns=["row", "embedding"])
+        part_rows = t.column("row").to_numpy()
+        hit = np.flatnonzero(np.isin(part_rows, rows))
+        if hit.size == 0:
+            continue
         col = t.column("embedding").combine_chunks()
         x = col.values.to_numpy().reshape(len(col), -1)
         if out is None:
-            out = np.zeros((n_obs, x.shape[1]), dtype=np.float32)
-        out[t.column("row").to_numpy()] = x
-    if out is None:
-        return np.zeros((n_obs, 0), dtype=np.float32)
-    return out
+            out = np.zeros((rows.size, x.shape[1]), dtype=np.float32)
+        out[[pos[int(r)] for r in part_rows[hit]]] = x[hit]
+    return out if out is not None else np.zeros((rows.size, 0), dtype=np.float32)
 
 
-def _pca(job: JobConfig, atlas: AtlasInfo) -> np.ndarray:
+def _sample_counts(atlas: AtlasInfo, rows: np.ndarray) -> Any:
+    """Read the sample's rows of X as raw counts (one streamed pass over the atlas)."""
+    import scipy.sparse as sp
+
     from raypipe.atlas.store import read_shard
-    from raypipe.evaluate.baseline import fit_pca_baseline
 
-    step = max(atlas.rows_per_chunk, 4 * atlas.rows_per_chunk)
-
-    def blocks() -> Any:
-        for start in range(0, atlas.n_obs, step):
-            x = read_shard(atlas.path, start, min(start + step, atlas.n_obs))
-            if atlas.x_kind == "lognorm":  # the baseline normalises counts itself
-                x.data = np.expm1(x.data)
-            yield x
-
-    return fit_pca_baseline(blocks, job.evaluate.pca_components)
+    step = 8 * atlas.rows_per_chunk
+    blocks = []
+    for start in range(0, atlas.n_obs, step):
+        stop = min(start + step, atlas.n_obs)
+        sel = rows[(rows >= start) & (rows < stop)] - start
+        if sel.size:
+            blocks.append(read_shard(atlas.path, start, stop)[sel])
+    x = sp.vstack(blocks).tocsr()
+    if atlas.x_kind == "lognorm":  # the baseline normalises counts itself
+        x.data = np.expm1(x.data)
+    return x
 
 
 def run_evaluation(
@@ -82,38 +92,51 @@ def run_evaluation(
             "evaluate.enabled but input.label_key is not set: no metrics need no labels; skipped"
         )
         return {"skipped": "no input.label_key"}
+    from raypipe.evaluate.baseline import fit_pca_baseline
+    from raypipe.evaluate.metrics import subsample_indices
+
     obs = read_obs_columns(atlas.path, [k for k in (label_key, batch_key) if k])
     labels = obs[label_key].to_numpy()
     batches = obs[batch_key].to_numpy() if batch_key else None
-    embeddings = {m: load_embedding_matrix(out_dir, m, atlas.n_obs) for m in methods}
-    embeddings["pca"] = _pca(job, atlas)
+    labelled = np.flatnonzero(~pd.isna(obs[label_key]).to_numpy())
+    sample = labelled[
+        subsample_indices(labelled.size, job.evaluate.sample_size, seed=job.evaluate.seed)
+    ]
+    embeddings = {m: load_embedding_rows(out_dir, m, sample) for m in methods}
+    x_sample = _sample_counts(atlas, sample)
+    embeddings["pca"] = fit_pca_baseline(lambda: iter([x_sample]), job.evaluate.pca_components)
     annotations: dict[str, Any] = {}
     text_emb: dict[str, np.ndarray] = {}
     text_labels = None
     if candidates is not None:
-        mapping = dict(zip(candidates.table["label"], candidates.table["label"], strict=True))
         for m in methods:
-            ann = read_parts(out_dir, "annotations", m)
+            ann = read_parts(out_dir, "annotations", m, columns=["row", "label", "label_uncentred"])
             if ann.empty:
                 continue
-            annotations[m] = ann["label"].map(mapping).to_numpy()
+            annotations[m] = ann["label"].to_numpy()
             if "label_uncentred" in ann.columns:
                 annotations[f"{m}_uncentred"] = ann["label_uncentred"].to_numpy()
             if m in TEXT_METHODS:
                 text_emb[m] = candidates.text_emb
         text_labels = candidates.labels
     dataset = job.input.name or Path(job.input.path).stem
+    # quadratic metrics and retrieval: the seeded sample; accuracy/F1/confusion: every cell
     ev = evaluate_embeddings(
         dataset,
         embeddings,
-        labels,
-        batches,
+        labels[sample],
+        None if batches is None else batches[sample],
         cfg=job.evaluate,
-        annotations=annotations,
         text_emb=text_emb or None,
         text_labels=text_labels,
         center=job.annotate.center,
     )
+    ev.metrics["n_cells"] = labelled.size
+    exact = evaluate_embeddings(dataset, {}, labels, cfg=job.evaluate, annotations=annotations)
+    ev.metrics = pd.concat([ev.metrics, exact.metrics], ignore_index=True)
+    ev.skipped = pd.concat([ev.skipped, exact.skipped], ignore_index=True)
+    ev.confusion, ev.per_class = exact.confusion, exact.per_class
+    ev.notes += exact.notes
     eval_dir = out_dir / "evaluation"
     write_parquet_atomic(
         out_dir / "metrics.parquet", pa.Table.from_pandas(ev.metrics, preserve_index=False)
@@ -138,8 +161,8 @@ def run_evaluation(
             out_dir,
             ev.metrics,
             embeddings,
-            labels,
-            predictions,
+            labels[sample],
+            {m: p[sample] for m, p in predictions.items()},
             ev.confusion,
             skipped=ev.skipped,
             notes=ev.notes,

@@ -396,6 +396,7 @@ def main(argv: list[str] | None = None) -> int:
     """Serve until interrupted (the key comes from ``$RAYPIPE_LOOPBACK_KEY``)."""
     import argparse
     import os
+    import signal
 
     p = argparse.ArgumentParser(description="loopback fake OpenAI server (tests only)")
     p.add_argument("--port", type=int, default=8765)
@@ -413,6 +414,11 @@ def main(argv: list[str] | None = None) -> int:
         key, rpm=args.rpm, tpm=args.tpm, window_s=args.window_s, dim=args.dim, port=args.port
     ).start()
     print(f"serving {srv.base_url}", flush=True)
+
+    def _stop(*_: object) -> None:
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, _stop)  # background jobs ignore SIGINT: report on TERM too
     try:
         while True:
             time.sleep(args.report_s)
