@@ -87,7 +87,12 @@ class GenePTS(ShardStage):
         """LLM usage and failed cells of the shard just written."""
         from raypipe.embed.text_stage import usage_delta
 
-        return {"usage": usage_delta(self.embedder, self._seen), "failures": self._last_failures}
+        transient = any(f["reason"] != "no expressed gene" for f in self._last_failures)
+        return {
+            "usage": usage_delta(self.embedder, self._seen),
+            "failures": self._last_failures,
+            "retry": transient,  # the next run recomputes this shard; the cache makes the rest free
+        }
 
 
 def build_genept_s(

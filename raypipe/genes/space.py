@@ -227,6 +227,9 @@ def prepare_gene_space(job: JobConfig, atlas: AtlasInfo, out_dir: Path) -> GeneS
     )
     digest.update("\n".join(symbols).encode())
     digest.update(embeddings.tobytes())
+    close = getattr(source, "close", None)
+    if callable(close):
+        close()
     return GeneSpace(
         resolution=resolution,
         texts=texts,

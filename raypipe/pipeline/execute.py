@@ -49,6 +49,14 @@ def init_ray(cfg: RayConfig) -> str:
     return desc
 
 
+def _pool(actors: int, n_items: int) -> Any:
+    """Build an actor pool that starts at full size (no ramp-up) but may shrink to 1 (node loss)."""
+    import ray
+
+    n = max(1, min(actors, n_items))
+    return ray.data.ActorPoolStrategy(min_size=1, max_size=n, initial_size=n)
+
+
 @dataclass(frozen=True)
 class StageSpec:
     """One Ray Data ``map_batches`` step: a callable class, its kwargs and actor resources."""
@@ -98,9 +106,7 @@ def map_shards(
             spec.stage,
             fn_constructor_kwargs=spec.kwargs,
             batch_size=1,
-            compute=ray.data.ActorPoolStrategy(
-                min_size=1, max_size=max(1, min(spec.actors, len(shards)))
-            ),
+            compute=_pool(spec.actors, len(shards)),
             num_cpus=spec.actor_cpus,
             num_gpus=spec.num_gpus or None,
             max_restarts=-1,

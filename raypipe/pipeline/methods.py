@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from raypipe.config import config_hash
-from raypipe.pipeline.execute import StageSpec
+from raypipe.pipeline.execute import StageSpec, map_shards
 from raypipe.registry import Registry
 
 if TYPE_CHECKING:
@@ -57,28 +57,21 @@ def build_genept_w(
     mask = None
     notes: dict[str, Any] = {"hvg": cfg.hvg, "center": cfg.center}
     if cfg.hvg is not None:
-        collapse_ref = ray.put(genes.collapse)
-        ds = ray.data.from_items(
-            [{"shard": s.index, "start": s.start, "stop": s.stop} for s in shards],
-            override_num_blocks=len(shards),
-        ).map_batches(
+        spec = StageSpec(
             GeneMoments,
-            fn_constructor_kwargs={
+            {
                 "atlas_path": atlas.path,
-                "collapse": collapse_ref,
+                "collapse": ray.put(genes.collapse),
                 "x_kind": atlas.x_kind,
                 "target_sum": cfg.target_sum,
             },
-            batch_size=1,
-            compute=ray.data.ActorPoolStrategy(
-                min_size=1, max_size=max(1, min(job.ray.actors, len(shards)))
-            ),
-            num_cpus=job.ray.actor_cpus,
+            job.ray.actors,
+            job.ray.actor_cpus,
         )
         n = 0
         total: Any = 0.0
         total_sq: Any = 0.0
-        for row in ds.iter_rows():
+        for row in map_shards([spec], shards):
             n += int(row["n"])
             total = total + np.asarray(row["sum"])
             total_sq = total_sq + np.asarray(row["sum_sq"])

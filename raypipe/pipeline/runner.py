@@ -196,6 +196,7 @@ def pending_shards(out_dir: Path, method: str, shards: list[Any], fingerprint: s
             and (m.get("start"), m.get("stop")) == (s.start, s.stop)
             and part is not None
             and part.exists()
+            and not m.get("retry")  # items that failed for a transient reason are retried
         )
         if not fresh:
             todo.append(s)
@@ -291,6 +292,7 @@ def _collect_llm(
     job: JobConfig,
     out_dir: Path,
     shards: list[Any],
+    computed: dict[str, set[int]],
     genes: Any,
     candidates: Any,
     summary: RunSummary,
@@ -314,7 +316,8 @@ def _collect_llm(
         n_failed = 0
         for s in shards:
             m = read_marker(marker_path(out_dir, method, s.index)) or {}
-            meter.merge(m.get("usage") or {})
+            if s.index in computed.get(method, set()):  # reused shards cost nothing this run
+                meter.merge(m.get("usage") or {})
             n_failed += len(m.get("failures") or [])
             rows += m.get("failures") or []
         share = n_failed / max(summary.n_cells, 1)
@@ -392,6 +395,7 @@ def run_job(job: JobConfig, *, overwrite: bool = False, progress: bool = True) -
     summary.n_shards = len(shards)
     manifest["shards"] = {"rows": job.shards.rows, "n": len(shards)}
     manifest["methods"] = {}
+    computed: dict[str, set[int]] = {}
 
     for name in job.embed.methods:
         t = time.perf_counter()
@@ -399,6 +403,7 @@ def run_job(job: JobConfig, *, overwrite: bool = False, progress: bool = True) -
         kind = plan.kind
         _drop_stale_parts(out_dir, kind, name, len(shards))
         todo = pending_shards(out_dir, name, shards, plan.fingerprint)
+        computed[name] = {s.index for s in todo}
         bar = tqdm(
             total=sum(s.n_rows for s in todo),
             unit="cell",
@@ -433,7 +438,9 @@ def run_job(job: JobConfig, *, overwrite: bool = False, progress: bool = True) -
             summary.outputs += [p for p in (ev.get("metrics"), ev.get("report")) if p]
         manifest["evaluation"] = ev
 
-    failures_exceeded = _collect_llm(job, out_dir, shards, genes, candidates, summary, manifest)
+    failures_exceeded = _collect_llm(
+        job, out_dir, shards, computed, genes, candidates, summary, manifest
+    )
     summary.wall_s = time.perf_counter() - t_start
     manifest.update(
         status="complete",
