@@ -100,7 +100,7 @@ def embed_texts(
         fn_constructor_kwargs={"job_json": job.model_dump_json()},
         batch_size=bs,
         batch_format="pandas",
-        compute=ray.data.ActorPoolStrategy(min_size=1, max_size=n_actors, initial_size=n_actors),
+        compute=ray.data.ActorPoolStrategy(min_size=1, max_size=n_actors),
         num_cpus=job.ray.actor_cpus,
         num_gpus=gpus or None,
     ).to_pandas()

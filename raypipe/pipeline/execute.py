@@ -50,11 +50,14 @@ def init_ray(cfg: RayConfig) -> str:
 
 
 def _pool(actors: int, n_items: int) -> Any:
-    """Build an actor pool that starts at full size (no ramp-up) but may shrink to 1 (node loss)."""
+    """Build an autoscaling actor pool of 1..``actors`` (never more actors than items).
+
+    ``min_size=1`` matters: a pool that insists on its full size can starve Ray Data's own
+    read tasks on a small cluster (seen on a 2-CPU cluster), and must shrink after node loss.
+    """
     import ray
 
-    n = max(1, min(actors, n_items))
-    return ray.data.ActorPoolStrategy(min_size=1, max_size=n, initial_size=n)
+    return ray.data.ActorPoolStrategy(min_size=1, max_size=max(1, min(actors, n_items)))
 
 
 @dataclass(frozen=True)
