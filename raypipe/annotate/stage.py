@@ -10,18 +10,17 @@ the method's embedding part (and X for the markers scorer), score, assign, and w
 from __future__ import annotations
 
 import logging
-import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import numpy as np
 import pandas as pd
 
 from raypipe.config import config_hash
 from raypipe.errors import ConfigError
-from raypipe.pipeline.outputs import atomic_write_json, marker_path, part_path, write_parquet_atomic
-from raypipe.pipeline.stage import SHARD_COLUMNS, SUMMARY_COLUMNS, check_contract
+from raypipe.pipeline.outputs import part_path, write_parquet_atomic
+from raypipe.pipeline.stage import ShardStage
 
 if TYPE_CHECKING:
     from raypipe.atlas.store import AtlasInfo
@@ -148,20 +147,20 @@ def prepare_candidates(
     return Candidates(cand, [str(x) for x in cand["label"]], emb, idx, usage)
 
 
-class AnnotateShards:
+class AnnotateShards(ShardStage):
     """Ray Data stage: shard specs → ``annotations/<method>/part-*.parquet``.
 
     Batch contract: in ``shard, start, stop, content_hash``; out ``shard, n_cells, n_empty,
-    seconds, path``.
+    seconds, path``. Reads the method's embedding part (``text`` scorer) and the shard's X
+    (``markers`` scorer).
     """
+
+    kind: ClassVar[str] = "annotations"
 
     def __init__(
         self,
         *,
         method: str,
-        atlas_path: str,
-        out_dir: str,
-        fingerprint: str,
         labels: list[str],
         text_emb: Any,
         cell_mean: Any,
@@ -170,14 +169,21 @@ class AnnotateShards:
         center: bool,
         top_k: int,
         unassigned_threshold: float | None,
+        **kwargs: Any,
     ) -> None:
         from raypipe.embed.genept_w import _resolve
 
-        self.method, self.atlas_path, self.out_dir = method, atlas_path, Path(out_dir)
-        self.fingerprint, self.labels = fingerprint, labels
+        super().__init__(**kwargs)
+        self.method = method  # type: ignore[misc]  # one class serves every embedding method
+        self.labels = labels
         self.text_emb, self.cell_mean = _resolve(text_emb), _resolve(cell_mean)
         self.marker_idx, self.weights, self.center = marker_idx, weights, center
         self.top_k, self.threshold = top_k, unassigned_threshold
+
+    @property
+    def stage_name(self) -> str:
+        """Markers live beside the embedding method's, as ``annotate_<method>``."""
+        return f"annotate_{self.method}"
 
     def _score(self, emb: np.ndarray | None, x: Any, center: bool) -> np.ndarray:
         from raypipe.annotate.scorers import ScoreInputs, score_cells
@@ -192,68 +198,32 @@ class AnnotateShards:
         )
         return score_cells(inputs, self.weights)[1]
 
-    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        """Annotate each shard of the batch."""
+    def output_table(self, batch: dict[str, np.ndarray], i: int) -> tuple[Any, int]:
+        """Score and assign the shard's cells."""
         import pyarrow as pa
         import pyarrow.parquet as pq
 
         from raypipe.annotate.scorers import assign
         from raypipe.atlas.store import read_shard
 
-        check_contract("AnnotateShards", batch, SHARD_COLUMNS)
-        rows: dict[str, list[Any]] = {c: [] for c in SUMMARY_COLUMNS}
-        for i in range(len(batch["shard"])):
-            t0 = time.perf_counter()
-            shard, start, stop = (
-                int(batch["shard"][i]),
-                int(batch["start"][i]),
-                int(batch["stop"][i]),
-            )
-            part = pq.read_table(
-                part_path(self.out_dir, "embeddings", self.method, shard)
-            ).to_pandas()
-            emb = np.stack(part["embedding"].to_numpy()) if "text" in self.weights else None
-            x = read_shard(self.atlas_path, start, stop) if "markers" in self.weights else None
-            pred = assign(
-                self._score(emb, x, self.center),
-                self.labels,
-                top_k=self.top_k,
-                unassigned_threshold=self.threshold,
-            )
-            if self.center and emb is not None:
-                raw = assign(self._score(emb, x, False), self.labels, top_k=1)
-                pred["label_uncentred"] = raw["best_label"].to_numpy()
-            pred.insert(0, "row", part["row"].to_numpy())
-            pred.insert(0, "shard", shard)
-            pred.insert(0, "obs_name", part["obs_name"].to_numpy())
-            table = pa.Table.from_pandas(pred, preserve_index=False).replace_schema_metadata(
-                {"method": self.method, "fingerprint": self.fingerprint}
-            )
-            path = part_path(self.out_dir, "annotations", self.method, shard)
-            write_parquet_atomic(path, table)
-            seconds = time.perf_counter() - t0
-            atomic_write_json(
-                marker_path(self.out_dir, f"annotate_{self.method}", shard),
-                {
-                    "shard": shard,
-                    "start": start,
-                    "stop": stop,
-                    "content_hash": str(batch["content_hash"][i]),
-                    "fingerprint": self.fingerprint,
-                    "n_cells": stop - start,
-                    "seconds": seconds,
-                    "path": str(path),
-                },
-            )
-            for k, v in (
-                ("shard", shard),
-                ("n_cells", stop - start),
-                ("n_empty", 0),
-                ("seconds", seconds),
-                ("path", str(path)),
-            ):
-                rows[k].append(v)
-        return {k: np.asarray(v) for k, v in rows.items()}
+        shard, start, stop = int(batch["shard"][i]), int(batch["start"][i]), int(batch["stop"][i])
+        part = pq.read_table(
+            part_path(Path(self.out_dir), "embeddings", self.method, shard)
+        ).to_pandas()
+        emb = np.stack(part["embedding"].to_numpy()) if "text" in self.weights else None
+        x = read_shard(self.atlas_path, start, stop) if "markers" in self.weights else None
+        scores = self._score(emb, x, self.center)
+        pred = assign(scores, self.labels, top_k=self.top_k, unassigned_threshold=self.threshold)
+        if self.center and emb is not None:
+            raw = assign(self._score(emb, x, False), self.labels, top_k=1)
+            pred["label_uncentred"] = raw["best_label"].to_numpy()
+        pred.insert(0, "row", part["row"].to_numpy())
+        pred.insert(0, "shard", shard)
+        pred.insert(0, "obs_name", part["obs_name"].to_numpy())
+        table = pa.Table.from_pandas(pred, preserve_index=False)
+        return table.replace_schema_metadata(
+            {"method": self.method, "fingerprint": self.fingerprint}
+        ), 0
 
 
 def annotation_fingerprint(job: JobConfig, method_fp: str, cand: Candidates) -> str:

@@ -81,7 +81,7 @@ def map_shards(
 
     Each step runs on its own actor pool, so Ray Data overlaps them; the last step must
     return the shard-stage summary (see raypipe.pipeline.stage). Actors restart on node loss
-    (``max_restarts=-1``) and their tasks are retried; every step is idempotent because
+    (Ray Data's default ``max_restarts=-1``) and their tasks are retried; every step is idempotent because
     parts are written atomically under deterministic names.
 
     Parameters
@@ -112,8 +112,8 @@ def map_shards(
             compute=_pool(spec.actors, len(shards)),
             num_cpus=spec.actor_cpus,
             num_gpus=spec.num_gpus or None,
-            max_restarts=-1,
-            max_task_retries=-1,
+            # Ray Data's actor pools default to max_restarts=-1, max_task_retries=-1: actors
+            # lost with a node are recreated and their shards retried.
         )
     done = []
     for row in ds.iter_rows():

@@ -86,10 +86,23 @@ class ShardStage:
         start, stop = int(batch["start"][i]), int(batch["stop"][i])
         return self.compute(read_shard(self.atlas_path, start, stop), start, stop)
 
-    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        """Process each shard spec in ``batch``; return one summary row per shard."""
+    @property
+    def stage_name(self) -> str:
+        """Name of this stage's completion markers (``state/<stage_name>/``)."""
+        return self.method
+
+    def output_table(self, batch: dict[str, np.ndarray], i: int) -> tuple[Any, int]:
+        """Build shard ``i``'s output table and count its empty cells (default: embeddings)."""
         from raypipe.atlas.store import read_obs_names
 
+        shard, start, stop = int(batch["shard"][i]), int(batch["start"][i]), int(batch["stop"][i])
+        names = read_obs_names(self.atlas_path, start, stop)
+        emb, empty = self.compute_row(batch, i)
+        meta = {**self.metadata, "method": self.method, "fingerprint": self.fingerprint}
+        return embedding_table(names, shard, start, emb, empty, meta), int(np.count_nonzero(empty))
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """Process each shard spec in ``batch``: write its part, then its marker; summarise."""
         check_contract(type(self).__name__, batch, self.input_columns)
         rows: dict[str, list[Any]] = {c: [] for c in self.output_columns}
         for i in range(len(batch["shard"])):
@@ -99,30 +112,28 @@ class ShardStage:
                 int(batch["start"][i]),
                 int(batch["stop"][i]),
             )
-            names = read_obs_names(self.atlas_path, start, stop)
-            emb, empty = self.compute_row(batch, i)
-            meta = {**self.metadata, "method": self.method, "fingerprint": self.fingerprint}
+            table, n_empty = self.output_table(batch, i)
             path = part_path(self.out_dir, self.kind, self.method, shard)
-            write_parquet_atomic(path, embedding_table(names, shard, start, emb, empty, meta))
+            write_parquet_atomic(path, table)
             seconds = time.perf_counter() - t0
+            summary = {
+                "shard": shard,
+                "n_cells": stop - start,
+                "n_empty": n_empty,
+                "seconds": seconds,
+                "path": str(path),
+            }
             atomic_write_json(
-                marker_path(self.out_dir, self.method, shard),
+                marker_path(self.out_dir, self.stage_name, shard),
                 {
-                    "shard": shard,
+                    **summary,
                     "start": start,
                     "stop": stop,
                     "content_hash": str(batch["content_hash"][i]),
                     "fingerprint": self.fingerprint,
-                    "n_cells": stop - start,
-                    "n_empty": int(np.count_nonzero(empty)),
-                    "seconds": seconds,
-                    "path": str(path),
                     **self.marker_extra(),
                 },
             )
-            rows["shard"].append(shard)
-            rows["n_cells"].append(stop - start)
-            rows["n_empty"].append(int(np.count_nonzero(empty)))
-            rows["seconds"].append(seconds)
-            rows["path"].append(str(path))
+            for k, v in summary.items():
+                rows[k].append(v)
         return {k: np.asarray(v) for k, v in rows.items()}
