@@ -27,7 +27,8 @@ def main(argv: list[str]) -> int:
         print(__doc__)
         return 2
     module = importlib.import_module(BENCHES[argv[0]])
-    return int(module.main(argv[1:]) or 0)
+    rc = module.main(argv[1:])
+    return rc if isinstance(rc, int) else 0  # some benches return their figures
 
 
 if __name__ == "__main__":
