@@ -47,12 +47,12 @@ class RunSummary:
 
     def render(self) -> str:
         """Human summary."""
-        cps = self.n_cells * max(1, len(self.shards_done)) / self.wall_s if self.wall_s else 0.0
+        cps = self.n_cells / self.wall_s if self.wall_s else 0.0
         lines = [
             "== raypipe run summary ==",
             f"ray:        {self.ray}",
             f"cells:      {self.n_cells:,} in {self.n_shards} shards",
-            f"wall time:  {self.wall_s:.1f} s ({cps:,.0f} cell-embeddings/s over all methods)",
+            f"wall time:  {self.wall_s:.1f} s ({cps:,.0f} cells/s end to end, all stages)",
             f"genes:      {self.coverage}",
         ]
         for m in self.shards_done:
