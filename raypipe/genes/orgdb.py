@@ -371,6 +371,8 @@ def fetch_orgdb(dest: str | Path | None = None) -> Path:
             f"folder holding {ORG_SQLITE} and {GO_SQLITE}",
         )
     dest.mkdir(parents=True, exist_ok=True)
+    if all((dest / name).is_file() for name in (ORG_SQLITE, GO_SQLITE)):
+        return dest  # already fetched (delete the folder to fetch again)
     with tempfile.TemporaryDirectory(prefix="raypipe-orgdb-") as tmp:
         run = subprocess.run(
             [apt, "download", *DEBIAN_PACKAGES], cwd=tmp, capture_output=True, text=True
