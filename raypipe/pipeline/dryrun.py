@@ -68,6 +68,11 @@ def plan_estimates(job: JobConfig) -> list[Any]:
     n_cells, genes, sample = _atlas_shape(job)
     lim, prices = job.limits, {k: v.model_dump() for k, v in job.prices.items()}
     rows = []
+    budget: dict[str, Any] = {
+        "prices": prices,
+        "requests_per_minute": lim.requests_per_minute,
+        "tokens_per_minute": lim.tokens_per_minute,
+    }
     if job.genes.text_source == "llm":
         from raypipe.genes.llm_source import render_prompt
 
@@ -78,9 +83,7 @@ def plan_estimates(job: JobConfig) -> list[Any]:
                 estimate(
                     prompts,
                     model=job.llm.model,
-                    prices=prices,
-                    requests_per_minute=lim.requests_per_minute,
-                    tokens_per_minute=lim.tokens_per_minute,
+                    **budget,
                     max_tokens_out=job.llm.max_tokens,
                 ),
             )
@@ -95,9 +98,7 @@ def plan_estimates(job: JobConfig) -> list[Any]:
             estimate(
                 gene_texts,
                 model=job.text_model.model,
-                prices=prices,
-                requests_per_minute=lim.requests_per_minute,
-                tokens_per_minute=lim.tokens_per_minute,
+                **budget,
                 items_per_call=batch,
             ),
         )
@@ -109,9 +110,7 @@ def plan_estimates(job: JobConfig) -> list[Any]:
         est = estimate(
             sents,
             model=job.text_model.model,
-            prices=prices,
-            requests_per_minute=lim.requests_per_minute,
-            tokens_per_minute=lim.tokens_per_minute,
+            **budget,
             items_per_call=batch,
         )
         est = type(est)(
