@@ -151,8 +151,7 @@ def prepare_gene_space(job: JobConfig, atlas: AtlasInfo, out_dir: Path) -> GeneS
     fallback_note = None
     try:
         source = _build_source(job)
-        if hasattr(source, "fingerprint"):
-            source.fingerprint()  # sources that locate data lazily fail here, not mid-run
+        source_fp = source.fingerprint()  # sources that locate data lazily fail here, not mid-run
     except InputError as exc:
         if job.genes.fallback != "symbol":
             raise
@@ -162,6 +161,7 @@ def prepare_gene_space(job: JobConfig, atlas: AtlasInfo, out_dir: Path) -> GeneS
             update={"genes": job.genes.model_copy(update={"text_source": "symbol"})}
         )
         source = _build_source(job)
+        source_fp = source.fingerprint()
     table = gene_table_for(job.genes, source)
     resolution = resolve_genes(names, table, ensembl_ids=ensembl_ids)
     warnings = list(resolution.warnings[:5]) + ([fallback_note] if fallback_note else [])
@@ -222,9 +222,7 @@ def prepare_gene_space(job: JobConfig, atlas: AtlasInfo, out_dir: Path) -> GeneS
     embeddings[rows] = text_emb
     has_text[rows] = True
     digest = hashlib.sha256()
-    digest.update(
-        f"{job.genes.text_source}|{source.fingerprint()}|{model}|{atlas.var_hash}".encode()
-    )
+    digest.update(f"{job.genes.text_source}|{source_fp}|{model}|{atlas.var_hash}".encode())
     digest.update("\n".join(symbols).encode())
     digest.update(embeddings.tobytes())
     close = getattr(source, "close", None)

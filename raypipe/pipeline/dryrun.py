@@ -58,14 +58,14 @@ def _atlas_shape(job: JobConfig) -> tuple[int, list[str], Any]:
     return int(x.shape[0]), [str(v) for v in var.index], lambda n: x[:n]
 
 
-def plan_estimates(job: JobConfig) -> list[Any]:
+def plan_estimates(job: JobConfig, shape: tuple[int, list[str], Any] | None = None) -> list[Any]:
     """Return :class:`raypipe.llm.cost.Estimate` rows for every paid step of the run."""
     import scipy.sparse as sp
 
     from raypipe.embed.genept_s import cell_sentences
     from raypipe.llm.cost import estimate
 
-    n_cells, genes, sample = _atlas_shape(job)
+    n_cells, genes, sample = shape or _atlas_shape(job)
     lim, prices = job.limits, {k: v.model_dump() for k, v in job.prices.items()}
     rows = []
     budget: dict[str, Any] = {
@@ -128,8 +128,9 @@ def plan_estimates(job: JobConfig) -> list[Any]:
 
 def dry_run(job: JobConfig) -> str:
     """Render the plan and estimates as text."""
-    rows = plan_estimates(job)
-    n_cells, genes, _ = _atlas_shape(job)
+    shape = _atlas_shape(job)
+    rows = plan_estimates(job, shape)
+    n_cells, genes, _ = shape
     lines = [
         f"dry run: {job.input.path} — {n_cells:,} cells × {len(genes):,} genes → {Path(job.output_dir)}",
         f"methods: {', '.join(job.embed.methods)}; shards of ~{job.shards.rows} rows; "
