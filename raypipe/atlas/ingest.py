@@ -25,7 +25,7 @@ import scipy.sparse as sp
 from raypipe.atlas.store import ATLAS_ATTR, AtlasInfo, open_atlas
 from raypipe.errors import InputError
 
-__all__ = ["IngestResult", "detect_x_kind", "ingest", "resolve_input_path"]
+__all__ = ["IngestResult", "detect_x_kind", "ingest", "resolve_input_path", "write_atlas_metadata"]
 
 log = logging.getLogger(__name__)
 
@@ -217,6 +217,40 @@ def _check_chunk(x: sp.csr_matrix, start: int, path: Path, var_names: pd.Index) 
         )
 
 
+def write_atlas_metadata(
+    group: Any,
+    *,
+    n_obs: int,
+    var_names: pd.Index,
+    x_kind: str,
+    x_kind_detected: str,
+    rows_per_chunk: int,
+    chunk_hashes: list[str],
+    source: str,
+    layer: str | None,
+    zero_count_cells: int,
+) -> None:
+    """Mark a written Zarr group as a raypipe atlas (the metadata :func:`open_atlas` reads)."""
+    meta = {
+        "format_version": 1,
+        "n_obs": n_obs,
+        "n_vars": len(var_names),
+        "x_kind": x_kind,
+        "x_kind_detected": x_kind_detected,
+        "rows_per_chunk": rows_per_chunk,
+        "chunk_hashes": chunk_hashes,
+        "source": source,
+        "layer": layer,
+        "var_hash": hashlib.blake2b(
+            "\n".join(map(str, var_names)).encode(), digest_size=12
+        ).hexdigest(),
+        "zero_count_cells": zero_count_cells,
+        "duplicate_genes": int(var_names.duplicated().sum()),
+        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+    }
+    group.attrs.update({"encoding-type": "anndata", "encoding-version": "0.1.0", ATLAS_ATTR: meta})
+
+
 def _chunk_hash(x: sp.csr_matrix) -> str:
     h = hashlib.blake2b(digest_size=12)
     h.update(np.diff(x.indptr).astype(np.int64).tobytes())
@@ -333,24 +367,17 @@ def ingest(
                 src_path,
                 zero_cells,
             )
-        var_hash = hashlib.blake2b("\n".join(var.index).encode(), digest_size=12).hexdigest()
-        meta = {
-            "format_version": 1,
-            "n_obs": src.n_obs,
-            "n_vars": src.n_vars,
-            "x_kind": chosen,
-            "x_kind_detected": detected,
-            "rows_per_chunk": rows_per_chunk,
-            "chunk_hashes": hashes,
-            "source": str(src_path),
-            "layer": layer,
-            "var_hash": var_hash,
-            "zero_count_cells": zero_cells,
-            "duplicate_genes": len(dup),
-            "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-        }
-        group.attrs.update(
-            {"encoding-type": "anndata", "encoding-version": "0.1.0", ATLAS_ATTR: meta}
+        write_atlas_metadata(
+            group,
+            n_obs=src.n_obs,
+            var_names=var.index,
+            x_kind=chosen,
+            x_kind_detected=detected,
+            rows_per_chunk=rows_per_chunk,
+            chunk_hashes=hashes,
+            source=str(src_path),
+            layer=layer,
+            zero_count_cells=zero_cells,
         )
     except BaseException:
         src.close()

@@ -156,8 +156,7 @@ def build_synthetic(
     import zarr
     from anndata.io import sparse_dataset, write_elem
 
-    from raypipe.atlas.ingest import _chunk_hash
-    from raypipe.atlas.store import ATLAS_ATTR
+    from raypipe.atlas.ingest import _chunk_hash, write_atlas_metadata
 
     recipe = {"source": str(source), "n_cells": n_cells, "seed": seed, "rows": ROWS_PER_CHUNK}
     stamp = atlas.with_name(atlas.name + ".recipe.json")
@@ -208,32 +207,22 @@ def build_synthetic(
                 zx.append(x)
                 hx.append(x)
         fh.attrs.update({"encoding-type": "anndata", "encoding-version": "0.1.0"})
-    meta: dict[str, Any] = {
-        "format_version": 1,
-        "n_obs": n_cells,
-        "n_vars": int(var.shape[0]),
-        "x_kind": "counts",
-        "x_kind_detected": "counts",
-        "rows_per_chunk": ROWS_PER_CHUNK,
-        "chunk_hashes": hashes,
-        "source": f"resampled from {source} (seed {seed})",
-        "layer": None,
-        "var_hash": _var_hash(var.index),
-        "zero_count_cells": zero_cells,
-        "duplicate_genes": int(var.index.duplicated().sum()),
-        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-    }
-    group.attrs.update({"encoding-type": "anndata", "encoding-version": "0.1.0", ATLAS_ATTR: meta})
+    write_atlas_metadata(
+        group,
+        n_obs=n_cells,
+        var_names=var.index,
+        x_kind="counts",
+        x_kind_detected="counts",
+        rows_per_chunk=ROWS_PER_CHUNK,
+        chunk_hashes=hashes,
+        source=f"resampled from {source} (seed {seed})",
+        layer=None,
+        zero_count_cells=zero_cells,
+    )
     tmp_atlas.rename(atlas)
     tmp_h5.rename(h5ad)
     stamp.write_text(json.dumps(recipe))
     return recipe
-
-
-def _var_hash(index: Any) -> str:
-    import hashlib
-
-    return hashlib.blake2b("\n".join(map(str, index)).encode(), digest_size=12).hexdigest()
 
 
 # ---------------------------------------------------------------- jobs (run in subprocesses)
