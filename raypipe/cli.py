@@ -42,11 +42,11 @@ def _cmd_ingest(args: argparse.Namespace) -> int:
 
 def _cmd_run(args: argparse.Namespace) -> int:
     from raypipe.config import load_config
-    from raypipe.pipeline.runner import run_job
+    from raypipe.orchestrate.runner import run_job
 
     job = load_config(args.config, args.set)
     if args.dry_run:
-        from raypipe.pipeline.dryrun import dry_run
+        from raypipe.orchestrate.dryrun import dry_run
 
         print(dry_run(job))
         return 0

@@ -299,7 +299,7 @@ def test_incremental_reprocessing(
 
     from raypipe.atlas.store import open_atlas, plan_shards
     from raypipe.config import load_config
-    from raypipe.pipeline.runner import run_job
+    from raypipe.orchestrate.runner import run_job
 
     full = ad.read_h5ad(kang1k5)
     src = tmp_path / "atlas.h5ad"

@@ -7,7 +7,7 @@ from data_factory import job_dict, make_adata, read_embeddings, write_gene_table
 
 from raypipe.config import load_config
 from raypipe.errors import InputError
-from raypipe.pipeline.runner import run_job
+from raypipe.orchestrate.runner import run_job
 
 pytestmark = pytest.mark.integration
 

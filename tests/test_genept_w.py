@@ -8,11 +8,11 @@ import pytest
 import scipy.sparse as sp
 from data_factory import GENES, counts, dense_genept_w, ensembl_id
 
+from raypipe.core.stage import check_contract
 from raypipe.embed.genept_w import GenePTW, fold_collapse, genept_w, log_normalize, weight_matrix
 from raypipe.embed.hvg import gene_moments, select_hvg
 from raypipe.errors import StageContractError
 from raypipe.genes.identity import GeneTable, resolve_genes
-from raypipe.pipeline.stage import check_contract
 
 
 def _emb(g: int, d: int = 16, seed: int = 0) -> np.ndarray:

@@ -32,8 +32,8 @@ from raypipe.genes.sources import (
     SymbolTextSource,
     TableTextSource,
     build_text_source,
-    gene_table_for,
 )
+from raypipe.genes.space import gene_table_for
 
 SQLITE_DIR = Path("~/.cache/raypipe/orgdb").expanduser()
 

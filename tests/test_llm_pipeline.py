@@ -1,7 +1,7 @@
 """The LLM issue's done-criterion, end to end: ``run_job`` with LLM gene texts and OpenAI embeddings.
 
 A small atlas made from real data (the first 300 cells and the 200 most-detected genes of
-Kang 8k) is run through ``raypipe.pipeline.runner.run_job`` with ``genes.text_source: llm``,
+Kang 8k) is run through ``raypipe.orchestrate.runner.run_job`` with ``genes.text_source: llm``,
 ``llm.backend: openai`` and ``text_model.backend: openai``, both pointed at the loopback fake
 OpenAI server, computing GenePT-w and GenePT-s under a scaled-down rate limit.
 """
@@ -24,7 +24,7 @@ from servers.openai_server import FakeOpenAI, Faults
 from raypipe.config import load_config
 from raypipe.genes.llm_source import load_full_names
 from raypipe.llm.cost import FailureShareExceeded
-from raypipe.pipeline.runner import run_job
+from raypipe.orchestrate.runner import run_job
 
 pytestmark = pytest.mark.integration
 

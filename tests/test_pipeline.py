@@ -23,10 +23,10 @@ from data_factory import (
 
 from raypipe.atlas import ingest
 from raypipe.config import load_config
+from raypipe.core.outputs import marker_path, part_path, read_marker
 from raypipe.errors import InputError
 from raypipe.genes.space import CACHE_FILE
-from raypipe.pipeline.outputs import marker_path, part_path, read_marker
-from raypipe.pipeline.runner import run_job
+from raypipe.orchestrate.runner import run_job
 
 pytestmark = pytest.mark.integration
 

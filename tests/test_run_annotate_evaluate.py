@@ -12,7 +12,7 @@ from data_factory import GENES, job_dict, write_gene_table
 
 from raypipe.config import load_config
 from raypipe.evaluate.reduce import METRIC_NAMES
-from raypipe.pipeline.runner import run_job
+from raypipe.orchestrate.runner import run_job
 
 pytestmark = pytest.mark.integration
 

@@ -17,10 +17,11 @@ from typing import TYPE_CHECKING, Any, ClassVar
 import numpy as np
 import pandas as pd
 
+from raypipe.atlas.store import AtlasShardStage
 from raypipe.config import config_hash
+from raypipe.core.outputs import part_path, write_parquet_atomic
+from raypipe.core.plan import StagePlan, StageSpec, resolve, stage_hash
 from raypipe.errors import ConfigError
-from raypipe.pipeline.outputs import part_path, write_parquet_atomic
-from raypipe.pipeline.stage import ShardStage
 
 if TYPE_CHECKING:
     from raypipe.atlas.store import AtlasInfo
@@ -28,17 +29,15 @@ if TYPE_CHECKING:
     from raypipe.genes.space import GeneSpace
 
 __all__ = [
-    "TEXT_METHODS",
     "AnnotateShards",
     "Candidates",
+    "annotation_fingerprint",
+    "build_annotation",
     "embedding_mean",
     "prepare_candidates",
-    "read_parts",
 ]
 
 log = logging.getLogger(__name__)
-
-TEXT_METHODS = ("genept_w", "genept_s")  # cells live in the text model's space
 
 
 @dataclass(frozen=True, eq=False)
@@ -50,25 +49,6 @@ class Candidates:
     text_emb: np.ndarray
     marker_idx: list[np.ndarray]
     usage: dict[str, Any]
-
-
-def read_parts(
-    out_dir: Path, kind: str, method: str, columns: list[str] | None = None
-) -> pd.DataFrame:
-    """Read every part of an output, sorted by atlas row (``columns`` absent from a part are skipped)."""
-    import pyarrow.parquet as pq
-
-    files = sorted((out_dir / kind / method).glob("part-*.parquet"))
-    if not files:
-        return pd.DataFrame(columns=columns or [])
-
-    def read(f: Path) -> pd.DataFrame:
-        names = pq.read_schema(f).names
-        cols = None if columns is None else [c for c in columns if c in names]
-        return pq.read_table(f, columns=cols).to_pandas()
-
-    df = pd.concat([read(f) for f in files], ignore_index=True)
-    return df.sort_values("row").reset_index(drop=True) if "row" in df.columns else df
 
 
 def embedding_mean(out_dir: Path, method: str) -> np.ndarray:
@@ -112,7 +92,7 @@ def prepare_candidates(
     from raypipe.annotate.ontology import load_ontology
     from raypipe.annotate.scorers import marker_indices
     from raypipe.atlas.store import read_obs_columns
-    from raypipe.embed.text_stage import embed_texts
+    from raypipe.llm.text_stage import embed_texts
 
     cfg = job.annotate
     if cfg.candidates:
@@ -147,7 +127,7 @@ def prepare_candidates(
     return Candidates(cand, [str(x) for x in cand["label"]], emb, idx, usage)
 
 
-class AnnotateShards(ShardStage):
+class AnnotateShards(AtlasShardStage):
     """Ray Data stage: shard specs → ``annotations/<method>/part-*.parquet``.
 
     Batch contract: in ``shard, start, stop, content_hash``; out ``shard, n_cells, n_empty,
@@ -171,12 +151,10 @@ class AnnotateShards(ShardStage):
         unassigned_threshold: float | None,
         **kwargs: Any,
     ) -> None:
-        from raypipe.embed.genept_w import _resolve
-
         super().__init__(**kwargs)
         self.method = method  # type: ignore[misc]  # one class serves every embedding method
         self.labels = labels
-        self.text_emb, self.cell_mean = _resolve(text_emb), _resolve(cell_mean)
+        self.text_emb, self.cell_mean = resolve(text_emb), resolve(cell_mean)
         self.marker_idx, self.weights, self.center = marker_idx, weights, center
         self.top_k, self.threshold = top_k, unassigned_threshold
 
@@ -204,14 +182,13 @@ class AnnotateShards(ShardStage):
         import pyarrow.parquet as pq
 
         from raypipe.annotate.scorers import assign
-        from raypipe.atlas.store import read_shard
 
         shard, start, stop = int(batch["shard"][i]), int(batch["start"][i]), int(batch["stop"][i])
         part = pq.read_table(
             part_path(Path(self.out_dir), "embeddings", self.method, shard)
         ).to_pandas()
         emb = np.stack(part["embedding"].to_numpy()) if "text" in self.weights else None
-        x = read_shard(self.atlas_path, start, stop) if "markers" in self.weights else None
+        x = self.read_rows(start, stop) if "markers" in self.weights else None
         scores = self._score(emb, x, self.center)
         pred = assign(scores, self.labels, top_k=self.top_k, unassigned_threshold=self.threshold)
         if self.center and emb is not None:
@@ -228,8 +205,6 @@ class AnnotateShards(ShardStage):
 
 def annotation_fingerprint(job: JobConfig, method_fp: str, cand: Candidates) -> str:
     """Hash what an annotation part depends on: settings, the embeddings, the candidates."""
-    from raypipe.pipeline.methods import stage_hash
-
     return stage_hash(
         "annotate",
         config_hash(job.annotate),
@@ -237,3 +212,45 @@ def annotation_fingerprint(job: JobConfig, method_fp: str, cand: Candidates) -> 
         "|".join(cand.labels),
         stage_hash(cand.text_emb.tobytes()),
     )
+
+
+def build_annotation(
+    job: JobConfig, atlas: AtlasInfo, method: str, method_fp: str, cand: Candidates
+) -> tuple[StagePlan | None, str]:
+    """Plan the annotation of one embedding method's cells.
+
+    Returns
+    -------
+    (StagePlan or None, str)
+        The plan (kind ``annotations``), or None with the reason when no scorer with a
+        positive weight applies to ``method`` (``text`` needs a method in the text space).
+    """
+    import ray
+
+    from raypipe.embed.methods import METHODS
+
+    weights = dict(job.annotate.scorers)
+    if not METHODS.get(method).text_space:
+        weights.pop("text", None)  # CE cells and candidate texts live in different spaces
+    if not any(w > 0 for w in weights.values()):
+        return (
+            None,
+            f"annotate: no scorer applies to {method} (text needs a GenePT method); skipped",
+        )
+    fp = annotation_fingerprint(job, method_fp, cand)
+    kwargs = {
+        "method": method,
+        "atlas_path": atlas.path,
+        "out_dir": job.output_dir,
+        "fingerprint": fp,
+        "labels": cand.labels,
+        "text_emb": ray.put(cand.text_emb),
+        "cell_mean": ray.put(embedding_mean(Path(job.output_dir), method)),
+        "marker_idx": cand.marker_idx,
+        "weights": weights,
+        "center": job.annotate.center,
+        "top_k": job.annotate.top_k,
+        "unassigned_threshold": job.annotate.unassigned_threshold,
+    }
+    step = StageSpec(AnnotateShards, kwargs, job.ray.actors, job.ray.actor_cpus)
+    return StagePlan([step], fp, kind="annotations", notes={"scorers": weights}), ""

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from raypipe.atlas.ingest import IngestResult, ingest, resolve_input_path
+from raypipe.atlas.ingest import IngestResult, ingest
+from raypipe.atlas.reader import AtlasSource, open_source, resolve_input_path
 from raypipe.atlas.store import (
     AtlasInfo,
     Shard,
@@ -16,10 +17,12 @@ from raypipe.atlas.store import (
 
 __all__ = [
     "AtlasInfo",
+    "AtlasSource",
     "IngestResult",
     "Shard",
     "ingest",
     "open_atlas",
+    "open_source",
     "plan_shards",
     "read_obs_columns",
     "read_obs_names",

@@ -14,6 +14,8 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from raypipe.core.plan import Shard
+from raypipe.core.stage import ShardStage
 from raypipe.errors import InputError
 
 if TYPE_CHECKING:
@@ -23,6 +25,7 @@ if TYPE_CHECKING:
 __all__ = [
     "ATLAS_ATTR",
     "AtlasInfo",
+    "AtlasShardStage",
     "Shard",
     "open_atlas",
     "plan_shards",
@@ -67,21 +70,6 @@ class AtlasInfo:
     source: str
     var_hash: str
     extra: dict[str, Any] = field(default_factory=dict, compare=False)
-
-
-@dataclass(frozen=True)
-class Shard:
-    """A row range ``[start, stop)`` of the atlas with the content hash of its rows."""
-
-    index: int
-    start: int
-    stop: int
-    content_hash: str
-
-    @property
-    def n_rows(self) -> int:
-        """Rows in the shard."""
-        return self.stop - self.start
 
 
 def _open_group(path: str | Path) -> Any:
@@ -200,3 +188,15 @@ def read_var(path: str | Path) -> pd.DataFrame:
     from anndata.io import read_elem
 
     return read_elem(_open_group(path)["var"])
+
+
+class AtlasShardStage(ShardStage):
+    """A :class:`~raypipe.core.stage.ShardStage` whose rows come from the Zarr atlas."""
+
+    def read_rows(self, start: int, stop: int) -> sp.csr_matrix:
+        """Rows ``[start, stop)`` of X (float32 CSR)."""
+        return read_shard(self.atlas_path, start, stop)
+
+    def read_names(self, start: int, stop: int) -> np.ndarray:
+        """Obs names of rows ``[start, stop)``."""
+        return read_obs_names(self.atlas_path, start, stop)

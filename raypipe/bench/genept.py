@@ -156,7 +156,7 @@ def build_synthetic(
     import zarr
     from anndata.io import sparse_dataset, write_elem
 
-    from raypipe.atlas.ingest import _chunk_hash, write_atlas_metadata
+    from raypipe.atlas.ingest import chunk_hash, write_atlas_metadata
 
     recipe = {"source": str(source), "n_cells": n_cells, "seed": seed, "rows": ROWS_PER_CHUNK}
     stamp = atlas.with_name(atlas.name + ".recipe.json")
@@ -195,7 +195,7 @@ def build_synthetic(
         for start in range(0, n_cells, ROWS_PER_CHUNK):
             x = x_src[pick[start : start + ROWS_PER_CHUNK]]
             x.sort_indices()
-            hashes.append(_chunk_hash(x))
+            hashes.append(chunk_hash(x))
             zero_cells += int(np.count_nonzero(np.diff(x.indptr) == 0))
             if zx is None:
                 per_row = max(1, x.nnz // max(1, x.shape[0]))
@@ -244,7 +244,7 @@ def _job(atlas: Path, out_dir: Path, table: Path | None, shard_rows: int) -> Any
 
 
 def _init_ray(job: Any) -> None:
-    from raypipe.pipeline.execute import init_ray
+    from raypipe.core.execute import init_ray
 
     os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
     init_ray(job.ray)
@@ -291,7 +291,7 @@ def _worker_genes(atlas: Path, workdir: Path, seed_cache: Path | None) -> dict[s
 def _worker_pipeline(atlas: Path, workdir: Path, out_dir: Path, shard_rows: int) -> dict[str, Any]:
     """Run the GenePT-w job on a warm Ray; return timings."""
     from raypipe.genes.space import CACHE_FILE
-    from raypipe.pipeline.runner import run_job
+    from raypipe.orchestrate.runner import run_job
 
     shutil.rmtree(out_dir, ignore_errors=True)
     (out_dir / CACHE_FILE).parent.mkdir(parents=True)

@@ -88,9 +88,9 @@ def main(argv: list[str] | None = None) -> int:
     """Run the benchmark and print the figures (see the module docstring)."""
     from raypipe.atlas.ingest import ingest
     from raypipe.bench.genept import TreeSampler, build_synthetic
+    from raypipe.core.execute import init_ray
     from raypipe.genes.space import CACHE_FILE
-    from raypipe.pipeline.execute import init_ray
-    from raypipe.pipeline.runner import run_job
+    from raypipe.orchestrate.runner import run_job
 
     args = _parser().parse_args(argv)
     source, work, n = Path(args.source), Path(args.workdir), args.cells

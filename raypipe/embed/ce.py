@@ -15,16 +15,17 @@ from typing import TYPE_CHECKING, Any, ClassVar
 
 import numpy as np
 
+from raypipe.atlas.store import AtlasShardStage
 from raypipe.config import config_hash
+from raypipe.core.plan import StagePlan, StageSpec, stage_hash
+from raypipe.core.stage import SHARD_COLUMNS, check_contract
 from raypipe.errors import ConfigError, InputError
-from raypipe.pipeline.execute import StageSpec
-from raypipe.pipeline.stage import SHARD_COLUMNS, ShardStage, check_contract
 
 if TYPE_CHECKING:
-    from raypipe.atlas.store import AtlasInfo, Shard
+    from raypipe.atlas.store import AtlasInfo
     from raypipe.config import JobConfig
+    from raypipe.core.plan import Shard
     from raypipe.genes.space import GeneSpace
-    from raypipe.pipeline.methods import StagePlan
 
 __all__ = ["CEEncode", "CETokenize", "build_ce", "pack_tokens", "unpack_tokens"]
 
@@ -96,7 +97,7 @@ class CETokenize:
         }
 
 
-class CEEncode(ShardStage):
+class CEEncode(AtlasShardStage):
     """Ray Data step: packed tokens → ``embeddings/ce/part-*.parquet`` (+ completion marker).
 
     Batch contract: in ``shard, start, stop, content_hash, ids, offsets``; out the shard-stage
@@ -157,7 +158,6 @@ def _atlas_ensembl_ids(
 def build_ce(job: JobConfig, atlas: AtlasInfo, genes: GeneSpace, shards: list[Shard]) -> StagePlan:
     """Plan the CE method: check model, dictionary and gene coverage on the driver."""
     from raypipe.embed.dictionaries import GeneformerDictionaries
-    from raypipe.pipeline.methods import StagePlan, stage_hash
 
     cfg = job.embed.ce
     if not cfg.model:

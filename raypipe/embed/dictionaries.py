@@ -9,6 +9,7 @@ Anything else (a class instance, ``os.system``, ``builtins.eval``) is refused be
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import logging
@@ -248,7 +249,8 @@ def default_search_dirs() -> list[Path]:
     env = os.environ.get("RAYPIPE_GENEFORMER_DIR")
     if env:
         dirs.append(Path(env))
-    dirs.append(Path.cwd().parent / "shared" / "data" / "geneformer")
+    with contextlib.suppress(FileNotFoundError):  # the working directory may be gone
+        dirs.append(Path.cwd().parent / "shared" / "data" / "geneformer")
     dirs.append(Path(__file__).resolve().parents[2].parent / "shared" / "data" / "geneformer")
     return dirs
 

@@ -8,35 +8,23 @@ embeddings before weighting. See README "GenePT-w variants" for the measurements
 
 from __future__ import annotations
 
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import numpy as np
 import scipy.sparse as sp
 
-from raypipe.pipeline.stage import ShardStage
+from raypipe.atlas.store import AtlasShardStage
+from raypipe.config import config_hash
+from raypipe.core.expression import log_normalize
+from raypipe.core.plan import StagePlan, StageSpec, resolve, stage_hash
 
-__all__ = ["GenePTW", "fold_collapse", "genept_w", "log_normalize", "weight_matrix"]
+if TYPE_CHECKING:
+    from raypipe.atlas.store import AtlasInfo
+    from raypipe.config import JobConfig
+    from raypipe.core.plan import Shard
+    from raypipe.genes.space import GeneSpace
 
-
-def log_normalize(x: sp.csr_matrix, totals: np.ndarray, target_sum: float) -> sp.csr_matrix:
-    """Scale each row of counts to ``target_sum`` (by ``totals``) and apply ``log1p``.
-
-    Parameters
-    ----------
-    x
-        (n, g) counts, CSR.
-    totals
-        (n,) total counts per cell (over all atlas genes); zero rows stay zero.
-    target_sum
-        Counts per cell after scaling (10,000 in GenePT, as in scanpy).
-    """
-    scale = np.divide(
-        target_sum, totals, out=np.zeros_like(totals, dtype=np.float64), where=totals > 0
-    )
-    out = sp.csr_matrix(x, dtype=np.float32, copy=True)
-    out.data *= np.repeat(scale, np.diff(out.indptr)).astype(np.float32)
-    np.log1p(out.data, out=out.data)
-    return out
+__all__ = ["GenePTW", "build_genept_w", "fold_collapse", "genept_w", "weight_matrix"]
 
 
 def weight_matrix(
@@ -129,18 +117,7 @@ def fold_collapse(
     return collapse, weights
 
 
-def _resolve(obj: Any) -> Any:
-    try:
-        import ray
-
-        if isinstance(obj, ray.ObjectRef):
-            return ray.get(obj)
-    except ImportError:  # pragma: no cover
-        pass
-    return obj
-
-
-class GenePTW(ShardStage):
+class GenePTW(AtlasShardStage):
     """Ray Data stage: shard specs in → ``embeddings/genept_w/part-*.parquet`` written.
 
     Batch contract: in ``shard, start, stop, content_hash``; out ``shard, n_cells, n_empty,
@@ -161,7 +138,7 @@ class GenePTW(ShardStage):
 
     def __init__(self, *, genes: Any, x_kind: str, target_sum: float, **kwargs: Any) -> None:
         super().__init__(**kwargs)
-        payload = _resolve(genes)
+        payload = resolve(genes)
         self.collapse, self.weights = fold_collapse(payload["collapse"], payload["weights"])
         self.x_kind = x_kind
         self.target_sum = target_sum
@@ -171,3 +148,58 @@ class GenePTW(ShardStage):
         return genept_w(
             x, self.collapse, self.weights, x_kind=self.x_kind, target_sum=self.target_sum
         )
+
+
+def build_genept_w(
+    job: JobConfig, atlas: AtlasInfo, genes: GeneSpace, shards: list[Shard]
+) -> StagePlan:
+    """GenePT-w: fold HVG selection and centring into one (genes × d) weight matrix."""
+    import ray
+
+    from raypipe.core.execute import map_shards
+    from raypipe.embed.hvg import GeneMoments, select_hvg
+
+    cfg = job.embed.genept_w
+    mask = None
+    notes: dict[str, Any] = {"hvg": cfg.hvg, "center": cfg.center}
+    if cfg.hvg is not None:
+        spec = StageSpec(
+            GeneMoments,
+            {
+                "atlas_path": atlas.path,
+                "collapse": ray.put(genes.collapse),
+                "x_kind": atlas.x_kind,
+                "target_sum": cfg.target_sum,
+            },
+            job.ray.actors,
+            job.ray.actor_cpus,
+        )
+        n = 0
+        total: Any = 0.0
+        total_sq: Any = 0.0
+        for row in map_shards([spec], shards):
+            n += int(row["n"])
+            total = total + np.asarray(row["sum"])
+            total_sq = total_sq + np.asarray(row["sum_sq"])
+        # rank only genes that have text: a variable gene without text adds nothing
+        masked_total = np.where(genes.has_text, total, 0.0)
+        mask = select_hvg(n, masked_total, np.where(genes.has_text, total_sq, 0.0), cfg.hvg)
+        mask &= genes.has_text
+        notes["hvg_genes"] = int(mask.sum())
+    weights = weight_matrix(genes.embeddings, genes.has_text, center=cfg.center, gene_mask=mask)
+    payload = ray.put({"collapse": genes.collapse, "weights": weights})
+    fingerprint = stage_hash(
+        "genept_w", config_hash(cfg), genes.fingerprint, atlas.x_kind, stage_hash(weights.tobytes())
+    )
+    kwargs = {
+        "atlas_path": atlas.path,
+        "out_dir": job.output_dir,
+        "fingerprint": fingerprint,
+        "metadata": {"text_source": genes.source, "model": genes.model},
+        "genes": payload,
+        "x_kind": atlas.x_kind,
+        "target_sum": cfg.target_sum,
+    }
+    return StagePlan(
+        [StageSpec(GenePTW, kwargs, job.ray.actors, job.ray.actor_cpus)], fingerprint, notes=notes
+    )

@@ -12,7 +12,9 @@ from typing import Any
 import numpy as np
 import scipy.sparse as sp
 
-from raypipe.embed.genept_w import log_normalize
+from raypipe.core.expression import log_normalize
+from raypipe.core.plan import resolve
+from raypipe.core.stage import check_contract
 
 __all__ = ["GeneMoments", "gene_moments", "select_hvg"]
 
@@ -81,17 +83,14 @@ class GeneMoments:
     """
 
     def __init__(self, *, atlas_path: str, collapse: Any, x_kind: str, target_sum: float) -> None:
-        from raypipe.embed.genept_w import _resolve
-
         self.atlas_path = atlas_path
-        self.collapse = _resolve(collapse)
+        self.collapse = resolve(collapse)
         self.x_kind = x_kind
         self.target_sum = target_sum
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, Any]:
         """Moments of each shard in the batch."""
         from raypipe.atlas.store import read_shard
-        from raypipe.pipeline.stage import check_contract
 
         check_contract("GeneMoments", batch, ("shard", "start", "stop"))
         ns, sums, sqs = [], [], []

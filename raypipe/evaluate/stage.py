@@ -81,10 +81,10 @@ def run_evaluation(
     """
     import pyarrow as pa
 
-    from raypipe.annotate.stage import TEXT_METHODS, read_parts
     from raypipe.atlas.store import read_obs_columns
+    from raypipe.core.outputs import read_parts, write_parquet_atomic
+    from raypipe.embed.methods import text_space_methods
     from raypipe.evaluate.reduce import evaluate_embeddings
-    from raypipe.pipeline.outputs import write_parquet_atomic
 
     label_key, batch_key = job.input.label_key, job.input.batch_key
     if not label_key:
@@ -116,7 +116,7 @@ def run_evaluation(
             annotations[m] = ann["label"].to_numpy()
             if "label_uncentred" in ann.columns:
                 annotations[f"{m}_uncentred"] = ann["label_uncentred"].to_numpy()
-            if m in TEXT_METHODS:
+            if m in text_space_methods():
                 text_emb[m] = candidates.text_emb
         text_labels = candidates.labels
     dataset = job.input.name or Path(job.input.path).stem

@@ -17,8 +17,8 @@ from raypipe.genes.sources import (
     TEXT_SOURCES,
     TextSource,
     build_text_source,
-    gene_table_for,
 )
+from raypipe.genes.space import gene_table_for
 
 __all__ = [
     "TEXT_COLUMNS",

@@ -128,7 +128,11 @@ def locate_orgdb(setting: str | Path | None = None, *, cwd: Path | None = None) 
     looked.append(str(_DEBIAN_ORG.parent.parent.parent))
     if _DEBIAN_ORG.is_file() and _DEBIAN_GO.is_file():
         return OrgdbFiles("sqlite", _DEBIAN_ORG, _DEBIAN_GO)
-    shared = (cwd or Path.cwd()) / ".." / "shared" / "data" / "genes" / TSV_NAME
+    try:
+        here = cwd or Path.cwd()
+    except FileNotFoundError:  # the working directory is gone (seen in `ray job submit` drivers)
+        here = Path(__file__).resolve().parents[2]
+    shared = here / ".." / "shared" / "data" / "genes" / TSV_NAME
     looked.append(str(shared))
     if shared.is_file():
         return _tsv_files(shared.resolve())

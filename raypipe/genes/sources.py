@@ -36,7 +36,6 @@ __all__ = [
     "TableTextSource",
     "TextSource",
     "build_text_source",
-    "gene_table_for",
 ]
 
 TEXT_COLUMNS = ("gene_id", "symbol", "text", "source")
@@ -400,24 +399,3 @@ TEXT_SOURCES.add("llm", "raypipe.genes.llm_source:LLMTextSource")
 def build_text_source(cfg: GenesConfig) -> TextSource:
     """Build the text source named by ``cfg.text_source``."""
     return TEXT_SOURCES.get(cfg.text_source)(cfg)
-
-
-def gene_table_for(cfg: GenesConfig, source: TextSource | None = None) -> GeneTable | None:
-    """Return the gene table to resolve atlas genes with.
-
-    Combines, earlier winning: ``genes.id_table``/``genes.aliases``, the text source's own
-    table, and (when neither gives one) the orgdb table if one can be found. ``None`` when
-    nothing is available (names are then trusted as they are).
-    """
-    from raypipe.genes.orgdb import locate_orgdb, read_orgdb
-
-    user = (
-        GeneTable.from_files(cfg.id_table, cfg.aliases) if (cfg.id_table or cfg.aliases) else None
-    )
-    own = source.gene_table() if source is not None else None
-    if own is None and user is None:
-        try:
-            own = read_orgdb(locate_orgdb(cfg.orgdb)).gene_table
-        except InputError:
-            own = None
-    return GeneTable.merged(user, own)

@@ -23,10 +23,18 @@ if TYPE_CHECKING:
     import scipy.sparse as sp
 
     from raypipe.atlas.store import AtlasInfo
-    from raypipe.config import JobConfig
-    from raypipe.genes.identity import CoverageReport, GeneResolution
+    from raypipe.config import GenesConfig, JobConfig
+    from raypipe.genes.identity import CoverageReport, GeneResolution, GeneTable
+    from raypipe.genes.sources import TextSource
 
-__all__ = ["GeneSpace", "load_cached_embeddings", "prepare_gene_space", "write_failures"]
+__all__ = [
+    "GeneSpace",
+    "estimate_costs",
+    "gene_table_for",
+    "load_cached_embeddings",
+    "prepare_gene_space",
+    "write_failures",
+]
 
 log = logging.getLogger(__name__)
 
@@ -95,7 +103,7 @@ def load_cached_embeddings(path: Path, model: str) -> dict[str, np.ndarray]:
 def _write_cache(path: Path, texts: pd.DataFrame, emb: np.ndarray, model: str) -> None:
     import pyarrow as pa
 
-    from raypipe.pipeline.outputs import write_parquet_atomic
+    from raypipe.core.outputs import write_parquet_atomic
 
     d = emb.shape[1]
     table = pa.table(
@@ -121,7 +129,7 @@ def write_failures(out_dir: Path, stage: str, rows: list[dict[str, Any]]) -> Pat
     """Write a stage's failed items to ``state/failures/<stage>.parquet`` (merged at the end)."""
     import pyarrow as pa
 
-    from raypipe.pipeline.outputs import write_parquet_atomic
+    from raypipe.core.outputs import write_parquet_atomic
 
     df = pd.DataFrame(rows).astype(str)
     path = out_dir / "state" / "failures" / f"{stage}.parquet"
@@ -138,9 +146,8 @@ def prepare_gene_space(job: JobConfig, atlas: AtlasInfo, out_dir: Path) -> GeneS
         When fewer than ``genes.min_coverage`` of atlas genes get a text (with examples).
     """
     from raypipe.atlas.store import read_var
-    from raypipe.embed.text_stage import embed_texts
     from raypipe.genes.identity import check_coverage, resolve_genes, text_coverage
-    from raypipe.genes.sources import gene_table_for
+    from raypipe.llm.text_stage import embed_texts
 
     var = read_var(atlas.path)
     names = [str(n) for n in var.index]
@@ -241,3 +248,59 @@ def prepare_gene_space(job: JobConfig, atlas: AtlasInfo, out_dir: Path) -> GeneS
         table=table,
         usage=usage,
     )
+
+
+def estimate_costs(job: JobConfig, gene_names: list[str]) -> list[tuple[str, Any]]:
+    """Estimate the paid calls of the genes step (descriptions, text embeddings); call nothing.
+
+    Returns
+    -------
+    list of (str, raypipe.llm.cost.Estimate)
+        ``gene descriptions (chat)`` when ``genes.text_source`` is ``llm``, then
+        ``gene-text embeddings``.
+    """
+    from raypipe.llm.cost import estimate
+
+    lim = job.limits
+    budget: dict[str, Any] = {
+        "prices": {k: v.model_dump() for k, v in job.prices.items()},
+        "requests_per_minute": lim.requests_per_minute,
+        "tokens_per_minute": lim.tokens_per_minute,
+    }
+    rows: list[tuple[str, Any]] = []
+    if job.genes.text_source == "llm":
+        from raypipe.genes.llm_source import render_prompt
+
+        prompts = [render_prompt(job.llm.prompt_version, g) for g in gene_names]
+        est = estimate(prompts, model=job.llm.model, **budget, max_tokens_out=job.llm.max_tokens)
+        rows.append(("gene descriptions (chat)", est))
+        gene_texts = ["x" * (3 * job.llm.max_tokens)] * len(gene_names)
+    else:
+        gene_texts = [f"{g}: " + "x" * 600 for g in gene_names]  # ~200 tokens per gene text
+    est = estimate(
+        gene_texts, model=job.text_model.model, **budget, items_per_call=job.text_model.batch_size
+    )
+    rows.append(("gene-text embeddings", est))
+    return rows
+
+
+def gene_table_for(cfg: GenesConfig, source: TextSource | None = None) -> GeneTable | None:
+    """Return the gene table to resolve atlas genes with.
+
+    Combines, earlier winning: ``genes.id_table``/``genes.aliases``, the text source's own
+    table, and (when neither gives one) the orgdb table if one can be found. ``None`` when
+    nothing is available (names are then trusted as they are).
+    """
+    from raypipe.genes.identity import GeneTable
+    from raypipe.genes.orgdb import locate_orgdb, read_orgdb
+
+    user = (
+        GeneTable.from_files(cfg.id_table, cfg.aliases) if (cfg.id_table or cfg.aliases) else None
+    )
+    own = source.gene_table() if source is not None else None
+    if own is None and user is None:
+        try:
+            own = read_orgdb(locate_orgdb(cfg.orgdb)).gene_table
+        except InputError:
+            own = None
+    return GeneTable.merged(user, own)

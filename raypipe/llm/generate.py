@@ -13,7 +13,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol
 
-from raypipe.registry import Registry
+from raypipe.registry import Capabilities, Registry
 
 if TYPE_CHECKING:
     from raypipe.config import JobConfig
@@ -52,8 +52,10 @@ class Generator(Protocol):
 
 
 GENERATORS: Registry[type] = Registry("llm backend")
-GENERATORS.add("openai", "raypipe.llm.generate:OpenAIChat")
-GENERATORS.add("vllm", "raypipe.llm.vllm_backend:VLLMGenerator")
+GENERATORS.add("openai", "raypipe.llm.generate:OpenAIChat", Capabilities(paid=True, remote=True))
+GENERATORS.add(
+    "vllm", "raypipe.llm.vllm_backend:VLLMGenerator", Capabilities(remote=True, gpu=True)
+)
 
 
 def build_generator(job: JobConfig, **kwargs: Any) -> Generator:

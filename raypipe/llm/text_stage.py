@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import pandas as pd
 
-from raypipe.pipeline.stage import check_contract
+from raypipe.core.stage import check_contract
 
 if TYPE_CHECKING:
     from raypipe.config import JobConfig
@@ -84,17 +84,16 @@ def embed_texts(
     """
     import ray
 
+    from raypipe.llm.backends import embedder_resources
     from raypipe.llm.cost import CostMeter
 
     if not texts:
         return np.zeros((0, 0), dtype=np.float32), [], {}
-    remote = job.text_model.backend != "local"
-    n_actors = actors or (job.limits.actors if remote else job.ray.actors)
-    n_actors = max(1, min(n_actors, len(texts)))
+    pool, gpus = embedder_resources(job)
+    n_actors = max(1, min(actors or pool, len(texts)))
     bs = batch_size or 8 * job.text_model.batch_size
     ds: Any = ray.data.from_pandas(pd.DataFrame({"i": np.arange(len(texts)), "text": texts}))
     ds = ds.repartition(max(1, min(len(texts) // bs + 1, 4 * n_actors)))
-    gpus = job.text_model.num_gpus if job.text_model.backend == "vllm" else 0
     out = ds.map_batches(
         EmbedTexts,
         fn_constructor_kwargs={"job_json": job.model_dump_json()},
@@ -110,10 +109,3 @@ def embed_texts(
     for u in out["usage"]:
         meter.merge(json.loads(u))
     return emb, [str(e) for e in out["error"]], meter.to_dict()
-
-
-def as_object_ref(obj: Any) -> Any:
-    """Put ``obj`` in the object store once, so every actor shares one copy."""
-    import ray
-
-    return ray.put(obj)

@@ -2,8 +2,8 @@
 
 A :class:`ShardStage` is a callable class used with ``ds.map_batches(Stage,
 compute=ray.data.ActorPoolStrategy(...))``: heavy setup happens once per actor in
-``__init__``; ``__call__`` takes a batch of shard specs, reads each shard's rows from the
-Zarr atlas *inside the actor*, computes, writes the part atomically plus its completion
+``__init__``; ``__call__`` takes a batch of shard specs, reads each shard's rows *inside the
+actor* (the kit knows no atlas format: subclasses implement :meth:`ShardStage.read_rows`), computes, writes the part atomically plus its completion
 marker, and returns a small summary (so no sparse or dense payload crosses the object store).
 """
 
@@ -14,14 +14,14 @@ from typing import Any, ClassVar
 
 import numpy as np
 
-from raypipe.errors import StageContractError
-from raypipe.pipeline.outputs import (
+from raypipe.core.outputs import (
     atomic_write_json,
     embedding_table,
     marker_path,
     part_path,
     write_parquet_atomic,
 )
+from raypipe.errors import StageContractError
 
 __all__ = ["SHARD_COLUMNS", "SUMMARY_COLUMNS", "ShardStage", "check_contract"]
 
@@ -45,7 +45,8 @@ class ShardStage:
     Parameters
     ----------
     atlas_path
-        The atlas ``.zarr``.
+        Where the rows come from (the atlas ``.zarr``; read by the subclass's
+        :meth:`read_rows` / :meth:`read_names`, e.g. ``raypipe.atlas.AtlasShardStage``).
     out_dir
         The job's output folder (must be shared storage on a multi-node cluster).
     fingerprint
@@ -79,12 +80,18 @@ class ShardStage:
         """Extra fields for the shard's completion marker (e.g. LLM usage of this shard)."""
         return {}
 
+    def read_rows(self, start: int, stop: int) -> Any:
+        """Read rows ``[start, stop)`` of the expression matrix (see AtlasShardStage)."""
+        raise NotImplementedError
+
+    def read_names(self, start: int, stop: int) -> np.ndarray:
+        """Read the names of rows ``[start, stop)`` (see AtlasShardStage)."""
+        raise NotImplementedError
+
     def compute_row(self, batch: dict[str, np.ndarray], i: int) -> tuple[np.ndarray, np.ndarray]:
         """Compute row ``i`` of ``batch``: by default read the shard's X and :meth:`compute`."""
-        from raypipe.atlas.store import read_shard
-
         start, stop = int(batch["start"][i]), int(batch["stop"][i])
-        return self.compute(read_shard(self.atlas_path, start, stop), start, stop)
+        return self.compute(self.read_rows(start, stop), start, stop)
 
     @property
     def stage_name(self) -> str:
@@ -93,10 +100,8 @@ class ShardStage:
 
     def output_table(self, batch: dict[str, np.ndarray], i: int) -> tuple[Any, int]:
         """Build shard ``i``'s output table and count its empty cells (default: embeddings)."""
-        from raypipe.atlas.store import read_obs_names
-
         shard, start, stop = int(batch["shard"][i]), int(batch["start"][i]), int(batch["stop"][i])
-        names = read_obs_names(self.atlas_path, start, stop)
+        names = self.read_names(start, stop)
         emb, empty = self.compute_row(batch, i)
         meta = {**self.metadata, "method": self.method, "fingerprint": self.fingerprint}
         return embedding_table(names, shard, start, emb, empty, meta), int(np.count_nonzero(empty))

@@ -17,8 +17,8 @@ from typing import Any
 
 from raypipe import __version__
 from raypipe.config import JobConfig, config_hash
+from raypipe.core.outputs import atomic_write_json, marker_path, read_marker
 from raypipe.errors import InputError
-from raypipe.pipeline.outputs import atomic_write_json, marker_path, read_marker
 
 __all__ = ["RunSummary", "ensure_atlas", "pending_shards", "run_job"]
 
@@ -225,64 +225,36 @@ def _annotate(
     progress: bool,
 ) -> Any:
     """Zero-shot annotation of every embedding method the scorers can use."""
-    import ray
     from tqdm.auto import tqdm
 
-    from raypipe.annotate.stage import (
-        TEXT_METHODS,
-        AnnotateShards,
-        annotation_fingerprint,
-        embedding_mean,
-        prepare_candidates,
-    )
-    from raypipe.pipeline.execute import StageSpec, map_shards
+    from raypipe.annotate.stage import build_annotation, prepare_candidates
+    from raypipe.core.execute import map_shards
 
     cand = prepare_candidates(job, atlas, genes, out_dir)
     summary.outputs.append(str(out_dir / "annotations" / "label_mapping.parquet"))
     manifest["annotate"] = {"candidates": cand.labels, "methods": {}}
-    text_ref = ray.put(cand.text_emb)
     for method in job.embed.methods:
-        weights = dict(job.annotate.scorers)
-        if method not in TEXT_METHODS:
-            weights.pop(
-                "text", None
-            )  # CE and text live in different spaces (no LangCell text encoder here)
-        if not any(w > 0 for w in weights.values()):
-            summary.warnings.append(
-                f"annotate: no scorer applies to {method} (text needs a GenePT method); skipped"
-            )
+        plan, why_not = build_annotation(
+            job, atlas, method, manifest["methods"][method]["fingerprint"], cand
+        )
+        if plan is None:
+            summary.warnings.append(why_not)
             continue
-        fp = annotation_fingerprint(job, manifest["methods"][method]["fingerprint"], cand)
         stage_name = f"annotate_{method}"
         _drop_stale_parts(out_dir, "annotations", method, len(shards))
-        todo = pending_shards(out_dir, stage_name, shards, fp)
+        todo = pending_shards(out_dir, stage_name, shards, plan.fingerprint)
         bar = tqdm(
             total=sum(s.n_rows for s in todo),
             unit="cell",
             desc=stage_name,
             disable=not progress or not todo,
         )
-        kwargs = {
-            "method": method,
-            "atlas_path": atlas.path,
-            "out_dir": str(out_dir),
-            "fingerprint": fp,
-            "labels": cand.labels,
-            "text_emb": text_ref,
-            "cell_mean": ray.put(embedding_mean(out_dir, method)),
-            "marker_idx": cand.marker_idx,
-            "weights": weights,
-            "center": job.annotate.center,
-            "top_k": job.annotate.top_k,
-            "unassigned_threshold": job.annotate.unassigned_threshold,
-        }
-        spec = StageSpec(AnnotateShards, kwargs, job.ray.actors, job.ray.actor_cpus)
-        map_shards([spec], todo, on_done=_progress(bar))
+        map_shards(plan.steps, todo, on_done=_progress(bar))
         bar.close()
         summary.outputs.append(str(out_dir / "annotations" / method))
         manifest["annotate"]["methods"][method] = {
-            "fingerprint": fp,
-            "scorers": weights,
+            "fingerprint": plan.fingerprint,
+            **plan.notes,
             "shards_computed": len(todo),
         }
     return cand
@@ -302,8 +274,8 @@ def _collect_llm(
     import pandas as pd
     import pyarrow as pa
 
+    from raypipe.core.outputs import write_parquet_atomic
     from raypipe.llm.cost import CostMeter
-    from raypipe.pipeline.outputs import write_parquet_atomic
 
     meter = CostMeter().merge(genes.usage or {})
     if candidates is not None:
@@ -345,9 +317,9 @@ def run_job(job: JobConfig, *, overwrite: bool = False, progress: bool = True) -
     from tqdm.auto import tqdm
 
     from raypipe.atlas.store import plan_shards, read_obs_columns
+    from raypipe.core.execute import init_ray, map_shards
+    from raypipe.embed.methods import METHODS
     from raypipe.genes.space import prepare_gene_space
-    from raypipe.pipeline.execute import init_ray, map_shards
-    from raypipe.pipeline.methods import METHODS
 
     t_start = time.perf_counter()
     out_dir = Path(job.output_dir)
@@ -399,7 +371,7 @@ def run_job(job: JobConfig, *, overwrite: bool = False, progress: bool = True) -
 
     for name in job.embed.methods:
         t = time.perf_counter()
-        plan = METHODS.get(name)(job, atlas, genes, shards)
+        plan = METHODS.get(name).build(job, atlas, genes, shards)
         kind = plan.kind
         _drop_stale_parts(out_dir, kind, name, len(shards))
         todo = pending_shards(out_dir, name, shards, plan.fingerprint)

@@ -11,9 +11,12 @@ import json
 import os
 import uuid
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
+
+if TYPE_CHECKING:
+    import pandas as pd
 
 __all__ = [
     "atomic_write_bytes",
@@ -22,6 +25,7 @@ __all__ = [
     "marker_path",
     "part_path",
     "read_marker",
+    "read_parts",
     "write_parquet_atomic",
 ]
 
@@ -111,3 +115,23 @@ def embedding_table(
         }
     )
     return table.replace_schema_metadata({k: str(v) for k, v in metadata.items()})
+
+
+def read_parts(
+    out_dir: str | Path, kind: str, method: str, columns: list[str] | None = None
+) -> pd.DataFrame:
+    """Read every part of an output, sorted by atlas row (``columns`` absent from a part are skipped)."""
+    import pandas as pd
+    import pyarrow.parquet as pq
+
+    files = sorted((Path(out_dir) / kind / method).glob("part-*.parquet"))
+    if not files:
+        return pd.DataFrame(columns=columns or [])
+
+    def read(f: Path) -> pd.DataFrame:
+        names = pq.read_schema(f).names
+        cols = None if columns is None else [c for c in columns if c in names]
+        return pq.read_table(f, columns=cols).to_pandas()
+
+    df = pd.concat([read(f) for f in files], ignore_index=True)
+    return df.sort_values("row").reset_index(drop=True) if "row" in df.columns else df

@@ -5,12 +5,13 @@ from __future__ import annotations
 import logging
 import os
 from collections.abc import Callable
-from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+from raypipe.core.plan import StageSpec
+
 if TYPE_CHECKING:
-    from raypipe.atlas.store import Shard
     from raypipe.config import RayConfig
+    from raypipe.core.plan import Shard
 
 __all__ = ["StageSpec", "init_ray", "map_shards"]
 
@@ -60,17 +61,6 @@ def _pool(actors: int, n_items: int) -> Any:
     return ray.data.ActorPoolStrategy(min_size=1, max_size=max(1, min(actors, n_items)))
 
 
-@dataclass(frozen=True)
-class StageSpec:
-    """One Ray Data ``map_batches`` step: a callable class, its kwargs and actor resources."""
-
-    stage: type
-    kwargs: dict[str, Any]
-    actors: int
-    actor_cpus: float
-    num_gpus: float = 0.0
-
-
 def map_shards(
     specs: list[StageSpec],
     shards: list[Shard],
@@ -80,7 +70,7 @@ def map_shards(
     """Stream ``shards`` through chained stages (e.g. CPU tokenise → GPU encode).
 
     Each step runs on its own actor pool, so Ray Data overlaps them; the last step must
-    return the shard-stage summary (see raypipe.pipeline.stage). Actors restart on node loss
+    return the shard-stage summary (see raypipe.core.stage). Actors restart on node loss
     (Ray Data's default ``max_restarts=-1``) and their tasks are retried; every step is idempotent because
     parts are written atomically under deterministic names.
 

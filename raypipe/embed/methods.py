@@ -1,0 +1,59 @@
+"""The embedding-method registry (``embed.methods``): name → the stage's plan builder.
+
+A builder gets the job, the atlas, the gene space and the shard plan and returns a
+:class:`raypipe.core.plan.StagePlan`: the chained steps (callable classes, their constructor
+kwargs with big payloads as ObjectRefs, actor resources), and the fingerprint that keys its
+outputs. Each method's entry carries its capabilities; builders are imported on first use.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from raypipe.registry import Registry
+
+if TYPE_CHECKING:
+    from raypipe.atlas.store import AtlasInfo
+    from raypipe.config import JobConfig
+    from raypipe.core.plan import Shard, StagePlan
+    from raypipe.genes.space import GeneSpace
+
+__all__ = ["METHODS", "MethodEntry", "text_space_methods"]
+
+
+@dataclass(frozen=True)
+class MethodEntry:
+    """One embedding method.
+
+    Attributes
+    ----------
+    builder
+        ``"module:function"`` of its plan builder (imported on first use).
+    text_space
+        Its cells live in the text model's space (candidate texts can be scored against them).
+    """
+
+    builder: str
+    text_space: bool = False
+
+    def build(
+        self, job: JobConfig, atlas: AtlasInfo, genes: GeneSpace, shards: list[Shard]
+    ) -> StagePlan:
+        """Import the builder and plan the method."""
+        import importlib
+
+        module, _, attr = self.builder.partition(":")
+        fn: Any = getattr(importlib.import_module(module), attr)
+        return fn(job, atlas, genes, shards)  # type: ignore[no-any-return]
+
+
+METHODS: Registry[MethodEntry] = Registry("embedding method")
+METHODS.add("genept_w", MethodEntry("raypipe.embed.genept_w:build_genept_w", text_space=True))
+METHODS.add("genept_s", MethodEntry("raypipe.embed.genept_s:build_genept_s", text_space=True))
+METHODS.add("ce", MethodEntry("raypipe.embed.ce:build_ce"))
+
+
+def text_space_methods() -> list[str]:
+    """Names of the methods whose cells share the text model's space."""
+    return [name for name in METHODS if METHODS.get(name).text_space]

@@ -1,0 +1,1 @@
+"""The top floor: compose the stages into a run (``runner``) or a cost estimate (``dryrun``)."""

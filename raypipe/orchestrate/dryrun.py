@@ -1,0 +1,60 @@
+"""``raypipe run --dry-run``: the plan and the LLM cost estimate, calling nothing.
+
+Counts the paid calls a run would make (gene descriptions, gene-text embeddings, GenePT-s
+cell sentences), estimates their tokens (sentences from a sample of cells), and prices them
+with the config's ``prices`` table at the configured rate limits. Each stage owns its
+estimate (:func:`raypipe.genes.space.estimate_costs`,
+:func:`raypipe.embed.genept_s.estimate_cost`); this module only composes them. Results already
+in the LLM cache are not charged again in a real run, so this is an upper bound.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+if TYPE_CHECKING:
+    from raypipe.config import JobConfig
+
+__all__ = ["dry_run", "plan_estimates"]
+
+SENTENCE_SAMPLE = 2000
+
+
+def plan_estimates(job: JobConfig) -> tuple[int, list[str], list[tuple[str, Any]]]:
+    """Return ``(n_cells, gene names, [(step, Estimate)])`` for every paid step of the run."""
+    from raypipe.atlas.reader import open_source
+    from raypipe.embed.genept_s import cell_sentences, estimate_cost
+    from raypipe.genes.space import estimate_costs
+
+    with open_source(job.input.path, job.input.layer) as src:
+        n_cells, genes = src.n_obs, [str(v) for v in src.var.index]
+        rows = estimate_costs(job, genes)
+        if "genept_s" in job.embed.methods:
+            block = src.rows(0, min(n_cells, SENTENCE_SAMPLE))
+            sents = cell_sentences(block, np.asarray(genes), job.embed.genept_s.top_n)
+            rows.append(("GenePT-s cell sentences", estimate_cost(job, n_cells, sents)))
+    return n_cells, genes, rows
+
+
+def dry_run(job: JobConfig) -> str:
+    """Render the plan and estimates as text."""
+    from raypipe.llm.backends import EMBEDDERS
+    from raypipe.llm.generate import GENERATORS
+
+    n_cells, genes, rows = plan_estimates(job)
+    lines = [
+        f"dry run: {job.input.path} — {n_cells:,} cells × {len(genes):,} genes → {Path(job.output_dir)}",
+        f"methods: {', '.join(job.embed.methods)}; shards of ~{job.shards.rows} rows; "
+        f"text model {job.text_model.backend}:{job.text_model.model}",
+    ]
+    for what, est in rows:
+        chat = "chat" in what
+        backend = job.llm.backend if chat else job.text_model.backend
+        paid = (GENERATORS if chat else EMBEDDERS).capabilities(backend).paid
+        note = "" if paid else f"  (backend {backend}: no API cost)"
+        lines.append(f"- {what}: {est.format()}{note}")
+    lines.append("nothing was called; results already in the cache will not be paid again")
+    return "\n".join(lines)
