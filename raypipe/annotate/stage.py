@@ -158,11 +158,6 @@ class AnnotateShards(AtlasShardStage):
         self.marker_idx, self.weights, self.center = marker_idx, weights, center
         self.top_k, self.threshold = top_k, unassigned_threshold
 
-    @property
-    def stage_name(self) -> str:
-        """Markers live beside the embedding method's, as ``annotate_<method>``."""
-        return f"annotate_{self.method}"
-
     def _score(self, emb: np.ndarray | None, x: Any, center: bool) -> np.ndarray:
         from raypipe.annotate.scorers import ScoreInputs, score_cells
 

@@ -11,9 +11,9 @@ from raypipe.core.plan import StageSpec
 
 if TYPE_CHECKING:
     from raypipe.config import RayConfig
-    from raypipe.core.plan import Shard
+    from raypipe.core.plan import Shard, StagePlan
 
-__all__ = ["StageSpec", "init_ray", "map_shards"]
+__all__ = ["StageSpec", "init_ray", "map_shards", "run_plan"]
 
 log = logging.getLogger(__name__)
 
@@ -111,3 +111,37 @@ def map_shards(
         if on_done is not None:
             on_done(row)
     return done
+
+
+def run_plan(
+    plan: StagePlan,
+    out_dir: str,
+    method: str,
+    shards: list[Shard],
+    *,
+    progress: bool = True,
+    desc: str | None = None,
+) -> list[Shard]:
+    """Run a plan over the shards its ledger says are pending; return those shards.
+
+    Parts and markers of shard indices beyond ``shards`` are dropped first (the atlas shrank);
+    fresh shards are reused; the rest stream through the plan's steps with a progress bar.
+    """
+    from tqdm.auto import tqdm
+
+    from raypipe.core.ledger import Ledger
+
+    ledger = Ledger(out_dir, plan.kind, method)
+    ledger.drop_stale(len(shards))
+    todo = ledger.pending(shards, plan.fingerprint)
+    bar = tqdm(
+        total=sum(s.n_rows for s in todo),
+        unit="cell",
+        desc=desc or ledger.stage,
+        disable=not progress or not todo,
+    )
+    try:
+        map_shards(plan.steps, todo, on_done=lambda row: bar.update(int(row["n_cells"])))
+    finally:
+        bar.close()
+    return todo

@@ -14,13 +14,9 @@ from typing import Any, ClassVar
 
 import numpy as np
 
-from raypipe.core.outputs import (
-    atomic_write_json,
-    embedding_table,
-    marker_path,
-    part_path,
-    write_parquet_atomic,
-)
+from raypipe.core.ledger import Ledger
+from raypipe.core.outputs import embedding_table
+from raypipe.core.plan import Shard
 from raypipe.errors import StageContractError
 
 __all__ = ["SHARD_COLUMNS", "SUMMARY_COLUMNS", "ShardStage", "check_contract"]
@@ -94,9 +90,9 @@ class ShardStage:
         return self.compute(self.read_rows(start, stop), start, stop)
 
     @property
-    def stage_name(self) -> str:
-        """Name of this stage's completion markers (``state/<stage_name>/``)."""
-        return self.method
+    def ledger(self) -> Ledger:
+        """Where this stage's parts and completion markers go."""
+        return Ledger(self.out_dir, self.kind, self.method)
 
     def output_table(self, batch: dict[str, np.ndarray], i: int) -> tuple[Any, int]:
         """Build shard ``i``'s output table and count its empty cells (default: embeddings)."""
@@ -110,35 +106,30 @@ class ShardStage:
         """Process each shard spec in ``batch``: write its part, then its marker; summarise."""
         check_contract(type(self).__name__, batch, self.input_columns)
         rows: dict[str, list[Any]] = {c: [] for c in self.output_columns}
+        ledger = self.ledger
         for i in range(len(batch["shard"])):
             t0 = time.perf_counter()
-            shard, start, stop = (
+            shard = Shard(
                 int(batch["shard"][i]),
                 int(batch["start"][i]),
                 int(batch["stop"][i]),
+                str(batch["content_hash"][i]),
             )
             table, n_empty = self.output_table(batch, i)
-            path = part_path(self.out_dir, self.kind, self.method, shard)
-            write_parquet_atomic(path, table)
-            seconds = time.perf_counter() - t0
-            summary = {
-                "shard": shard,
-                "n_cells": stop - start,
+            summary: dict[str, Any] = {
+                "shard": shard.index,
+                "n_cells": shard.n_rows,
                 "n_empty": n_empty,
-                "seconds": seconds,
-                "path": str(path),
             }
-            atomic_write_json(
-                marker_path(self.out_dir, self.stage_name, shard),
-                {
-                    **summary,
-                    "start": start,
-                    "stop": stop,
-                    "content_hash": str(batch["content_hash"][i]),
-                    "fingerprint": self.fingerprint,
-                    **self.marker_extra(),
-                },
+            summary["seconds"] = time.perf_counter() - t0
+            path = ledger.write(
+                shard,
+                table,
+                fingerprint=self.fingerprint,
+                summary=summary,
+                extra=self.marker_extra(),
             )
+            summary["path"] = str(path)
             for k, v in summary.items():
                 rows[k].append(v)
         return {k: np.asarray(v) for k, v in rows.items()}

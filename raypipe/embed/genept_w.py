@@ -153,38 +153,20 @@ class GenePTW(AtlasShardStage):
 def build_genept_w(
     job: JobConfig, atlas: AtlasInfo, genes: GeneSpace, shards: list[Shard]
 ) -> StagePlan:
-    """GenePT-w: fold HVG selection and centring into one (genes × d) weight matrix."""
+    """GenePT-w: fold HVG selection and centring into one (genes × d) weight matrix.
+
+    With ``hvg`` set, the gene moments come from a cached, resumable pre-pass
+    (:func:`raypipe.embed.hvg.hvg_mask`): a resume reads no expression data.
+    """
     import ray
 
-    from raypipe.core.execute import map_shards
-    from raypipe.embed.hvg import GeneMoments, select_hvg
+    from raypipe.embed.hvg import hvg_mask
 
     cfg = job.embed.genept_w
     mask = None
     notes: dict[str, Any] = {"hvg": cfg.hvg, "center": cfg.center}
     if cfg.hvg is not None:
-        spec = StageSpec(
-            GeneMoments,
-            {
-                "atlas_path": atlas.path,
-                "collapse": ray.put(genes.collapse),
-                "x_kind": atlas.x_kind,
-                "target_sum": cfg.target_sum,
-            },
-            job.ray.actors,
-            job.ray.actor_cpus,
-        )
-        n = 0
-        total: Any = 0.0
-        total_sq: Any = 0.0
-        for row in map_shards([spec], shards):
-            n += int(row["n"])
-            total = total + np.asarray(row["sum"])
-            total_sq = total_sq + np.asarray(row["sum_sq"])
-        # rank only genes that have text: a variable gene without text adds nothing
-        masked_total = np.where(genes.has_text, total, 0.0)
-        mask = select_hvg(n, masked_total, np.where(genes.has_text, total_sq, 0.0), cfg.hvg)
-        mask &= genes.has_text
+        mask = hvg_mask(job, atlas, genes.collapse, genes.has_text, shards, cfg.hvg)
         notes["hvg_genes"] = int(mask.sum())
     weights = weight_matrix(genes.embeddings, genes.has_text, center=cfg.center, gene_mask=mask)
     payload = ray.put({"collapse": genes.collapse, "weights": weights})

@@ -1,22 +1,28 @@
 """Highly variable genes from streamed per-shard moments (Seurat-style dispersion).
 
-Each shard returns the per-gene sum and sum of squares of its log-normalised values; the
-driver adds them up (exact, any shard order) and ranks genes by dispersion normalised within
+Each shard writes the per-gene sum and sum of squares of its log-normalised values (a cached
+pre-pass under ``state/gene_moments``); the driver adds them up in shard order and ranks genes by dispersion normalised within
 20 bins of mean expression, as scanpy's ``flavor='seurat'`` does.
 """
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import numpy as np
+import pyarrow.parquet as pq
 import scipy.sparse as sp
 
+from raypipe.atlas.store import AtlasShardStage
 from raypipe.core.expression import log_normalize
-from raypipe.core.plan import resolve
-from raypipe.core.stage import check_contract
+from raypipe.core.plan import StagePlan, StageSpec, resolve, stage_hash
 
-__all__ = ["GeneMoments", "gene_moments", "select_hvg"]
+if TYPE_CHECKING:
+    from raypipe.atlas.store import AtlasInfo
+    from raypipe.config import JobConfig
+    from raypipe.core.plan import Shard
+
+__all__ = ["GeneMoments", "gene_moments", "hvg_mask", "select_hvg"]
 
 
 def gene_moments(
@@ -76,30 +82,75 @@ def select_hvg(
     return mask
 
 
-class GeneMoments:
-    """Ray Data stage (tasks or actors): shard specs → per-gene moments of that shard.
+class GeneMoments(AtlasShardStage):
+    """Ray Data stage: shard specs → ``state/gene_moments/part-*.parquet`` (a cached pre-pass).
 
-    Batch contract: in ``shard, start, stop``; out ``n, sum, sum_sq`` (one row per shard).
+    Batch contract: in ``shard, start, stop, content_hash``; out the shard-stage summary. Each
+    part holds one row per unique gene: ``sum`` and ``sum_sq`` of its log-normalised values
+    over the shard's cells (float64). Parts are keyed like any output (fingerprint, rows'
+    content hash), so a resume reads no expression data for shards already summed.
     """
 
-    def __init__(self, *, atlas_path: str, collapse: Any, x_kind: str, target_sum: float) -> None:
-        self.atlas_path = atlas_path
+    kind: ClassVar[str] = "state"
+    method: ClassVar[str] = "gene_moments"
+
+    def __init__(self, *, collapse: Any, x_kind: str, target_sum: float, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
         self.collapse = resolve(collapse)
         self.x_kind = x_kind
         self.target_sum = target_sum
 
-    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, Any]:
-        """Moments of each shard in the batch."""
-        from raypipe.atlas.store import read_shard
+    def output_table(self, batch: dict[str, np.ndarray], i: int) -> tuple[Any, int]:
+        """Moments of shard ``i``'s cells."""
+        import pyarrow as pa
 
-        check_contract("GeneMoments", batch, ("shard", "start", "stop"))
-        ns, sums, sqs = [], [], []
-        for start, stop in zip(batch["start"], batch["stop"], strict=True):
-            x = read_shard(self.atlas_path, int(start), int(stop))
-            n, s, sq = gene_moments(
-                x, self.collapse, x_kind=self.x_kind, target_sum=self.target_sum
-            )
-            ns.append(n)
-            sums.append(s)
-            sqs.append(sq)
-        return {"n": np.asarray(ns), "sum": np.stack(sums), "sum_sq": np.stack(sqs)}
+        x = self.read_rows(int(batch["start"][i]), int(batch["stop"][i]))
+        _, s, sq = gene_moments(x, self.collapse, x_kind=self.x_kind, target_sum=self.target_sum)
+        return pa.table({"sum": s, "sum_sq": sq}), 0
+
+
+def hvg_mask(
+    job: JobConfig,
+    atlas: AtlasInfo,
+    collapse: sp.csr_matrix,
+    has_text: np.ndarray,
+    shards: list[Shard],
+    n_top: int,
+    *,
+    progress: bool = False,
+) -> np.ndarray:
+    """Select the ``n_top`` most variable genes with text, from per-shard moments (cached).
+
+    Shards whose moments are already in ``state/gene_moments`` (same rows, same gene
+    collapse, same settings) are not read again; the sums are added in shard order.
+    """
+    import ray
+
+    from raypipe.core.execute import run_plan
+    from raypipe.core.ledger import Ledger
+
+    target_sum = job.embed.genept_w.target_sum
+    digest = stage_hash(collapse.shape, collapse.indptr.tobytes(), collapse.indices.tobytes())
+    fingerprint = stage_hash("gene_moments", atlas.x_kind, target_sum, digest)
+    kwargs = {
+        "atlas_path": atlas.path,
+        "out_dir": job.output_dir,
+        "fingerprint": fingerprint,
+        "collapse": ray.put(collapse),
+        "x_kind": atlas.x_kind,
+        "target_sum": target_sum,
+    }
+    step = StageSpec(GeneMoments, kwargs, job.ray.actors, job.ray.actor_cpus)
+    plan = StagePlan([step], fingerprint, kind=GeneMoments.kind)
+    run_plan(plan, job.output_dir, GeneMoments.method, shards, progress=progress, desc="hvg")
+    ledger = Ledger(job.output_dir, GeneMoments.kind, GeneMoments.method)
+    total = np.zeros(collapse.shape[1])
+    total_sq = np.zeros(collapse.shape[1])
+    for s in shards:  # in shard order: the same sums, bit for bit, on every run
+        part = pq.read_table(ledger.part(s.index))
+        total += part.column("sum").to_numpy()
+        total_sq += part.column("sum_sq").to_numpy()
+    # rank only genes that have text: a variable gene without text adds nothing
+    n = sum(s.n_rows for s in shards)
+    mask = select_hvg(n, np.where(has_text, total, 0.0), np.where(has_text, total_sq, 0.0), n_top)
+    return mask & has_text

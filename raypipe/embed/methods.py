@@ -30,11 +30,14 @@ class MethodEntry:
     ----------
     builder
         ``"module:function"`` of its plan builder (imported on first use).
+    title
+        Its name for people (``GenePT-w``).
     text_space
         Its cells live in the text model's space (candidate texts can be scored against them).
     """
 
     builder: str
+    title: str
     text_space: bool = False
 
     def build(
@@ -49,9 +52,13 @@ class MethodEntry:
 
 
 METHODS: Registry[MethodEntry] = Registry("embedding method")
-METHODS.add("genept_w", MethodEntry("raypipe.embed.genept_w:build_genept_w", text_space=True))
-METHODS.add("genept_s", MethodEntry("raypipe.embed.genept_s:build_genept_s", text_space=True))
-METHODS.add("ce", MethodEntry("raypipe.embed.ce:build_ce"))
+METHODS.add(
+    "genept_w", MethodEntry("raypipe.embed.genept_w:build_genept_w", "GenePT-w", text_space=True)
+)
+METHODS.add(
+    "genept_s", MethodEntry("raypipe.embed.genept_s:build_genept_s", "GenePT-s", text_space=True)
+)
+METHODS.add("ce", MethodEntry("raypipe.embed.ce:build_ce", "CE"))
 
 
 def text_space_methods() -> list[str]:

@@ -1,0 +1,128 @@
+"""The completions ledger: which shards of one (kind, method) are done, and with what.
+
+One :class:`Ledger` per output (``embeddings/genept_w``, ``annotations/ce``,
+``state/gene_moments`` ...) owns both halves of a shard's result: its part
+(``<out>/<kind>/<method>/part-NNNNN.parquet``) and its completion marker
+(``<out>/state/<stage>/shard-NNNNN.json``). The part is written first, the marker last: the
+marker is the commit point, and a part without a fresh marker is never trusted (a crash
+leaves nothing that looks complete). A marker is fresh when its fingerprint, its rows' content
+hash and its row range equal the plan's, its part exists, and it does not ask for a retry.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from raypipe.core.outputs import (
+    atomic_write_json,
+    marker_path,
+    part_path,
+    read_marker,
+    write_parquet_atomic,
+)
+from raypipe.core.plan import Shard
+
+__all__ = ["Ledger", "stage_name"]
+
+#: Marker folders of the kinds other than ``embeddings`` (whose markers are named by method).
+_STAGE_PREFIX = {"annotations": "annotate_"}
+
+
+def stage_name(kind: str, method: str) -> str:
+    """Return the marker folder (``state/<name>/``) of a ``kind``/``method`` output."""
+    return f"{_STAGE_PREFIX.get(kind, '')}{method}"
+
+
+@dataclass(frozen=True)
+class Ledger:
+    """Parts and completion markers of one output.
+
+    Parameters
+    ----------
+    out_dir
+        The run's output folder.
+    kind
+        ``embeddings``, ``annotations`` or ``state`` (cached pre-passes).
+    method
+        The method (``genept_w``, ``ce`` ...) or pre-pass (``gene_moments``).
+    """
+
+    out_dir: str
+    kind: str
+    method: str
+
+    @property
+    def stage(self) -> str:
+        """Name of the marker folder."""
+        return stage_name(self.kind, self.method)
+
+    def part(self, shard: int) -> Path:
+        """Path of a shard's part."""
+        return part_path(self.out_dir, self.kind, self.method, shard)
+
+    def marker(self, shard: int) -> Path:
+        """Path of a shard's completion marker."""
+        return marker_path(self.out_dir, self.stage, shard)
+
+    def read(self, shard: int) -> dict[str, Any] | None:
+        """Return a shard's marker (None when absent or unreadable)."""
+        return read_marker(self.marker(shard))
+
+    def is_fresh(self, shard: Shard, fingerprint: str) -> bool:
+        """Whether ``shard`` is done with exactly this fingerprint, content and range."""
+        m = self.read(shard.index)
+        return (
+            m is not None
+            and m.get("fingerprint") == fingerprint
+            and m.get("content_hash") == shard.content_hash
+            and (m.get("start"), m.get("stop")) == (shard.start, shard.stop)
+            and self.part(shard.index).exists()
+            and not m.get("retry")  # items that failed for a transient reason are retried
+        )
+
+    def pending(self, shards: list[Shard], fingerprint: str) -> list[Shard]:
+        """Return the shards whose marker is missing or stale (content, range, settings)."""
+        return [s for s in shards if not self.is_fresh(s, fingerprint)]
+
+    def write(
+        self,
+        shard: Shard,
+        table: Any,
+        *,
+        fingerprint: str,
+        summary: dict[str, Any],
+        extra: dict[str, Any] | None = None,
+    ) -> Path:
+        """Write a shard's part, then (the commit point) its marker; return the part's path."""
+        path = self.part(shard.index)
+        write_parquet_atomic(path, table)
+        atomic_write_json(
+            self.marker(shard.index),
+            {
+                **summary,
+                "path": str(path),
+                "start": shard.start,
+                "stop": shard.stop,
+                "content_hash": shard.content_hash,
+                "fingerprint": fingerprint,
+                **(extra or {}),
+            },
+        )
+        return path
+
+    def drop_stale(self, n_shards: int) -> None:
+        """Remove parts and markers of shard indices beyond the plan (the atlas shrank)."""
+        base = Path(self.out_dir)
+        for folder, pattern in (
+            (base / self.kind / self.method, "part-*.parquet"),
+            (base / "state" / self.stage, "shard-*.json"),
+        ):
+            for p in folder.glob(pattern) if folder.is_dir() else []:
+                if int(p.stem.split("-")[1]) >= n_shards:
+                    p.unlink()
+
+    def records(self, shards: list[Shard]) -> list[dict[str, Any]]:
+        """Return the markers of ``shards`` (``{}`` when missing), e.g. for per-shard LLM usage."""
+        return [self.read(s.index) or {} for s in shards]

@@ -1,0 +1,151 @@
+"""Before a run touches its output: validate the whole job; then find or ingest the atlas.
+
+:func:`validate_job` is read-only: it checks everything that can be checked without
+computing — methods, files the config names, the input, its label/batch columns — so a typo
+fails before the output folder (or a previous run's manifest) is touched.
+:func:`ensure_atlas` then opens the input as an atlas, ingesting it into
+``<out>/atlas.zarr`` only when that copy is missing or stale.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from raypipe.core.outputs import atomic_write_json, read_marker
+from raypipe.errors import ConfigError, InputError
+
+if TYPE_CHECKING:
+    from raypipe.atlas.store import AtlasInfo
+    from raypipe.config import JobConfig
+
+__all__ = ["ensure_atlas", "validate_job"]
+
+log = logging.getLogger(__name__)
+
+STAMP = Path("state") / "atlas_source.json"
+
+
+def _is_atlas(src: Path) -> bool:
+    from raypipe.atlas.store import ATLAS_ATTR
+
+    if not (src.is_dir() and ((src / "zarr.json").exists() or (src / ".zgroup").exists())):
+        return False
+    import zarr
+
+    return ATLAS_ATTR in dict(zarr.open_group(str(src), mode="r").attrs)
+
+
+def _stamp(src: Path, layer: str | None) -> dict[str, Any]:
+    stat = src.stat()
+    return {"source": str(src), "size": stat.st_size, "mtime": stat.st_mtime, "layer": layer}
+
+
+def _ingested(job: JobConfig, src: Path, out_dir: Path) -> AtlasInfo | None:
+    """Return the atlas already ingested from ``src`` into ``out_dir`` while still current."""
+    from raypipe.atlas.store import open_atlas
+
+    target = out_dir / "atlas.zarr"
+    if target.exists() and read_marker(out_dir / STAMP) == _stamp(src, job.input.layer):
+        atlas = open_atlas(target)
+        if job.input.x_kind in ("auto", atlas.x_kind):
+            return atlas
+    return None
+
+
+def _check_paths(job: JobConfig) -> None:
+    """Files and folders the config names must exist (URLs and hub ids are checked later)."""
+    named = {
+        "genes.table": job.genes.table if job.genes.text_source == "table" else None,
+        "genes.orgdb": job.genes.orgdb,
+        "genes.id_table": job.genes.id_table,
+        "genes.aliases": job.genes.aliases,
+        "annotate.ontology": job.annotate.ontology if job.annotate.enabled else None,
+    }
+    for key, value in named.items():
+        if value and "://" not in value and not Path(value).expanduser().exists():
+            raise InputError(f"{key} {value} does not exist", fix=f"check {key} in the config")
+
+
+def _check_columns(present: list[str], keys: list[str], where: str) -> None:
+    missing = [k for k in keys if k not in present]
+    if missing:
+        raise InputError(
+            f"obs of {where} has no column {missing[0]!r}; columns present: "
+            f"{', '.join(present) or '(none)'}",
+            fix="set input.label_key / input.batch_key to one of the columns present",
+        )
+
+
+def validate_job(job: JobConfig) -> None:
+    """Check the job end to end without writing anything.
+
+    Raises
+    ------
+    ConfigError, InputError
+        Naming the setting, file or column, with the fix.
+    """
+    from raypipe.atlas.reader import open_source, resolve_input_path
+    from raypipe.atlas.store import open_atlas, read_obs_columns
+    from raypipe.embed.methods import METHODS
+
+    for name in job.embed.methods:
+        METHODS.get(name)
+    _check_paths(job)
+    if job.annotate.enabled and not job.annotate.candidates and not job.input.label_key:
+        raise ConfigError(
+            "annotate.enabled but there are no candidates",
+            fix="list annotate.candidates, or set input.label_key to map its values to Cell "
+            "Ontology terms",
+        )
+    src = resolve_input_path(job.input.path)
+    if not src.exists():
+        raise InputError(f"input file {src} does not exist", fix="check input.path in the config")
+    keys = [k for k in (job.input.label_key, job.input.batch_key) if k]
+    if _is_atlas(src):
+        atlas = open_atlas(src)
+        if job.input.x_kind not in ("auto", atlas.x_kind):
+            raise InputError(
+                f"atlas {src} holds {atlas.x_kind} but input.x_kind is {job.input.x_kind}",
+                fix=f"re-ingest with --x-kind {job.input.x_kind}, or set input.x_kind: auto",
+            )
+        if keys:
+            read_obs_columns(atlas.path, keys)  # a missing column names those present
+        return
+    ingested = _ingested(job, src, Path(job.output_dir))
+    if ingested is not None:
+        if keys:
+            read_obs_columns(ingested.path, keys)
+        return
+    zarr_dir = (src / "zarr.json").exists() or (src / ".zgroup").exists()
+    if keys or src.is_file() or zarr_dir:  # a 10x folder is read whole: only when needed
+        with open_source(src, job.input.layer) as source:  # checks the file's layout too
+            _check_columns([str(c) for c in source.obs.columns], keys, str(src))
+
+
+def ensure_atlas(job: JobConfig, out_dir: Path, *, progress: bool = True) -> AtlasInfo:
+    """Open ``input.path`` as an atlas, ingesting it into ``<out>/atlas.zarr`` when needed."""
+    from raypipe.atlas.ingest import ingest
+    from raypipe.atlas.reader import resolve_input_path
+    from raypipe.atlas.store import open_atlas
+
+    src = resolve_input_path(job.input.path)
+    if _is_atlas(src):
+        return open_atlas(src)
+    found = _ingested(job, src, out_dir)
+    if found is not None:
+        return found
+    target = out_dir / "atlas.zarr"
+    log.info("ingesting %s into %s", src, target)
+    result = ingest(
+        src,
+        target,
+        rows_per_chunk=job.input.rows_per_chunk,
+        x_kind=job.input.x_kind,
+        layer=job.input.layer,
+        overwrite=True,
+        progress=progress,
+    )
+    atomic_write_json(out_dir / STAMP, _stamp(src, job.input.layer))
+    return result.atlas
