@@ -5,11 +5,11 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
-from collections.abc import Callable
 from typing import Any
 
 from raypipe import __version__
 from raypipe.errors import RaypipeError
+from raypipe.llm.cli import add_cache_parser
 
 __all__ = ["build_parser", "main"]
 
@@ -189,20 +189,8 @@ def build_parser() -> argparse.ArgumentParser:
     rnd.add_argument("--seed", type=int, default=0)
     rnd.set_defaults(func=_cmd_ce_init_random)
 
-    for add in _plugin_parsers():
-        add(sub)
+    add_cache_parser(sub)
     return p
-
-
-def _plugin_parsers() -> list[Callable[[argparse._SubParsersAction], object]]:
-    out: list[Callable[[argparse._SubParsersAction], object]] = []
-    try:
-        from raypipe.llm.cli import add_cache_parser
-
-        out.append(add_cache_parser)
-    except ImportError:  # pragma: no cover - optional during development
-        pass
-    return out
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -39,7 +39,13 @@ __all__ = [
     "reference",
 ]
 
-EmbedMethod = Literal["genept_w", "genept_s", "ce"]
+# Registry names, written out so that validating a config imports no backend; a test
+# (tests/test_config.py) keeps each Literal equal to its registry's names.
+EmbedMethod = Literal["genept_w", "genept_s", "ce"]  # raypipe.embed.methods.METHODS
+TextSourceName = Literal["table", "orgdb", "ncbi", "symbol", "llm"]  # genes.sources.TEXT_SOURCES
+EmbedderName = Literal["local", "openai", "vllm"]  # raypipe.llm.backends.EMBEDDERS
+GeneratorName = Literal["openai", "vllm"]  # raypipe.llm.generate.GENERATORS
+ScorerName = Literal["text", "markers"]  # raypipe.annotate.scorers.SCORERS
 
 
 class _Section(BaseModel):
@@ -97,7 +103,7 @@ class ShardsConfig(_Section):
 class GenesConfig(_Section):
     """Gene identity and the text that describes each gene."""
 
-    text_source: Literal["table", "orgdb", "ncbi", "symbol", "llm"] = Field(
+    text_source: TextSourceName = Field(
         "orgdb", description="Registry name of the gene text source."
     )
     table: str | None = Field(
@@ -128,9 +134,7 @@ class GenesConfig(_Section):
 class TextModelConfig(_Section):
     """The text-embedding model that embeds gene and cell-type texts."""
 
-    backend: Literal["local", "openai", "vllm"] = Field(
-        "local", description="Registry name of the embedding backend."
-    )
+    backend: EmbedderName = Field("local", description="Registry name of the embedding backend.")
     model: str = Field(
         "all-MiniLM-L6-v2",
         description="Model id or local directory (`all-MiniLM-L6-v2` = the packaged offline model).",
@@ -152,9 +156,7 @@ class TextModelConfig(_Section):
 class LLMConfig(_Section):
     """The generative model that writes gene descriptions (`genes.text_source: llm`)."""
 
-    backend: Literal["openai", "vllm"] = Field(
-        "openai", description="Registry name of the generation backend."
-    )
+    backend: GeneratorName = Field("openai", description="Registry name of the generation backend.")
     model: str = Field("gpt-4o-mini", description="Chat model id or local directory (vllm).")
     base_url: str | None = Field(None, description="OpenAI-compatible endpoint.")
     api_key_env: str = Field(
@@ -274,8 +276,9 @@ class AnnotateConfig(_Section):
     ontology: str | None = Field(
         None, description="Cell Ontology JSON(.gz); default: cellxgene-ontology-guide."
     )
-    scorers: dict[str, float] = Field(
-        default_factory=lambda: {"text": 1.0}, description="Scorer name → weight."
+    scorers: dict[ScorerName, float] = Field(
+        default_factory=lambda: dict[ScorerName, float]({"text": 1.0}),
+        description="Scorer name → weight.",
     )
     markers: dict[str, list[str]] = Field(
         default_factory=dict, description="Candidate → marker genes."
@@ -369,8 +372,13 @@ def _format(err: ValidationError, source: str) -> str:
             lines.append(f"unknown key {loc!r}; valid keys here: {', '.join(valid)}")
         elif e["type"] == "missing":
             lines.append(f"missing key {loc!r}")
+        elif e["loc"] and e["loc"][-1] == "[key]":  # a mapping key, e.g. a scorer name
+            where = ".".join(str(p) for p in e["loc"][:-2])
+            lines.append(f"{where}: unknown name {e.get('input')!r}; {e['msg']}")
         else:
-            lines.append(f"{loc}: {e['msg']} (got {e.get('input')!r})")
+            msg = str(e["msg"]).removeprefix("Value error, ")
+            got = "" if "(got " in msg else f" (got {e.get('input')!r})"
+            lines.append(f"{loc}: {msg}{got}")
     return f"invalid config {source}:\n  " + "\n  ".join(lines)
 
 

@@ -154,17 +154,25 @@ def write_10x(folder: Path, adata: ad.AnnData) -> Path:
     return folder
 
 
+#: The paper's plain GenePT-w (all genes, no centring): what ``dense_genept_w`` computes.
+PLAIN_GENEPT_W = {"hvg": None, "center": False}
+
+
 def job_dict(
     input_path: Path | str, output_dir: Path | str, table: Path | str, **sections: Any
 ) -> dict:
-    """A small job config: table gene text, local MiniLM, 2-CPU local Ray, GenePT-w."""
+    """A small job config: table gene text, local MiniLM, 2-CPU local Ray, GenePT-w.
+
+    GenePT-w keeps the production defaults (HVG-500, centring); a test that needs the paper's
+    plain method passes ``embed={"genept_w": PLAIN_GENEPT_W}`` and says why.
+    """
     data: dict[str, Any] = {
         "input": {"path": str(input_path), "rows_per_chunk": 64},
         "output_dir": str(output_dir),
         "shards": {"rows": 128},
         "genes": {"text_source": "table", "table": str(table), "min_coverage": 0.5},
         "text_model": {"backend": "local", "model": "all-MiniLM-L6-v2", "batch_size": 64},
-        "embed": {"methods": ["genept_w"], "genept_w": {"hvg": None, "center": False}},
+        "embed": {"methods": ["genept_w"]},
         "ray": {"address": "local", "actors": 2, "actor_cpus": 0.5},
     }
     for key, value in sections.items():

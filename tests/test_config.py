@@ -126,8 +126,48 @@ def test_config_hash_stable_and_sensitive():
 
 def test_shipped_configs_validate():
     root = Path(__file__).resolve().parents[1]
-    for path in sorted((root / "configs").glob("*.yaml")):
+    shipped = sorted((root / "configs").glob("*.yaml"))
+    assert shipped, f"no configs in {root / 'configs'}: the README's commands need them"
+    for path in shipped:
         load_config(path)
+
+
+def test_config_literals_equal_registry_names():
+    """Every backend/method/scorer name the config accepts is registered, and vice versa."""
+    from typing import get_args
+
+    from raypipe import config as C
+    from raypipe.annotate.scorers import SCORERS
+    from raypipe.embed.methods import METHODS
+    from raypipe.genes.sources import TEXT_SOURCES
+    from raypipe.llm.backends import EMBEDDERS
+    from raypipe.llm.generate import GENERATORS
+
+    pairs = {
+        "EmbedMethod": (C.EmbedMethod, METHODS),
+        "TextSourceName": (C.TextSourceName, TEXT_SOURCES),
+        "EmbedderName": (C.EmbedderName, EMBEDDERS),
+        "GeneratorName": (C.GeneratorName, GENERATORS),
+        "ScorerName": (C.ScorerName, SCORERS),
+    }
+    for name, (literal, registry) in pairs.items():
+        assert sorted(get_args(literal)) == registry.names(), name
+
+
+def test_unknown_scorer_fails_at_load_listing_the_valid_ones(tmp_path):
+    with pytest.raises(ConfigError) as err:
+        load_config(
+            {
+                "input": {"path": "x.h5ad"},
+                "output_dir": str(tmp_path),
+                "annotate": {"scorers": {"txt": 1}},
+            }
+        )
+    msg = str(err.value)
+    assert "annotate.scorers" in msg
+    assert "txt" in msg
+    assert "'text'" in msg
+    assert "'markers'" in msg
 
 
 HEAVY = ("torch", "transformers", "vllm", "sentence_transformers", "ray")

@@ -27,9 +27,6 @@ KUBERAY = INFRA / "kuberay"
 LAUNCHER = INFRA / "cluster-launcher" / "aws.yaml"
 PYPROJECT = tomllib.loads((ROOT / "pyproject.toml").read_text())
 
-# Files the lead writes in parallel; the checks that need them skip only while they are absent.
-LEAD_PENDING = {"README.md", "jobs/run.py"}
-
 KNOWN_KINDS = {
     ("ray.io/v1", "RayCluster"),
     ("ray.io/v1", "RayJob"),
@@ -277,15 +274,12 @@ def _job_scripts(text: str) -> list[str]:
 
 
 def _require(*rels: str) -> None:
-    """Fail if repo files are missing, or skip while only files the lead adds are missing."""
+    """Fail if files that infra/ refers to are missing from the repo."""
     missing = [rel for rel in rels if not (ROOT / rel).exists()]
-    unexpected = [rel for rel in missing if rel not in LEAD_PENDING]
-    assert not unexpected, f"{unexpected} referenced by infra/ but missing from the repo"
-    if missing:
-        pytest.skip(f"{missing} not written yet (the lead adds them in this issue)")
+    assert not missing, f"{missing} referenced by infra/ but missing from the repo"
 
 
-# ----------------------------------------------------------------------------- helpers' own tests
+# ----------------------------------------------------------------------------- tests
 
 
 @pytest.mark.parametrize(

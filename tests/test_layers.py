@@ -151,3 +151,13 @@ def test_the_kit_imports_no_stage(mod):
         pytest.skip(f"{mod} does not exist")
     for target, _names, line in IMPORTS[mod]:
         assert RANKS[_layer(target)] <= 1, f"{mod}:{line} imports the stage {target}"
+
+
+def test_no_module_is_a_catch_all():
+    """Modules stay well under ~500 lines (STYLE.md 1): a longer one holds two things."""
+    long = {
+        _module_name(p): n
+        for p in PKG.rglob("*.py")
+        if (n := len(p.read_text().splitlines())) > 500
+    }
+    assert not long, f"split these modules: {long}"

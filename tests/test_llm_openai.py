@@ -230,7 +230,7 @@ def test_the_key_never_leaks(tmp_path, server, caplog, capsys, monkeypatch):
     job, lim = make_job(tmp_path, server, max_failure_share=0.5, max_retries=1)
     df, src = describe(job, lim, [*GENES[:4], "BADGENE"])
     _vecs, emb = embed(job, lim, list(df.text))
-    texts = [repr(emb), repr(src.generator), str(src.failures.to_dict())]
+    texts = [repr(emb), repr(src.generator), str(src.failures)]
     # a wrong key: the whole run stops with an error that names the variable, not the value
     wrong = "sk-wrong-ANOTHERSECRET-987654321"
     monkeypatch.setenv("RAYPIPE_TEST_KEY", wrong)

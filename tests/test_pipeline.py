@@ -13,6 +13,7 @@ import pyarrow.parquet as pq
 import pytest
 from data_factory import (
     GENES,
+    PLAIN_GENEPT_W,
     dense_genept_w,
     job_dict,
     make_adata,
@@ -30,6 +31,9 @@ from raypipe.orchestrate.runner import run_job
 
 pytestmark = pytest.mark.integration
 
+# The runs here are compared with dense_genept_w, the paper's plain GenePT-w: plain settings.
+PLAIN = {"methods": ["genept_w"], "genept_w": PLAIN_GENEPT_W}
+
 N_CELLS = 600
 N_SHARDS = 5  # rows_per_chunk 64, shards.rows 128
 
@@ -43,7 +47,7 @@ def env(tmp_path_factory: pytest.TempPathFactory, ray_local):
     atlas = root / "atlas.zarr"
     ingest(h5, atlas, rows_per_chunk=64, progress=False)
     base = root / "base"
-    summary = run_job(load_config(job_dict(atlas, base, table)), progress=False)
+    summary = run_job(load_config(job_dict(atlas, base, table, embed=PLAIN)), progress=False)
     return SimpleNamespace(
         root=root, table=table, adata=adata, h5=h5, atlas=atlas, base=base, summary=summary
     )
@@ -54,7 +58,8 @@ def _run(env, out: Path, *overrides: str, input_path=None, overwrite=False, seed
     if seed and not out.exists():
         (out / CACHE_FILE).parent.mkdir(parents=True)
         shutil.copy(env.base / CACHE_FILE, out / CACHE_FILE)
-    job = load_config(job_dict(input_path or env.atlas, out, table or env.table), list(overrides))
+    cfg = job_dict(input_path or env.atlas, out, table or env.table, embed=PLAIN)
+    job = load_config(cfg, list(overrides))
     return run_job(job, overwrite=overwrite, progress=False)
 
 

@@ -100,8 +100,8 @@ def embed_sentences(sentences: list[str], embedder: Any) -> tuple[np.ndarray, np
     sentences
         One per cell (``""`` = no expressed gene: not sent, flagged failed).
     embedder
-        A text embedder (:class:`raypipe.llm.backends.TextEmbedder`); when it has
-        ``embed_detailed`` (the ``openai`` backend) per-sentence failures are isolated.
+        A text embedder (:class:`raypipe.llm.backends.TextEmbedder`); failures are isolated
+        per sentence where the backend can (the ``openai`` backend).
 
     Returns
     -------
@@ -109,12 +109,8 @@ def embed_sentences(sentences: list[str], embedder: Any) -> tuple[np.ndarray, np
         float32 (n_cells, d) unit rows (zero rows where failed) and bool (n_cells,).
     """
     unique = list(dict.fromkeys(s for s in sentences if s))
-    if hasattr(embedder, "embed_detailed"):
-        res = embedder.embed_detailed(unique)
-        vecs, ok = res.vectors, res.ok
-    else:
-        vecs = np.asarray(embedder.embed(unique), np.float32)
-        ok = np.ones(len(unique), bool)
+    res = embedder.embed_detailed(unique)
+    vecs, ok = res.vectors, res.ok
     d = vecs.shape[1] if vecs.ndim == 2 else 0
     norms = np.linalg.norm(vecs, axis=1, keepdims=True) if len(unique) else np.zeros((0, 1))
     ok = ok & (norms[:, 0] > 0)

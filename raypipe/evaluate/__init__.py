@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from raypipe.evaluate.baseline import BASELINE_METHOD, fit_pca_baseline, lognorm
+from raypipe.evaluate.baseline import BASELINE_METHOD, fit_pca_baseline
 from raypipe.evaluate.metrics import MetricSkipped, merge_confusion, safe, subsample_indices
 from raypipe.evaluate.reduce import METRIC_COLUMNS, METRIC_NAMES, Evaluation, evaluate_embeddings
 
@@ -14,7 +14,6 @@ __all__ = [
     "MetricSkipped",
     "evaluate_embeddings",
     "fit_pca_baseline",
-    "lognorm",
     "merge_confusion",
     "safe",
     "subsample_indices",

@@ -20,24 +20,12 @@ from collections.abc import Callable, Iterable
 import numpy as np
 import scipy.sparse as sp
 
+from raypipe.core.expression import log_normalize
 from raypipe.errors import InputError
 
-__all__ = ["BASELINE_METHOD", "fit_pca_baseline", "lognorm"]
+__all__ = ["BASELINE_METHOD", "fit_pca_baseline"]
 
 BASELINE_METHOD = "pca"
-
-
-def lognorm(block: sp.spmatrix | np.ndarray, *, target_sum: float = 1e4) -> sp.csr_matrix:
-    """Scale each row to ``target_sum`` counts, then log1p (scanpy's normalize_total + log1p).
-
-    Rows with no counts stay zero.
-    """
-    mat = sp.csr_matrix(block, dtype=np.float64, copy=True)
-    totals = np.asarray(mat.sum(axis=1)).ravel()
-    scale = np.divide(target_sum, totals, out=np.zeros_like(totals), where=totals > 0)
-    mat.data *= np.repeat(scale, np.diff(mat.indptr))
-    np.log1p(mat.data, out=mat.data)
-    return mat
 
 
 def fit_pca_baseline(
@@ -70,7 +58,7 @@ def fit_pca_baseline(
     s1: np.ndarray | None = None
     s2: np.ndarray | None = None
     for block in iter_blocks():
-        x = lognorm(block, target_sum=target_sum)
+        x = log_normalize(block, target_sum=target_sum, dtype=np.float64)
         if s1 is None:
             s1 = np.zeros(x.shape[1])
             s2 = np.zeros(x.shape[1])
@@ -94,7 +82,7 @@ def fit_pca_baseline(
 
     gram = np.zeros((h, h))
     for block in iter_blocks():
-        xh = lognorm(block, target_sum=target_sum)[:, genes]
+        xh = log_normalize(block, target_sum=target_sum, dtype=np.float64)[:, genes]
         gram += (xh.T @ xh).toarray()
     mean = mean_all[genes]
     cov = (gram - n * np.outer(mean, mean)) / (n - 1)
@@ -105,7 +93,7 @@ def fit_pca_baseline(
 
     out = []
     for block in iter_blocks():
-        xh = lognorm(block, target_sum=target_sum)[:, genes]
+        xh = log_normalize(block, target_sum=target_sum, dtype=np.float64)[:, genes]
         out.append((xh @ axes - mean @ axes).astype(np.float32))
     emb = np.vstack(out)
     if emb.shape[0] != n:

@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING
 import pandas as pd
 
 from raypipe.errors import ConfigError
+from raypipe.genes.sources import TextSource
 
 if TYPE_CHECKING:
     from raypipe.config import GenesConfig, JobConfig
@@ -97,7 +98,7 @@ def _orgdb_full_names(setting: str | None) -> dict[str, str]:
     return dict(zip(genes["symbol"].astype(str), genes["full_name"].astype(str), strict=True))
 
 
-class LLMTextSource:
+class LLMTextSource(TextSource):
     """Gene texts written by the job's generation backend (``llm`` section).
 
     Parameters
@@ -105,8 +106,7 @@ class LLMTextSource:
     genes_cfg
         The ``genes`` section (``orgdb``, when a TSV file, supplies full gene names).
     job
-        The whole job config: the lead passes it (``llm``, ``limits``, ``cache``,
-        ``output_dir``). Required.
+        The whole job config (``llm``, ``limits``, ``cache``, ``output_dir``). Required.
     generator
         Inject a generator (default: :func:`raypipe.llm.generate.build_generator`).
     full_names
@@ -128,12 +128,12 @@ class LLMTextSource:
                 "genes.text_source llm needs the whole job config (llm, limits, cache)",
                 fix="build it as LLMTextSource(job.genes, job)",
             )
-        self.cfg, self.job = genes_cfg, job
+        super().__init__(genes_cfg, job)
+        self.job: JobConfig = job
         self.version = job.llm.prompt_version
         render_prompt(self.version, "X")  # fail early on an unknown version
         self._generator = generator
         self._full_names = full_names
-        self.failures = pd.DataFrame(columns=["gene_id", "symbol", "stage", "reason"])
         self.out_dir = Path(job.output_dir) / "genes"
 
     @property
@@ -154,8 +154,7 @@ class LLMTextSource:
 
     def usage(self) -> dict[str, dict[str, int]]:
         """Return the calls, tokens and cache hits of the generator so far (empty before any call)."""
-        fn = getattr(self._generator, "usage", None)
-        return dict(fn()) if callable(fn) else {}
+        return {} if self._generator is None else dict(self._generator.usage())
 
     def fingerprint(self) -> str:
         """Hash of everything that changes the texts (backend, model, prompt, parameters)."""
@@ -177,7 +176,9 @@ class LLMTextSource:
         """Return None: an LLM source has no gene identity table of its own."""
         return None
 
-    def texts(self, symbols: list[str], ensembl_ids: list[str] | None = None) -> pd.DataFrame:
+    def texts(
+        self, symbols: list[str], ensembl_ids: list[str | None] | None = None
+    ) -> pd.DataFrame:
         """Describe every gene once.
 
         Parameters
@@ -236,9 +237,10 @@ class LLMTextSource:
                 }
             )
         out = pd.DataFrame(rows, columns=_COLUMNS)
-        self.failures = pd.DataFrame(fails, columns=["gene_id", "symbol", "stage", "reason"])
+        failures = pd.DataFrame(fails, columns=["gene_id", "symbol", "stage", "reason"])
+        self.failures = failures.astype(str).to_dict("records")
         self._write(out, "gene_texts.parquet")
-        self._write(self.failures, "gene_text_failures.parquet")
+        self._write(failures, "gene_text_failures.parquet")
         check_failure_share(
             len(fails), len(genes), self.job.limits.max_failure_share, "gene descriptions"
         )

@@ -26,7 +26,7 @@ from raypipe.genes.identity import GeneTable
 from raypipe.genes.sources import TEXT_COLUMNS, TextSource
 
 if TYPE_CHECKING:
-    from raypipe.config import GenesConfig
+    from raypipe.config import GenesConfig, JobConfig
 
 __all__ = [
     "DEBIAN_PACKAGES",
@@ -313,8 +313,10 @@ class OrgdbTextSource(TextSource):
 
     name = "orgdb"
 
-    def __init__(self, genes_cfg: GenesConfig, *, max_terms: int = 30) -> None:
-        super().__init__(genes_cfg)
+    def __init__(
+        self, genes_cfg: GenesConfig, job: JobConfig | None = None, *, max_terms: int = 30
+    ) -> None:
+        super().__init__(genes_cfg, job)
         self.files = locate_orgdb(genes_cfg.orgdb)
         self.max_terms = max_terms
 

@@ -26,7 +26,7 @@ from raypipe.genes.identity import GeneTable, detect_id_space, strip_version
 from raypipe.registry import Registry
 
 if TYPE_CHECKING:
-    from raypipe.config import GenesConfig
+    from raypipe.config import GenesConfig, JobConfig
 
 __all__ = [
     "TEXT_COLUMNS",
@@ -45,16 +45,25 @@ TEXT_SOURCES: Registry[type[TextSource]] = Registry("gene text source")
 class TextSource:
     """Base class of gene text sources.
 
+    Every source is built as ``Source(genes_cfg, job)`` and offers :meth:`texts`,
+    :meth:`fingerprint`, :meth:`gene_table`, :meth:`usage` (paid calls so far),
+    :attr:`failures` (genes whose text could not be made: ``gene_id, symbol, stage, reason``
+    dicts) and :meth:`close`.
+
     Parameters
     ----------
     genes_cfg
         The job's ``genes`` config section.
+    job
+        The whole job config (sources that call models need ``llm``, ``limits``, ``cache``).
     """
 
     name: ClassVar[str] = "base"
 
-    def __init__(self, genes_cfg: GenesConfig) -> None:
+    def __init__(self, genes_cfg: GenesConfig, job: JobConfig | None = None) -> None:
         self.cfg = genes_cfg
+        self.job = job
+        self.failures: list[dict[str, str]] = []
 
     def texts(self, symbols: list[str], ensembl_ids: list[str | None]) -> pd.DataFrame:
         """Return ``gene_id, symbol, text, source`` rows for the genes that have a text.
@@ -75,6 +84,13 @@ class TextSource:
     def gene_table(self) -> GeneTable | None:
         """Return the symbol ↔ Ensembl/alias map this source provides, if any."""
         return None
+
+    def usage(self) -> dict[str, dict[str, int]]:
+        """Return calls, tokens and cache hits per model so far (none for file sources)."""
+        return {}
+
+    def close(self) -> None:
+        """Release what the source holds (clients, files)."""
 
     @staticmethod
     def _check_lengths(symbols: list[str], ensembl_ids: list[str | None]) -> None:
@@ -196,8 +212,8 @@ class TableTextSource(TextSource):
 
     name = "table"
 
-    def __init__(self, genes_cfg: GenesConfig) -> None:
-        super().__init__(genes_cfg)
+    def __init__(self, genes_cfg: GenesConfig, job: JobConfig | None = None) -> None:
+        super().__init__(genes_cfg, job)
         if not genes_cfg.table:
             raise InputError(
                 "genes.text_source is 'table' but genes.table is not set",
@@ -291,8 +307,8 @@ class NcbiTextSource(TextSource):
     backoff_s: ClassVar[float] = 0.5
     timeout_s: ClassVar[float] = 60.0
 
-    def __init__(self, genes_cfg: GenesConfig) -> None:
-        super().__init__(genes_cfg)
+    def __init__(self, genes_cfg: GenesConfig, job: JobConfig | None = None) -> None:
+        super().__init__(genes_cfg, job)
         self.url = genes_cfg.ncbi_url.rstrip("/")
         self._hits: dict[str, dict[str, Any] | None] = {}
         self.requests = 0
@@ -396,6 +412,6 @@ TEXT_SOURCES.add("orgdb", "raypipe.genes.orgdb:OrgdbTextSource")
 TEXT_SOURCES.add("llm", "raypipe.genes.llm_source:LLMTextSource")
 
 
-def build_text_source(cfg: GenesConfig) -> TextSource:
+def build_text_source(cfg: GenesConfig, job: JobConfig | None = None) -> TextSource:
     """Build the text source named by ``cfg.text_source``."""
-    return TEXT_SOURCES.get(cfg.text_source)(cfg)
+    return TEXT_SOURCES.get(cfg.text_source)(cfg, job)

@@ -8,7 +8,6 @@ changed only for a few genes, embeds only texts it has not embedded before.
 from __future__ import annotations
 
 import hashlib
-import inspect
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -81,12 +80,10 @@ class GeneSpace:
         return self.resolution.collapse
 
 
-def _build_source(job: JobConfig) -> Any:
+def _build_source(job: JobConfig) -> TextSource:
     from raypipe.genes.sources import TEXT_SOURCES
 
-    cls: Any = TEXT_SOURCES.get(job.genes.text_source)
-    params = inspect.signature(cls).parameters
-    return cls(job.genes, job=job) if "job" in params else cls(job.genes)
+    return TEXT_SOURCES.get(job.genes.text_source)(job.genes, job)
 
 
 def load_cached_embeddings(path: Path, model: str) -> dict[str, np.ndarray]:
@@ -189,12 +186,8 @@ def prepare_gene_space(job: JobConfig, atlas: AtlasInfo, out_dir: Path) -> GeneS
     cache_path = out_dir / CACHE_FILE
     cached = load_cached_embeddings(cache_path, model)
     todo = sorted({t for t in texts["text"] if t not in cached})
-    usage_fn = getattr(source, "usage", None)
-    usage: dict[str, Any] = dict(usage_fn() or {}) if callable(usage_fn) else {}
-    src_fail = getattr(source, "failures", None)
-    failures = (
-        src_fail.to_dict("records") if isinstance(src_fail, pd.DataFrame) else list(src_fail or [])
-    )
+    usage: dict[str, Any] = dict(source.usage())
+    failures: list[dict[str, Any]] = list(source.failures)
     if todo:
         emb, errors, embed_usage = embed_texts(todo, job)
         usage = _merge_usage(usage, embed_usage)
@@ -232,9 +225,7 @@ def prepare_gene_space(job: JobConfig, atlas: AtlasInfo, out_dir: Path) -> GeneS
     digest.update(f"{job.genes.text_source}|{source_fp}|{model}|{atlas.var_hash}".encode())
     digest.update("\n".join(symbols).encode())
     digest.update(embeddings.tobytes())
-    close = getattr(source, "close", None)
-    if callable(close):
-        close()
+    source.close()
     return GeneSpace(
         resolution=resolution,
         texts=texts,

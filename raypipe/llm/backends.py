@@ -7,30 +7,91 @@ Heavy imports (torch, sentence-transformers, openai, vllm) happen inside the bac
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Protocol
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Protocol
+
+import numpy as np
 
 from raypipe.registry import Capabilities, Registry
 
 if TYPE_CHECKING:
-    import numpy as np
-
     from raypipe.config import JobConfig
 
-__all__ = ["EMBEDDERS", "TextEmbedder", "build_embedder", "embedder_resources"]
+__all__ = [
+    "EMBEDDERS",
+    "EmbedOutcome",
+    "EmbedderBase",
+    "TextEmbedder",
+    "build_embedder",
+    "embedder_resources",
+]
+
+
+@dataclass
+class EmbedOutcome:
+    """Embeddings with per-item failures.
+
+    Attributes
+    ----------
+    vectors
+        float32 (n, d); rows of failed items are zero.
+    ok
+        bool (n,): the item has an embedding.
+    reasons
+        Row index → why it failed.
+    """
+
+    vectors: np.ndarray
+    ok: np.ndarray
+    reasons: dict[int, str] = field(default_factory=dict)
 
 
 class TextEmbedder(Protocol):
     """What every embedding backend offers."""
 
     model_id: str
+    failures: list[dict[str, Any]]
 
     def embed(self, texts: list[str]) -> np.ndarray:
         """Embed ``texts`` → float32 array of shape (len(texts), dim)."""
         ...
 
+    def embed_detailed(self, texts: list[str]) -> EmbedOutcome:
+        """Embed ``texts``, isolating failures per item (never raises for a single item)."""
+        ...
+
+    def usage(self) -> dict[str, dict[str, int]]:
+        """Return calls, tokens and cache hits per model so far (empty for free local models)."""
+        ...
+
     def close(self) -> None:
         """Release clients/actors (may be a no-op)."""
         ...
+
+
+class EmbedderBase:
+    """Defaults for backends whose items cannot fail one by one and that cost nothing."""
+
+    model_id: str = ""
+
+    def __init__(self) -> None:
+        self.failures: list[dict[str, Any]] = []
+
+    def embed(self, texts: list[str]) -> np.ndarray:
+        """Embed ``texts`` → float32 (n, dim)."""
+        raise NotImplementedError
+
+    def embed_detailed(self, texts: list[str]) -> EmbedOutcome:
+        """Embed ``texts``; a failure here fails the whole batch, so every item is ok."""
+        vecs = np.asarray(self.embed(texts), dtype=np.float32)
+        return EmbedOutcome(vecs, np.ones(len(texts), dtype=bool))
+
+    def usage(self) -> dict[str, dict[str, int]]:
+        """Return no usage (nothing is paid or metered)."""
+        return {}
+
+    def close(self) -> None:
+        """Nothing to release."""
 
 
 EMBEDDERS: Registry[type] = Registry("text-model backend")

@@ -1,6 +1,6 @@
 """``raypipe cache stats|prune``: inspect and shrink the LLM result cache.
 
-The lead wires it with ``add_cache_parser(subparsers)``; the handler is stored as
+``raypipe.cli`` adds it with ``add_cache_parser(subparsers)``; the handler is stored as
 ``args.func`` and returns the exit code.
 """
 

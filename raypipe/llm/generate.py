@@ -46,6 +46,10 @@ class Generator(Protocol):
         """Answer every prompt; failures are results, not exceptions."""
         ...
 
+    def usage(self) -> dict[str, dict[str, int]]:
+        """Return calls, tokens and cache hits per model so far."""
+        ...
+
     def close(self) -> None:
         """Release clients/actors."""
         ...

@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from raypipe.errors import ConfigError
+from raypipe.llm.backends import EmbedderBase
 
 if TYPE_CHECKING:
     from raypipe.config import JobConfig
@@ -37,13 +38,14 @@ def resolve_local_model(model: str) -> str:
     return model
 
 
-class LocalEmbedder:
+class LocalEmbedder(EmbedderBase):
     """Embed texts with a sentence-transformers model (CPU or CUDA)."""
 
     def __init__(self, job: JobConfig) -> None:
         import torch
         from sentence_transformers import SentenceTransformer
 
+        super().__init__()
         cfg = job.text_model
         self.model_id = cfg.model
         self.batch_size = cfg.batch_size
@@ -68,6 +70,3 @@ class LocalEmbedder:
             list(texts), batch_size=self.batch_size, convert_to_numpy=True, show_progress_bar=False
         )
         return np.asarray(out, dtype=np.float32)
-
-    def close(self) -> None:
-        """Nothing to release."""

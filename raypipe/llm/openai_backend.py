@@ -16,12 +16,12 @@ import logging
 import os
 import threading
 from collections.abc import Coroutine
-from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, TypeVar
 
 import numpy as np
 
 from raypipe.errors import ConfigError
+from raypipe.llm.backends import EmbedOutcome
 from raypipe.llm.cache import LLMCache, cache_key
 from raypipe.llm.cost import CostMeter, check_failure_share, estimate_tokens
 from raypipe.llm.ratelimit import (
@@ -72,25 +72,6 @@ class _Loop:
     def stop(self) -> None:
         self.loop.call_soon_threadsafe(self.loop.stop)
         self.thread.join(timeout=5)
-
-
-@dataclass
-class EmbedOutcome:
-    """Embeddings with per-item failures.
-
-    Attributes
-    ----------
-    vectors
-        float32 (n, d); rows of failed items are zero.
-    ok
-        bool (n,): the item has an embedding.
-    reasons
-        Row index → why it failed.
-    """
-
-    vectors: np.ndarray
-    ok: np.ndarray
-    reasons: dict[int, str] = field(default_factory=dict)
 
 
 class OpenAIClientBase:

@@ -36,12 +36,8 @@ class EmbedTexts:
         check_contract("EmbedTexts", dict.fromkeys(batch.columns), ("text",))
         texts = [str(t) for t in batch["text"]]
         out = batch.copy()
-        detailed = getattr(self.embedder, "embed_detailed", None)
-        if detailed is not None:
-            res = detailed(texts)
-            emb, errors = res.vectors, [res.reasons.get(i, "") for i in range(len(texts))]
-        else:
-            emb, errors = self.embedder.embed(texts), [""] * len(texts)
+        res = self.embedder.embed_detailed(texts)
+        emb, errors = res.vectors, [res.reasons.get(i, "") for i in range(len(texts))]
         out["embedding"] = list(np.asarray(emb, dtype=np.float32))
         out["error"] = [e or "" for e in errors]
         out["usage"] = [json.dumps(usage_delta(self.embedder, self._seen))] + ["{}"] * (
@@ -51,11 +47,12 @@ class EmbedTexts:
 
 
 def usage_delta(client: Any, seen: dict[str, dict[str, int]]) -> dict[str, dict[str, int]]:
-    """Usage of ``client`` (calls, tokens, cache hits per model) since the last call; updates ``seen``."""
-    usage = getattr(client, "usage", None)
-    if usage is None:
-        return {}
-    now = usage()
+    """Usage of ``client`` (calls, tokens, cache hits per model) since the last call; updates ``seen``.
+
+    ``client`` is a :class:`~raypipe.llm.backends.TextEmbedder` or a generator (both have
+    ``usage()``).
+    """
+    now = client.usage()
     delta = {
         model: {k: int(v) - int(seen.get(model, {}).get(k, 0)) for k, v in u.items()}
         for model, u in now.items()

@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from raypipe.errors import ConfigError
+from raypipe.llm.backends import EmbedderBase
 from raypipe.llm.cache import LLMCache, cache_key
 from raypipe.llm.cost import CostMeter
 
@@ -102,10 +103,11 @@ def _split(items: list[Any], n: int) -> list[list[Any]]:
     return [items[i : i + k] for i in range(0, len(items), k)]
 
 
-class VLLMEmbedder:
+class VLLMEmbedder(EmbedderBase):
     """Embeddings from vLLM actors (``text_model.backend: vllm``), cached like ``openai``."""
 
     def __init__(self, job: JobConfig, *, actors: int | None = None) -> None:
+        super().__init__()
         cfg = job.text_model
         self.backend, self.model_id = "vllm", cfg.model
         self.cache = LLMCache(job.cache_dir())
@@ -141,6 +143,10 @@ class VLLMEmbedder:
         if not texts:
             return np.zeros((0, 0), np.float32)
         return np.stack([vecs[t] for t in texts]).astype(np.float32)
+
+    def usage(self) -> dict[str, dict[str, int]]:
+        """Return calls and cache hits per model (see :class:`CostMeter`)."""
+        return self.meter.to_dict()
 
     def close(self) -> None:
         """Flush the cache and free the GPUs."""
@@ -209,6 +215,10 @@ class VLLMGenerator:
                 done[p] = GenResult(text, None, r["tokens_in"], r["tokens_out"])
         self.cache.flush()
         return [done[p] for p in prompts]
+
+    def usage(self) -> dict[str, dict[str, int]]:
+        """Return calls, tokens and cache hits per model (see :class:`CostMeter`)."""
+        return self.meter.to_dict()
 
     def close(self) -> None:
         """Flush the cache and free the GPUs."""

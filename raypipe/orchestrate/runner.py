@@ -136,14 +136,39 @@ class _Run:
         self._timed("annotate", t)
         return cand
 
-    def evaluate(self, atlas: AtlasInfo, candidates: Any) -> None:
+    def evaluate(self, atlas: AtlasInfo, candidates: Any, previous: dict[str, Any]) -> None:
+        """Evaluate, unless the previous run evaluated exactly these outputs (then reuse)."""
+        import pandas as pd
+
+        from raypipe.core.plan import stage_hash
         from raypipe.evaluate.stage import run_evaluation
 
         t = time.perf_counter()
-        ev = run_evaluation(self.job, atlas, self.out_dir, list(self.job.embed.methods), candidates)
-        if "table" in ev:
-            self.summary.metrics = ev.pop("table")
-            self.summary.outputs += [p for p in (ev.get("metrics"), ev.get("report")) if p]
+        ann = (self.manifest.annotate or {}).get("methods", {})
+        fingerprint = stage_hash(
+            "evaluate",
+            config_hash(self.job.evaluate),
+            self.job.input.label_key,
+            self.job.input.batch_key,
+            self.job.input.name,
+            atlas.chunk_hashes,
+            sorted((m, v["fingerprint"]) for m, v in self.manifest.methods.items()),
+            sorted((m, v["fingerprint"]) for m, v in ann.items()),
+        )
+        metrics = self.out_dir / "metrics.parquet"
+        old = previous.get("evaluation") or {}
+        if old.get("fingerprint") == fingerprint and metrics.exists():
+            ev = dict(old, reused=True)
+            self.summary.metrics = pd.read_parquet(metrics)
+            self.summary.outputs += [p for p in (old.get("metrics"), old.get("report")) if p]
+        else:
+            ev = run_evaluation(
+                self.job, atlas, self.out_dir, list(self.job.embed.methods), candidates
+            )
+            ev["fingerprint"] = fingerprint
+            if "table" in ev:
+                self.summary.metrics = ev.pop("table")
+                self.summary.outputs += [p for p in (ev.get("metrics"), ev.get("report")) if p]
         self.manifest.evaluation = ev
         self._timed("evaluate", t)
 
@@ -195,7 +220,7 @@ class _Run:
             self.summary.llm = meter.format(prices)
         return exceeded
 
-    def all_stages(self) -> str | None:
+    def all_stages(self, previous: dict[str, Any]) -> str | None:
         """Run every stage; return why the run failed its failure budget (else None)."""
         from raypipe.atlas.store import plan_shards
 
@@ -207,7 +232,7 @@ class _Run:
         self.methods(atlas, genes, shards)
         candidates = self.annotate(atlas, genes, shards) if self.job.annotate.enabled else None
         if self.job.evaluate.enabled:
-            self.evaluate(atlas, candidates)
+            self.evaluate(atlas, candidates, previous)
         return self.llm_usage(genes, candidates, shards)
 
 
@@ -232,7 +257,7 @@ def run_job(job: JobConfig, *, overwrite: bool = False, progress: bool = True) -
     if kept:
         run.summary.warnings.append(f"--overwrite kept what raypipe did not write: {kept}")
     try:
-        exceeded = run.all_stages()
+        exceeded = run.all_stages(previous if previous and not overwrite else {})
     except BaseException as exc:
         manifest.finish("failed", error=_reason(exc))
         manifest.wall_s = time.perf_counter() - t_start
