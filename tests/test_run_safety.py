@@ -32,7 +32,7 @@ def env(tmp_path_factory: pytest.TempPathFactory, ray_local):
 
 
 def _job(env, out: Path, *overrides: str, input_path=None):
-    root, table, h5 = env
+    _, table, h5 = env
     cfg = job_dict(input_path or h5, out, table)
     cfg["input"]["label_key"] = "cell_type"
     return load_config(cfg, list(overrides))
@@ -80,11 +80,10 @@ def test_a_failed_rerun_keeps_the_record_of_a_complete_run(env, tmp_path):
 
 
 def test_every_failure_after_validation_ends_failed_with_the_reason(env, tmp_path):
-    root, table, _ = env
     genes = ["CD3D", "CD3E", *[f"NOTAGENE{i}" for i in range(38)]]
     h5 = write_h5ad(tmp_path / "odd.h5ad", make_adata(100, genes, seed=3))
     out = tmp_path / "odd"
-    with pytest.raises(InputError, match="genes.min_coverage"):
+    with pytest.raises(InputError, match=r"genes\.min_coverage"):
         run_job(_job(env, out, input_path=h5), progress=False)
     m = _manifest(out)
     assert m["status"] == "failed"
@@ -105,7 +104,7 @@ def test_bad_input_creates_nothing(env, tmp_path):
 
 
 def test_same_input_through_dotdot_is_the_same_run(env, tmp_path):
-    root, _, h5 = env
+    _, _, h5 = env
     out = tmp_path / "dotdot"
     run_job(_job(env, out), progress=False)
     via = h5.parent / ".." / h5.parent.name / h5.name
