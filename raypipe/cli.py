@@ -137,7 +137,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument(
         "--overwrite",
         action="store_true",
-        help="start fresh: delete the previous run in output_dir",
+        help="start fresh: delete the previous run in output_dir (only what raypipe wrote; the LLM cache is kept)",
     )
     run.add_argument(
         "--dry-run", action="store_true", help="print the plan and cost estimate; call nothing"

@@ -6,6 +6,7 @@ Validation never touches hardware, network or heavy libraries (no torch, no vllm
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 from pathlib import Path
@@ -431,7 +432,7 @@ def load_config(
         With one line per problem, unknown keys listing the valid ones.
     """
     if isinstance(source, dict):
-        data, name = dict(source), "(dict)"
+        data, name = copy.deepcopy(source), "(dict)"  # overrides never change the caller's dict
     else:
         path = Path(source)
         if not path.is_file():

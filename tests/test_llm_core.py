@@ -9,6 +9,7 @@ import scipy.sparse as sp
 from raypipe.embed.genept_s import cell_sentences, embed_sentences
 from raypipe.errors import ConfigError, InputError
 from raypipe.genes.llm_source import render_prompt, validate_description
+from raypipe.llm.backends import EmbedderBase
 from raypipe.llm.cache import LLMCache, cache_key, prune, stats
 from raypipe.llm.cost import CostMeter, FailureShareExceeded, check_failure_share, estimate
 from raypipe.llm.ratelimit import WindowBudget, redact
@@ -209,8 +210,9 @@ def test_cell_sentences_order_ties_zeros_and_topn():
 
 
 def test_embed_sentences_dedups_and_normalises():
-    class Counting:
+    class Counting(EmbedderBase):
         def __init__(self):
+            super().__init__()
             self.calls: list[list[str]] = []
 
         def embed(self, texts):
