@@ -287,6 +287,15 @@ class AnnotateConfig(_Section):
         None, description="Margin below which a cell is `unassigned`."
     )
     top_k: int = Field(3, gt=0)
+    langcell_alpha: float = Field(
+        0.1,
+        ge=0,
+        le=1,
+        description="langcell scorer: score = α·sim + (1−α)·ctm (LangCell's zero-shot uses 0.1).",
+    )
+    langcell_text_max_length: int = Field(
+        512, gt=0, description="langcell scorer: candidate-text tokens kept (LangCell: 512)."
+    )
     llm_descriptions: bool = Field(False, description="Add LLM-written candidate descriptions.")
 
 
