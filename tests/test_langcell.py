@@ -286,3 +286,176 @@ def test_ce_score_bad_inputs_are_named(fx, tmp_path):
     with pytest.raises(InputError, match="'B cell' have no text"):
         score_tokens_file(fx / "inputs.parquet", fx / "ckpt", bad_texts, tmp_path / "o.parquet")
     assert not (tmp_path / "o.parquet").exists()
+
+
+# --- in a run: CEEncode computes the scores beside the embedding; the langcell scorer reads them
+
+
+@pytest.fixture(scope="module")
+def tiny(shared_data: Path, tmp_path_factory) -> dict:
+    """A 40-cell atlas from data_factory with real Ensembl ids (one zero-count cell), ingested."""
+    from data_factory import GENES, make_adata, write_h5ad
+
+    from raypipe.atlas.ingest import ingest
+    from raypipe.embed.dictionaries import GeneformerDictionaries
+
+    gdir = shared_data / "geneformer"
+    dicts = GeneformerDictionaries.load("V1", search=[gdir])
+    genes = [g for g in GENES if dicts.gene_name_id.get(g) in dicts.token_dict]
+    assert len(genes) >= 30
+    adata = make_adata(40, genes, seed=3, zero_rows=(5,))
+    adata.var["ensembl_id"] = [dicts.gene_name_id[g] for g in genes]
+    root = tmp_path_factory.mktemp("tiny")
+    h5 = write_h5ad(root / "tiny.h5ad", adata)
+    atlas = ingest(h5, root / "atlas.zarr", rows_per_chunk=16, progress=False).atlas
+    return {"h5ad": h5, "atlas": atlas, "gdir": str(gdir)}
+
+
+def _job(tiny: dict, fx: Path, out: Path, **ce):
+    from raypipe.config import load_config
+
+    cfg = {"model": str(fx / "ckpt"), "dictionary": tiny["gdir"], "dtype": "float32", **ce}
+    return load_config(
+        {
+            "input": {"path": str(tiny["atlas"].path)},
+            "output_dir": str(out),
+            "embed": {"methods": ["ce"], "ce": cfg},
+            "annotate": {"enabled": True, "scorers": {"langcell": 1.0}},
+        }
+    )
+
+
+def _run_steps(plan, shards) -> None:
+    batch = {
+        "shard": np.array([s.index for s in shards]),
+        "start": np.array([s.start for s in shards]),
+        "stop": np.array([s.stop for s in shards]),
+        "content_hash": np.array([s.content_hash for s in shards], dtype=object),
+    }
+    for step in plan.steps:
+        batch = step.stage(**step.kwargs)(batch)
+
+
+def test_ce_encode_scores_equal_ce_score_and_feed_the_scorer(fx, texts, tiny, tmp_path):
+    from raypipe.annotate.stage import AnnotateShards
+    from raypipe.atlas.store import plan_shards
+    from raypipe.core.outputs import read_parts
+    from raypipe.embed.ce import LANGCELL_COLUMNS, build_ce
+    from raypipe.embed.langcell_score import score_tokens_file
+    from raypipe.embed.tokenizer import write_tokens
+
+    atlas = tiny["atlas"]
+    shards = plan_shards(atlas, 16)
+    assert len(shards) == 3
+    job = _job(tiny, fx, tmp_path / "run")
+    plan = build_ce(job, atlas, None, shards, candidate_texts=texts)  # type: ignore[arg-type]
+    _run_steps(plan, shards)
+    part = read_parts(tmp_path / "run", "embeddings", "ce")
+    meta = pq.read_schema(next((tmp_path / "run" / "embeddings" / "ce").glob("*.parquet"))).metadata
+    assert json.loads(meta[b"langcell_candidates"]) == list(texts)
+    assert meta[b"fingerprint"].decode() == plan.fingerprint
+
+    tokens = tmp_path / "tokens.parquet"  # the same cells through `raypipe ce score`
+    write_tokens(tiny["h5ad"], tokens, dictionary=tiny["gdir"])
+    ref = tmp_path / "ref.parquet"
+    score_tokens_file(tokens, fx / "ckpt", fx / "texts.json", ref, progress=False)
+    want = pd.read_parquet(ref)
+    assert part["obs_name"].tolist() == want["obs_name"].tolist()
+    assert part["empty"].tolist() == want["empty"].tolist()
+    assert part["empty"].sum() == 1
+    for col, key in zip(LANGCELL_COLUMNS, ("sim", "ctm"), strict=True):
+        np.testing.assert_allclose(
+            np.stack(part[col].to_numpy()), np.stack(want[key].to_numpy()), atol=1e-6
+        )
+    np.testing.assert_allclose(
+        np.stack(part["embedding"].to_numpy()), np.stack(want["embedding"].to_numpy()), atol=1e-6
+    )
+
+    # the langcell scorer on those parts, without the runner
+    k = len(texts)
+    alpha = 0.3
+    annotate = AnnotateShards(
+        method="ce",
+        labels=list(texts),
+        text_emb=np.zeros((k, 1), np.float32),
+        cell_mean=np.zeros(1, np.float32),
+        marker_idx=[np.zeros(0, np.int64)] * k,
+        weights={"langcell": 1.0},
+        center=True,
+        top_k=3,
+        unassigned_threshold=None,
+        langcell_alpha=alpha,
+        atlas_path=atlas.path,
+        out_dir=str(tmp_path / "run"),
+        fingerprint="annotate-fp",
+    )
+    annotate(
+        {
+            "shard": np.array([s.index for s in shards]),
+            "start": np.array([s.start for s in shards]),
+            "stop": np.array([s.stop for s in shards]),
+            "content_hash": np.array([s.content_hash for s in shards], dtype=object),
+        }
+    )
+    got = read_parts(tmp_path / "run", "annotations", "ce")
+    mix = alpha * np.stack(want["sim"].to_numpy()) + (1 - alpha) * np.stack(want["ctm"].to_numpy())
+    full = ~want["empty"].to_numpy()
+    assert got["label"][full].tolist() == [list(texts)[i] for i in mix[full].argmax(1)]
+    np.testing.assert_allclose(got["score"][full], mix[full].max(1), atol=1e-6)
+    assert got["margin"][~full].tolist() == [0.0]  # no tokens: every candidate 1/k
+
+
+def test_build_ce_fingerprint_covers_candidate_texts_and_checks_the_setup(
+    fx, texts, tiny, tmp_path
+):
+    from raypipe.atlas.store import plan_shards
+    from raypipe.embed.ce import build_ce
+    from raypipe.errors import ConfigError
+
+    atlas = tiny["atlas"]
+    shards = plan_shards(atlas, 16)
+    job = _job(tiny, fx, tmp_path)
+    plain = build_ce(job, atlas, None, shards)  # type: ignore[arg-type]
+    with_texts = build_ce(job, atlas, None, shards, candidate_texts=texts)  # type: ignore[arg-type]
+    other = dict(texts, **{"B cell": "B cell: a different text."})
+    changed = build_ce(job, atlas, None, shards, candidate_texts=other)  # type: ignore[arg-type]
+    assert len({plain.fingerprint, with_texts.fingerprint, changed.fingerprint}) == 3
+    assert "candidate_names" not in plain.steps[1].kwargs
+    assert with_texts.steps[1].kwargs["candidate_names"] == list(texts)
+    with pytest.raises(ConfigError, match="variant langcell"):
+        build_ce(
+            _job(tiny, fx, tmp_path, variant="geneformer_v1"),
+            atlas,
+            None,
+            shards,
+            candidate_texts=texts,
+        )  # type: ignore[arg-type]
+    with pytest.raises(ConfigError, match="pooling is mean"):
+        build_ce(
+            _job(tiny, fx, tmp_path, pooling="mean"), atlas, None, shards, candidate_texts=texts
+        )  # type: ignore[arg-type]
+    only_cell = tmp_path / "only_cell"
+    _copy_ckpt(fx, only_cell)
+    shutil.rmtree(only_cell / "text_bert")
+    with pytest.raises(InputError, match="lacks text_bert/"):
+        build_ce(
+            _job(tiny, fx, tmp_path, model=str(only_cell)),
+            atlas,
+            None,
+            shards,
+            candidate_texts=texts,
+        )  # type: ignore[arg-type]
+
+
+def test_langcell_scorer_mixes_and_requires_its_inputs():
+    from raypipe.annotate.scorers import SCORERS, ScoreInputs
+    from raypipe.errors import ConfigError
+
+    sim = np.array([[0.7, 0.3], [np.nan, np.nan]], np.float32)
+    ctm = np.array([[0.4, 0.6], [np.nan, np.nan]], np.float32)
+    got = SCORERS.get("langcell")(
+        ScoreInputs(langcell_sim=sim, langcell_ctm=ctm, langcell_alpha=0.1)
+    )
+    np.testing.assert_allclose(got, [[0.43, 0.57], [0.5, 0.5]], atol=1e-6)
+    with pytest.raises(ConfigError, match="langcell"):
+        SCORERS.get("langcell")(ScoreInputs())
