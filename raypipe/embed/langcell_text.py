@@ -85,13 +85,13 @@ class _TextLayer(nn.Module):
         cell_mask: torch.Tensor | None,
         k: int,
     ) -> torch.Tensor:
-        a, _ = self.attention(h, mask)
+        a = self.attention(h, mask)[0]
         if cell is not None:
             n, t, d = a.shape
             q = a.reshape(n // k, k * t, d)  # the k texts of one cell share its keys
-            a, _ = self.crossattention(
+            a = self.crossattention(
                 q, encoder_hidden_states=cell, encoder_attention_mask=cell_mask
-            )
+            )[0]
             a = a.reshape(n, t, d)
         out: torch.Tensor = self.output(self.intermediate(a), a)
         return out
