@@ -364,6 +364,10 @@ def _bench_langcell(real: list, args: argparse.Namespace, timer: _Timer) -> list
     return rows
 
 
+def _num(x: float) -> str:
+    return f"{x:,.0f}" if x >= 100 else f"{x:.3g}"
+
+
 def _table(rows: list[dict[str, Any]], header: str) -> str:
     lines = [header, ""]
     lines.append(
@@ -373,8 +377,8 @@ def _table(rows: list[dict[str, Any]], header: str) -> str:
     for r in rows:
         peak = "-" if r["peak_gib"] is None else f"{r['peak_gib']:.1f}"
         lines.append(
-            f"| {r['model']} | {r['length']} | {r['cells']:,} | {r['cells_per_s']:,.1f} | "
-            f"{r['tokens_per_s']:,.0f} | {peak} | {r['tflops']:.3g} | {r['mfu']:.2%} | "
+            f"| {r['model']} | {r['length']} | {r['cells']:,} | {_num(r['cells_per_s'])} | "
+            f"{_num(r['tokens_per_s'])} | {peak} | {r['tflops']:.3g} | {r['mfu']:.2%} | "
             f"{r['note']} |"
         )
     return "\n".join(lines)

@@ -277,29 +277,50 @@ class CellEncoder:
                 f"{self.bert.config.max_position_embeddings} positions",
                 fix="tokenize with the tokenizer given to CellEncoder",
             )
-        pad = self.pad_id
-        specials = torch.tensor(sorted(self.special_ids), dtype=torch.long, device=self.device)
-        vocab = self.bert.config.vocab_size
-        for idx in bucket_batches(lengths, self.max_tokens_per_batch):
-            width = int(lengths[idx[0]])
-            ids = np.full((idx.size, width), pad, dtype=np.int64)
+        batches = bucket_batches(lengths, self.max_tokens_per_batch)
+        if not batches:
+            return out
+        # every padded batch built on the host, copied to the device at once; the results stay
+        # there until the end, so the host enqueues batch b+1 while the device runs batch b
+        widths = [int(lengths[idx[0]]) for idx in batches]
+        sizes = [idx.size * w for idx, w in zip(batches, widths, strict=True)]
+        host = np.full(sum(sizes), self.pad_id, dtype=np.int64)
+        pos = 0
+        for idx, w in zip(batches, widths, strict=True):
             for row, i in enumerate(idx):
-                ids[row, : lengths[i]] = token_lists[i]
-            if ids.max() >= vocab or ids.min() < 0:
-                raise InputError(
-                    f"token ids outside the model vocabulary (0..{vocab - 1})",
-                    fix="use the dictionary that matches the checkpoint",
-                )
-            ids_t = torch.from_numpy(ids).to(self.device, non_blocking=True)
-            mask = (torch.arange(width)[None, :] < torch.from_numpy(lengths[idx])[:, None]).to(
-                self.device, non_blocking=True
+                host[pos + row * w : pos + row * w + lengths[i]] = token_lists[i]
+            pos += idx.size * w
+        vocab = self.bert.config.vocab_size
+        if host.max() >= vocab or host.min() < 0:
+            raise InputError(
+                f"token ids outside the model vocabulary (0..{vocab - 1})",
+                fix="use the dictionary that matches the checkpoint",
             )
-            with torch.inference_mode():
-                hidden = self.bert(input_ids=ids_t, attention_mask=mask.long()).last_hidden_state
-                emb = self._pool(hidden, ids_t, mask, specials)
+        flat = torch.from_numpy(host)
+        if self.device.type == "cuda":
+            flat = flat.pin_memory()
+        flat = flat.to(self.device, non_blocking=True)
+        order = np.concatenate(batches)
+        lens_t = torch.from_numpy(lengths[order]).to(self.device, non_blocking=True)
+        specials = torch.tensor(sorted(self.special_ids), dtype=torch.long, device=self.device)
+        embs = []
+        pos = row0 = 0
+        with torch.inference_mode():
+            for idx, w in zip(batches, widths, strict=True):
+                ids_t = flat[pos : pos + idx.size * w].view(idx.size, w)
+                pos += idx.size * w
+                blen = lens_t[row0 : row0 + idx.size]
+                row0 += idx.size
+                mask = torch.arange(w, device=self.device)[None, :] < blen[:, None]
+                full = bool(lengths[idx].min() == w)  # no padding: no mask (flash attention)
+                hidden = self.bert(
+                    input_ids=ids_t, attention_mask=None if full else mask.long()
+                ).last_hidden_state
+                embs.append(self._pool(hidden, ids_t, mask, specials))
                 if on_batch is not None:
                     on_batch(idx, hidden, mask)
-            out[idx] = emb.float().cpu().numpy()
+            got = torch.cat(embs).float().cpu().numpy()
+        out[order] = got
         return out
 
     def _pool(self, hidden: Any, ids: Any, mask: Any, specials: Any) -> Any:

@@ -356,7 +356,7 @@ class LangCellZeroShot:
                 h = model.text(one, torch.ones_like(one))[:, 0]
                 embs.append(torch.nn.functional.normalize(model.text_proj(h).float(), dim=-1))
             self.text_emb = torch.cat(embs).cpu().numpy()
-        self._match: np.ndarray | None = None
+        self._pending: list[tuple[np.ndarray, Any]] = []
 
     @property
     def k(self) -> int:
@@ -372,12 +372,17 @@ class LangCellZeroShot:
             Token ids per cell, framed for the checkpoint (``<cls>`` first: see
             :func:`frame_cells`); zero-length cells are empty.
         """
+        import torch
+
         n = len(cells)
-        self._match = np.full((n, self.k), np.nan, dtype=np.float32)
+        self._pending = []
         emb = self.model.cell.encode(cells, on_batch=self._match_batch)
         empty = np.asarray(self.model.cell.last_empty, dtype=bool)
-        match = self._match
-        self._match = None
+        match = np.full((n, self.k), np.nan, dtype=np.float32)
+        if self._pending:  # one device → host copy for the whole call
+            rows = np.concatenate([i for i, _ in self._pending])
+            match[rows] = torch.cat([p for _, p in self._pending]).cpu().numpy()
+        self._pending = []
         sim = softmax(emb.astype(np.float64) @ self.text_emb.T.astype(np.float64) / TEMPERATURE)
         ctm = softmax(match.astype(np.float64))
         sim[empty], ctm[empty] = np.nan, np.nan
@@ -387,7 +392,6 @@ class LangCellZeroShot:
         """Run the matching head on one padded cell batch: every (cell, candidate) pair, chunked."""
         import torch
 
-        assert self._match is not None
         k, width = self.text_ids.shape
         per = max(1, self.max_pairs_tokens // max(1, k * width))  # cells per chunk
         m = self.model
@@ -398,4 +402,4 @@ class LangCellZeroShot:
             tmask = self.text_mask.repeat(c, 1)
             h = m.text(ids, tmask, cell_states=hidden[lo:hi], cell_mask=mask[lo:hi])[:, 0]
             prob = torch.softmax(m.ctm_head(h).float(), dim=-1)[:, 1]
-            self._match[idx[lo:hi]] = prob.reshape(c, k).cpu().numpy()
+            self._pending.append((idx[lo:hi], prob.reshape(c, k)))
