@@ -4,6 +4,7 @@ python jobs/benchmark.py genept   # GenePT-w pipeline vs in-memory scipy, 100k a
 python jobs/benchmark.py ce       # Geneformer tokenizer and CE encoder throughput
 python jobs/benchmark.py llm      # LLM actors vs a rate-limited loopback OpenAI server
 python jobs/benchmark.py scale    # 1M-cell end-to-end run, per-stage times and memory
+python jobs/benchmark.py gpu      # CE at 4 Geneformer sizes + LangCell zero-shot (jobs/gpu_bench.sh)
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ BENCHES = {
     "ce": "raypipe.bench.ce",
     "llm": "raypipe.bench.llm",
     "scale": "raypipe.bench.scale",
+    "gpu": "raypipe.bench.gpu",
 }
 
 

@@ -97,6 +97,29 @@ def _cmd_ce_init_random(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_ce_score(args: argparse.Namespace) -> int:
+    from raypipe.embed.langcell_score import score_tokens_file
+
+    res = score_tokens_file(
+        args.tokens,
+        args.model,
+        args.texts,
+        args.out,
+        alpha=args.alpha,
+        text_max_length=args.text_max_length,
+        max_tokens_per_batch=args.max_tokens_per_batch,
+        dtype=args.dtype,
+        device=args.device,
+        progress=not args.no_progress,
+    )
+    counts = ", ".join(f"{k} {v:,}" for k, v in res["label_counts"].items())
+    print(
+        f"wrote {res['out']}: {res['n_cells']:,} cells ({res['n_empty']} without tokens) × "
+        f"{len(res['candidates'])} candidates on {res['device']}; labels: {counts}"
+    )
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     """Build the argument parser (cheap: no heavy imports)."""
     p = argparse.ArgumentParser(
@@ -188,6 +211,24 @@ def build_parser() -> argparse.ArgumentParser:
     )
     rnd.add_argument("--seed", type=int, default=0)
     rnd.set_defaults(func=_cmd_ce_init_random)
+    sc = csub.add_parser(
+        "score", help="LangCell zero-shot scores of tokenised cells against candidate texts"
+    )
+    sc.add_argument(
+        "tokens", help="tokens parquet (raypipe tokenize) or any obs_name + input_ids parquet"
+    )
+    sc.add_argument("--model", required=True, help="LangCell checkpoint folder (LangCell layout)")
+    sc.add_argument("--texts", required=True, help="JSON object: candidate name → text")
+    sc.add_argument("--out", required=True, help="output parquet")
+    sc.add_argument(
+        "--alpha", type=float, default=0.1, help="score = alpha·sim + (1-alpha)·ctm (0.1)"
+    )
+    sc.add_argument("--text-max-length", type=int, default=512, help="text tokens kept (512)")
+    sc.add_argument("--max-tokens-per-batch", type=int, default=65_536)
+    sc.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16"], default="auto")
+    sc.add_argument("--device", default=None, help="torch device (default: cuda if present)")
+    sc.add_argument("--no-progress", action="store_true", help="no progress bar")
+    sc.set_defaults(func=_cmd_ce_score)
 
     add_cache_parser(sub)
     return p

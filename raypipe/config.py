@@ -46,7 +46,7 @@ EmbedMethod = Literal["genept_w", "genept_s", "ce"]  # raypipe.embed.methods.MET
 TextSourceName = Literal["table", "orgdb", "ncbi", "symbol", "llm"]  # genes.sources.TEXT_SOURCES
 EmbedderName = Literal["local", "openai", "vllm"]  # raypipe.llm.backends.EMBEDDERS
 GeneratorName = Literal["openai", "vllm"]  # raypipe.llm.generate.GENERATORS
-ScorerName = Literal["text", "markers"]  # raypipe.annotate.scorers.SCORERS
+ScorerName = Literal["langcell", "markers", "text"]  # raypipe.annotate.scorers.SCORERS
 
 
 class _Section(BaseModel):
@@ -291,6 +291,15 @@ class AnnotateConfig(_Section):
         None, description="Margin below which a cell is `unassigned`."
     )
     top_k: int = Field(3, gt=0)
+    langcell_alpha: float = Field(
+        0.1,
+        ge=0,
+        le=1,
+        description="langcell scorer: score = α·sim + (1−α)·ctm (LangCell's zero-shot uses 0.1).",
+    )
+    langcell_text_max_length: int = Field(
+        512, gt=0, description="langcell scorer: candidate-text tokens kept (LangCell: 512)."
+    )
     llm_descriptions: bool = Field(False, description="Add LLM-written candidate descriptions.")
 
 

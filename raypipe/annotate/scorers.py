@@ -16,6 +16,9 @@ text embeddings, the marker column indices) is computed once by the driver and p
              ``score = 1 - U / (m * max_rank)`` with ``U = sum(ranks) - m(m+1)/2`` (the
              Mann-Whitney U). Rank-based, hence robust to sequencing depth. Candidates without
              any marker in the atlas score 0 (see :func:`marker_indices` for the missing list).
+``langcell`` LangCell's zero-shot score ``α·sim + (1−α)·ctm`` from the per-cell ``sim``/``ctm``
+             the CE encode actors computed (``raypipe.embed.langcell``; ``ce`` method only);
+             cells without tokens (NaN rows) score ``1/k`` for every candidate.
 """
 
 from __future__ import annotations
@@ -62,6 +65,11 @@ class ScoreInputs:
         k integer arrays of column indices into ``expr`` (one per candidate).
     max_rank
         UCell rank cap.
+    langcell_sim, langcell_ctm
+        (n, k) LangCell's per-cell softmax-over-candidates similarity and matching scores
+        (NaN rows for cells without tokens), columns in candidate order.
+    langcell_alpha
+        Weight of ``langcell_sim`` (``annotate.langcell_alpha``).
     """
 
     cell_emb: np.ndarray | None = None
@@ -71,6 +79,9 @@ class ScoreInputs:
     expr: sp.csr_matrix | None = None
     marker_idx: Sequence[np.ndarray] | None = None
     max_rank: int = 1500
+    langcell_sim: np.ndarray | None = None
+    langcell_ctm: np.ndarray | None = None
+    langcell_alpha: float = 0.1
 
 
 SCORERS: Registry[Callable[[ScoreInputs], np.ndarray]] = Registry("annotation scorer")
@@ -223,6 +234,21 @@ def _markers(inputs: ScoreInputs) -> np.ndarray:
             fix="set annotate.markers or use candidates whose CL definition names genes",
         )
     return marker_scores(inputs.expr, inputs.marker_idx, max_rank=inputs.max_rank)
+
+
+@SCORERS.register("langcell")
+def _langcell(inputs: ScoreInputs) -> np.ndarray:
+    from raypipe.embed.langcell import mix_scores
+
+    if inputs.langcell_sim is None or inputs.langcell_ctm is None:
+        raise ConfigError(
+            "scorer 'langcell' needs LangCell's per-cell sim/ctm from the CE stage",
+            fix="use it with embed.methods [ce] and a LangCell checkpoint in embed.ce.model",
+        )
+    out = mix_scores(inputs.langcell_sim, inputs.langcell_ctm, inputs.langcell_alpha)
+    if out.ndim != 2 or out.shape[1] == 0:
+        raise InputError(f"langcell scores have shape {out.shape}; expected (cells, candidates)")
+    return np.where(np.isnan(out), np.float32(1.0 / out.shape[1]), out).astype(np.float32)
 
 
 def _zscore_rows(x: np.ndarray) -> np.ndarray:

@@ -131,7 +131,8 @@ class AnnotateShards(AtlasShardStage):
     """Ray Data stage: shard specs → ``annotations/<method>/part-*.parquet``.
 
     Batch contract: in ``shard, start, stop, content_hash``; out ``shard, n_cells, n_empty,
-    seconds, path``. Reads the method's embedding part (``text`` scorer) and the shard's X
+    seconds, path``. Reads the method's embedding part (``text`` scorer; its
+    ``langcell_sim``/``langcell_ctm`` columns for the ``langcell`` scorer) and the shard's X
     (``markers`` scorer).
     """
 
@@ -149,6 +150,7 @@ class AnnotateShards(AtlasShardStage):
         center: bool,
         top_k: int,
         unassigned_threshold: float | None,
+        langcell_alpha: float = 0.1,
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
@@ -157,6 +159,8 @@ class AnnotateShards(AtlasShardStage):
         self.text_emb, self.cell_mean = resolve(text_emb), resolve(cell_mean)
         self.marker_idx, self.weights, self.center = marker_idx, weights, center
         self.top_k, self.threshold = top_k, unassigned_threshold
+        self.langcell_alpha = langcell_alpha
+        self._langcell: tuple[np.ndarray, np.ndarray] | None = None
 
     def _score(self, emb: np.ndarray | None, x: Any, center: bool) -> np.ndarray:
         from raypipe.annotate.scorers import ScoreInputs, score_cells
@@ -168,6 +172,9 @@ class AnnotateShards(AtlasShardStage):
             center=center,
             expr=x,
             marker_idx=self.marker_idx,
+            langcell_sim=self._langcell[0] if self._langcell else None,
+            langcell_ctm=self._langcell[1] if self._langcell else None,
+            langcell_alpha=self.langcell_alpha,
         )
         return score_cells(inputs, self.weights)[1]
 
@@ -179,9 +186,9 @@ class AnnotateShards(AtlasShardStage):
         from raypipe.annotate.scorers import assign
 
         shard, start, stop = int(batch["shard"][i]), int(batch["start"][i]), int(batch["stop"][i])
-        part = pq.read_table(
-            part_path(Path(self.out_dir), "embeddings", self.method, shard)
-        ).to_pandas()
+        table = pq.read_table(part_path(Path(self.out_dir), "embeddings", self.method, shard))
+        self._langcell = self._langcell_scores(table, shard) if "langcell" in self.weights else None
+        part = table.to_pandas()
         emb = np.stack(part["embedding"].to_numpy()) if "text" in self.weights else None
         x = self.read_rows(start, stop) if "markers" in self.weights else None
         scores = self._score(emb, x, self.center)
@@ -196,6 +203,28 @@ class AnnotateShards(AtlasShardStage):
         return table.replace_schema_metadata(
             {"method": self.method, "fingerprint": self.fingerprint}
         ), 0
+
+    def _langcell_scores(self, table: Any, shard: int) -> tuple[np.ndarray, np.ndarray]:
+        """LangCell's per-cell sim/ctm from the CE part, checked against the candidates."""
+        import json
+
+        from raypipe.embed.ce import LANGCELL_COLUMNS
+
+        meta = table.schema.metadata or {}
+        names = json.loads(meta.get(b"langcell_candidates", b"null"))
+        if any(c not in table.column_names for c in LANGCELL_COLUMNS) or names != self.labels:
+            raise ConfigError(
+                f"the {self.method} part of shard {shard} has no LangCell scores for candidates "
+                f"{self.labels} (it has {names})",
+                fix="the runner must pass the candidate texts to build_ce when the langcell "
+                "scorer is on; re-run to recompute the CE parts",
+            )
+        k = len(self.labels)
+        sim, ctm = (
+            table.column(c).combine_chunks().values.to_numpy().reshape(-1, k)
+            for c in LANGCELL_COLUMNS
+        )
+        return sim, ctm
 
 
 def annotation_fingerprint(job: JobConfig, method_fp: str, cand: Candidates) -> str:
@@ -227,10 +256,13 @@ def build_annotation(
     weights = dict(job.annotate.scorers)
     if not METHODS.get(method).text_space:
         weights.pop("text", None)  # CE cells and candidate texts live in different spaces
+    if not METHODS.get(method).cell_text_scores:
+        weights.pop("langcell", None)  # only the CE actors compute LangCell's scores
     if not any(w > 0 for w in weights.values()):
         return (
             None,
-            f"annotate: no scorer applies to {method} (text needs a GenePT method); skipped",
+            f"annotate: no scorer applies to {method} (text needs a GenePT method, langcell "
+            "the ce method); skipped",
         )
     fp = annotation_fingerprint(job, method_fp, cand)
     kwargs = {
@@ -246,6 +278,7 @@ def build_annotation(
         "center": job.annotate.center,
         "top_k": job.annotate.top_k,
         "unassigned_threshold": job.annotate.unassigned_threshold,
+        "langcell_alpha": job.annotate.langcell_alpha,
     }
     step = StageSpec(AnnotateShards, kwargs, job.ray.actors, job.ray.actor_cpus)
     return StagePlan([step], fp, kind="annotations", notes={"scorers": weights}), ""

@@ -6,10 +6,21 @@ Step 2, :class:`CEEncode` (``num_gpus`` when configured): embeds them with
 :class:`~raypipe.embed.ce_model.CellEncoder` (length-bucketed batches under a token budget),
 and writes ``embeddings/ce/part-*.parquet``. Ray Data streams shards through both pools, so
 tokenisation of shard k+1 overlaps inference on shard k.
+
+With the ``langcell`` annotation scorer on, :class:`CEEncode` also gets the candidate texts and
+runs LangCell's zero-shot head (:class:`~raypipe.embed.langcell.LangCellZeroShot`) in the same
+pass that embeds the cells: the cell hidden states never leave the actor. The per-cell
+``langcell_sim`` and ``langcell_ctm`` (softmax over candidates of the similarity and of the
+match probability, lists in candidate order; NaN for cells without tokens) are extra columns of
+the CE part, so they share its atomic write, its completion marker and its fingerprint (which
+then includes the candidate names and texts); the candidate names are in the part's metadata.
+The mixing weight ``annotate.langcell_alpha`` is applied by the ``langcell`` scorer, so a new α
+re-annotates without re-encoding.
 """
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
 
@@ -27,9 +38,18 @@ if TYPE_CHECKING:
     from raypipe.core.plan import Shard
     from raypipe.genes.space import GeneSpace
 
-__all__ = ["CEEncode", "CETokenize", "build_ce", "pack_tokens", "unpack_tokens"]
+__all__ = [
+    "LANGCELL_COLUMNS",
+    "CEEncode",
+    "CETokenize",
+    "build_ce",
+    "pack_tokens",
+    "unpack_tokens",
+]
 
 TOKEN_COLUMNS = (*SHARD_COLUMNS, "ids", "offsets")
+#: extra CE-part columns written when the langcell scorer is on (part metadata: candidates)
+LANGCELL_COLUMNS = ("langcell_sim", "langcell_ctm")
 
 
 def pack_tokens(cells: list[np.ndarray]) -> tuple[bytes, bytes]:
@@ -101,7 +121,8 @@ class CEEncode(AtlasShardStage):
     """Ray Data step: packed tokens → ``embeddings/ce/part-*.parquet`` (+ completion marker).
 
     Batch contract: in ``shard, start, stop, content_hash, ids, offsets``; out the shard-stage
-    summary.
+    summary. With ``candidate_names``/``candidate_texts`` (a LangCell checkpoint), the part
+    also holds :data:`LANGCELL_COLUMNS`.
     """
 
     method: ClassVar[str] = "ce"
@@ -117,25 +138,66 @@ class CEEncode(AtlasShardStage):
         pooling: Any,
         max_tokens_per_batch: int,
         dtype: str,
+        candidate_names: list[str] | None = None,
+        candidate_texts: list[str] | None = None,
+        text_max_length: int = 512,
         **kwargs: Any,
     ) -> None:
         from raypipe.embed.ce_model import CellEncoder
 
         super().__init__(**kwargs)
         tok = _tokenizer(dictionary, variant, max_length)
-        self.encoder = CellEncoder(
-            model,
-            tokenizer=tok,
-            pooling=pooling,
-            max_tokens_per_batch=max_tokens_per_batch,
-            dtype=dtype,  # type: ignore[arg-type]
-        )
+        self.zero_shot: Any = None
+        if candidate_names is not None:
+            from raypipe.embed.langcell import LangCellModel, LangCellZeroShot
+
+            lc = LangCellModel.load(
+                model,
+                tokenizer=tok,
+                max_tokens_per_batch=max_tokens_per_batch,
+                dtype=dtype,  # type: ignore[arg-type]
+            )
+            pairs = list(zip(candidate_names, candidate_texts or [], strict=True))
+            self.zero_shot = LangCellZeroShot(lc, pairs, text_max_length=text_max_length)
+            self.encoder = lc.cell
+        else:
+            self.encoder = CellEncoder(
+                model,
+                tokenizer=tok,
+                pooling=pooling,
+                max_tokens_per_batch=max_tokens_per_batch,
+                dtype=dtype,  # type: ignore[arg-type]
+            )
 
     def compute_row(self, batch: dict[str, np.ndarray], i: int) -> tuple[np.ndarray, np.ndarray]:
         """Encode the shard's packed tokens."""
         cells = unpack_tokens(batch["ids"][i], batch["offsets"][i])
         emb = self.encoder.encode(cells)
         return emb, np.array([len(c) == 0 for c in cells], dtype=bool)
+
+    def output_table(self, batch: dict[str, np.ndarray], i: int) -> tuple[Any, int]:
+        """Embed the shard; with candidates, add LangCell's per-cell scores in the same pass."""
+        if self.zero_shot is None:
+            return super().output_table(batch, i)
+        import pyarrow as pa
+
+        from raypipe.core.outputs import embedding_table
+
+        shard, start, stop = int(batch["shard"][i]), int(batch["start"][i]), int(batch["stop"][i])
+        names = self.read_names(start, stop)
+        res = self.zero_shot.score(unpack_tokens(batch["ids"][i], batch["offsets"][i]))
+        meta = {
+            **self.metadata,
+            "method": self.method,
+            "fingerprint": self.fingerprint,
+            "langcell_candidates": json.dumps(self.zero_shot.names),
+        }
+        table = embedding_table(names, shard, start, res.embedding, res.empty, meta)
+        k = self.zero_shot.k
+        for col, values in zip(LANGCELL_COLUMNS, (res.sim, res.ctm), strict=True):
+            flat = pa.array(np.ascontiguousarray(values, dtype=np.float32).reshape(-1))
+            table = table.append_column(col, pa.FixedSizeListArray.from_arrays(flat, k))
+        return table, int(np.count_nonzero(res.empty))
 
 
 def _atlas_ensembl_ids(
@@ -155,8 +217,25 @@ def _atlas_ensembl_ids(
     return resolve_ensembl_ids(list(var.index), None, dicts.gene_name_id)
 
 
-def build_ce(job: JobConfig, atlas: AtlasInfo, genes: GeneSpace, shards: list[Shard]) -> StagePlan:
-    """Plan the CE method: check model, dictionary and gene coverage on the driver."""
+def build_ce(
+    job: JobConfig,
+    atlas: AtlasInfo,
+    genes: GeneSpace,
+    shards: list[Shard],
+    *,
+    candidate_texts: dict[str, str] | None = None,
+) -> StagePlan:
+    """Plan the CE method: check model, dictionary and gene coverage on the driver.
+
+    Parameters
+    ----------
+    job, atlas, genes, shards
+        As for every method builder.
+    candidate_texts
+        Candidate name → text, in candidate order: the ``langcell`` scorer is on, so the
+        encode actors also compute LangCell's per-cell zero-shot scores (the model must be a
+        LangCell checkpoint and ``embed.ce.variant`` ``langcell``).
+    """
     from raypipe.embed.dictionaries import GeneformerDictionaries
 
     cfg = job.embed.ce
@@ -182,7 +261,12 @@ def build_ce(job: JobConfig, atlas: AtlasInfo, genes: GeneSpace, shards: list[Sh
             fix="give Ensembl ids (var['ensembl_id'] or embed.ce.gene_name_id), check the species, "
             "or lower embed.ce.min_coverage",
         )
-    fingerprint = stage_hash("ce", config_hash(cfg), atlas.var_hash, atlas.x_kind, dicts.name)
+    parts: list[object] = ["ce", config_hash(cfg), atlas.var_hash, atlas.x_kind, dicts.name]
+    langcell: dict[str, Any] = {}
+    if candidate_texts is not None:
+        langcell = _langcell_kwargs(job, cfg.model, candidate_texts)
+        parts.append(stage_hash("langcell", json.dumps(langcell, sort_keys=True)))
+    fingerprint = stage_hash(*parts)
     common = {"dictionary": cfg.dictionary, "variant": cfg.variant, "max_length": None}
     tokenize = StageSpec(
         CETokenize,
@@ -198,6 +282,7 @@ def build_ce(job: JobConfig, atlas: AtlasInfo, genes: GeneSpace, shards: list[Sh
             "pooling": cfg.pooling,
             "max_tokens_per_batch": cfg.max_tokens_per_batch,
             "dtype": cfg.dtype,
+            **langcell,
             "atlas_path": atlas.path,
             "out_dir": job.output_dir,
             "fingerprint": fingerprint,
@@ -217,4 +302,31 @@ def build_ce(job: JobConfig, atlas: AtlasInfo, genes: GeneSpace, shards: list[Sh
         if atlas.x_kind == "counts"
         else "lognorm (expm1 before ranking)",
     }
+    if langcell:
+        notes["langcell_candidates"] = langcell["candidate_names"]
     return StagePlan([tokenize, encode], fingerprint, notes=notes)
+
+
+def _langcell_kwargs(job: JobConfig, model: str, texts: dict[str, str]) -> dict[str, Any]:
+    """Check the LangCell setup on the driver (files only) and return the encode kwargs."""
+    from raypipe.embed.langcell import check_langcell_layout
+
+    cfg = job.embed.ce
+    if cfg.variant != "langcell":
+        raise ConfigError(
+            f"the langcell scorer needs embed.ce.variant langcell (got {cfg.variant})",
+            fix="set embed.ce.variant: langcell and embed.ce.model to a LangCell checkpoint",
+        )
+    if cfg.pooling not in (None, "cls"):
+        raise ConfigError(
+            f"the langcell scorer reads LangCell's <cls> embedding but embed.ce.pooling is {cfg.pooling}",
+            fix="leave embed.ce.pooling unset (or cls) for LangCell",
+        )
+    if not texts:
+        raise ConfigError("the langcell scorer got no candidate texts")
+    check_langcell_layout(model)
+    return {
+        "candidate_names": [str(n) for n in texts],
+        "candidate_texts": [str(t) for t in texts.values()],
+        "text_max_length": job.annotate.langcell_text_max_length,
+    }

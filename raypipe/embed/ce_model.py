@@ -17,20 +17,23 @@ Checkpoint layouts understood by :class:`CellEncoder`:
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
 
 from raypipe.embed.tokenizer import RankValueTokenizer
+from raypipe.embed.weights import WEIGHT_SUFFIXES, find_weight_file, load_state_dict_file
 from raypipe.errors import ConfigError, InputError
 
-__all__ = ["CellEncoder", "bucket_batches", "build_random_encoder"]
+__all__ = ["BatchHook", "CellEncoder", "bucket_batches", "build_random_encoder", "load_linear"]
 
 
 Pooling = Literal["cls", "mean"]
-_PROJ_NAMES = ("cell_proj.bin", "cell_proj.pt", "cell_proj.safetensors")
+#: ``on_batch(indices, last_hidden, mask)`` of :meth:`CellEncoder.encode`
+BatchHook = Callable[[np.ndarray, Any, Any], None]
+_PROJ_NAMES = tuple(f"cell_proj{s}" for s in WEIGHT_SUFFIXES)
 
 
 def bucket_batches(
@@ -68,28 +71,27 @@ def bucket_batches(
 
 
 def _find_proj(folder: Path) -> Path | None:
-    return next((folder / n for n in _PROJ_NAMES if (folder / n).is_file()), None)
+    return find_weight_file(folder, "cell_proj")
 
 
-def _load_proj(path: Path) -> Any:
+def load_linear(path: Path, what: str) -> Any:
+    """Build a ``torch.nn.Linear`` from a plain ``weight``/``bias`` state dict (never a full unpickle)."""
     import torch
 
-    try:
-        if path.suffix == ".safetensors":
-            from safetensors.torch import load_file
-
-            state = load_file(str(path))
-        else:
-            state = torch.load(path, map_location="cpu", weights_only=True)
-        weight = state["weight"]
-        proj = torch.nn.Linear(weight.shape[1], weight.shape[0], bias="bias" in state)
-        proj.load_state_dict(state)
-    except Exception as e:  # any failure means the file is unusable
+    state = load_state_dict_file(path, what=what)
+    weight = state.get("weight")
+    extra = sorted(set(state) - {"weight", "bias"})
+    if weight is None or weight.ndim != 2 or extra:
         raise InputError(
-            f"LangCell projection {path} cannot be loaded ({type(e).__name__}: {e})",
-            fix="it must hold the weight/bias of a torch.nn.Linear (LangCell's cell_proj.bin)",
-        ) from e
-    return proj
+            f"{what} file {path} holds {sorted(state)}, not the weight/bias of a torch.nn.Linear",
+            fix="it must be torch.save(nn.Linear(...).state_dict()) as LangCell saves its heads",
+        )
+    lin = torch.nn.Linear(weight.shape[1], weight.shape[0], bias="bias" in state)
+    try:
+        lin.load_state_dict(state)
+    except RuntimeError as e:
+        raise InputError(f"{what} file {path} does not fit a Linear: {e}") from e
+    return lin
 
 
 class CellEncoder:
@@ -101,6 +103,9 @@ class CellEncoder:
         Checkpoint folder or hub id (layouts in the module docstring).
     tokenizer
         The tokenizer whose output will be encoded (gives variant, pad id, specials, length).
+        Without one (cells tokenised elsewhere, e.g. ``raypipe ce score``) the checkpoint says:
+        pad = the config's ``pad_token_id``, LangCell's ``<cls>`` = ``vocab_size - 1`` (LangCell
+        appends it to Geneformer's V1 dictionary), length = ``max_position_embeddings``.
     pooling
         ``cls`` (LangCell default) or ``mean`` over gene tokens (Geneformer default).
     max_tokens_per_batch
@@ -119,7 +124,7 @@ class CellEncoder:
         self,
         model: str | Path,
         *,
-        tokenizer: RankValueTokenizer,
+        tokenizer: RankValueTokenizer | None = None,
         pooling: Pooling | None = None,
         max_tokens_per_batch: int = 65_536,
         dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto",
@@ -129,42 +134,119 @@ class CellEncoder:
     ) -> None:
         import torch
 
+        device_t = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        dtype_t = _resolve_dtype(dtype, device_t)
+        bert, proj = _load_model(model, dtype_t)
+        self._setup(
+            bert,
+            proj,
+            tokenizer=tokenizer,
+            pooling=pooling,
+            max_tokens_per_batch=max_tokens_per_batch,
+            device=device_t,
+            dtype=dtype_t,
+            normalize=normalize,
+            strict_vocab=strict_vocab,
+            name=str(model),
+        )
+
+    @classmethod
+    def from_modules(
+        cls,
+        bert: Any,
+        proj: Any = None,
+        *,
+        tokenizer: RankValueTokenizer | None = None,
+        pooling: Pooling | None = None,
+        max_tokens_per_batch: int = 65_536,
+        dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto",
+        device: str | None = None,
+        normalize: bool = True,
+    ) -> CellEncoder:
+        """Wrap an in-memory ``BertModel`` (+ projection), e.g. random weights for a benchmark."""
+        import torch
+
+        device_t = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        dtype_t = _resolve_dtype(dtype, device_t)
+        self = cls.__new__(cls)
+        self._setup(
+            bert.to(dtype=dtype_t),
+            proj,
+            tokenizer=tokenizer,
+            pooling=pooling,
+            max_tokens_per_batch=max_tokens_per_batch,
+            device=device_t,
+            dtype=dtype_t,
+            normalize=normalize,
+            strict_vocab=True,
+            name=f"<in-memory {type(bert).__name__}>",
+        )
+        return self
+
+    def _setup(
+        self,
+        bert: Any,
+        proj: Any,
+        *,
+        tokenizer: RankValueTokenizer | None,
+        pooling: Pooling | None,
+        max_tokens_per_batch: int,
+        device: Any,
+        dtype: Any,
+        normalize: bool,
+        strict_vocab: bool,
+        name: str,
+    ) -> None:
+        cfg = bert.config
         self.tokenizer = tokenizer
-        self.pooling: Pooling = pooling or ("cls" if tokenizer.variant == "langcell" else "mean")
-        if self.pooling == "cls" and not tokenizer.prefix:
+        if tokenizer is not None:
+            variant, prefix = tokenizer.variant, tokenizer.prefix
+            self.pad_id = int(tokenizer.pad_id)
+            self.special_ids = frozenset(int(i) for i in tokenizer.special_ids)
+            self.max_length = int(tokenizer.max_length)
+        else:  # the checkpoint's own framing
+            variant = "langcell" if proj is not None else "geneformer_v1"
+            prefix = (int(cfg.vocab_size) - 1,) if proj is not None else ()
+            self.pad_id = int(cfg.pad_token_id or 0)
+            self.special_ids = frozenset(prefix)
+            self.max_length = int(cfg.max_position_embeddings)
+        self.cls_id: int | None = prefix[0] if prefix else None
+        self.pooling: Pooling = pooling or ("cls" if variant == "langcell" else "mean")
+        if self.pooling == "cls" and not prefix:
             raise ConfigError(
-                f"pooling 'cls' needs a <cls> token but variant {tokenizer.variant} has none",
+                f"pooling 'cls' needs a <cls> token but variant {variant} has none",
                 fix="use pooling 'mean' for geneformer_v1",
             )
         if max_tokens_per_batch < 1:
             raise ConfigError(f"max_tokens_per_batch must be >= 1 (got {max_tokens_per_batch})")
         self.max_tokens_per_batch = int(max_tokens_per_batch)
         self.normalize = normalize
-        self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-        self.dtype = _resolve_dtype(dtype, self.device)
-        self.bert, self.proj = _load_model(model, self.dtype)
+        self.device, self.dtype = device, dtype
+        self.bert, self.proj = bert, proj
         self.bert.to(self.device).eval()
         if self.proj is not None:
             self.proj.to(self.device, dtype=self.dtype).eval()
-        self.model_path = str(model)
-        cfg = self.bert.config
-        need = tokenizer.vocab_size
-        if cfg.vocab_size < need or (strict_vocab and cfg.vocab_size != need):
+        self.model_path = name
+        if tokenizer is not None:
+            need = tokenizer.vocab_size
+            if cfg.vocab_size < need or (strict_vocab and cfg.vocab_size != need):
+                raise InputError(
+                    f"model {name} has vocab_size {cfg.vocab_size} but the {tokenizer.dicts.name} "
+                    f"dictionary with variant {tokenizer.variant} needs {need} token ids",
+                    fix="pair V1/LangCell checkpoints with dictionary V1 and V2 ones with V2",
+                )
+        if self.max_length > cfg.max_position_embeddings:
             raise InputError(
-                f"model {model} has vocab_size {cfg.vocab_size} but the {tokenizer.dicts.name} "
-                f"dictionary with variant {tokenizer.variant} needs {need} token ids",
-                fix="pair V1/LangCell checkpoints with dictionary V1 and V2 ones with V2",
-            )
-        if tokenizer.max_length > cfg.max_position_embeddings:
-            raise InputError(
-                f"max_length {tokenizer.max_length} exceeds model {model}'s "
+                f"max_length {self.max_length} exceeds model {name}'s "
                 f"max_position_embeddings {cfg.max_position_embeddings}",
                 fix=f"tokenize with max_length <= {cfg.max_position_embeddings}",
             )
         self.dim = int(self.proj.out_features if self.proj is not None else cfg.hidden_size)
         self.last_empty: np.ndarray | None = None
 
-    def encode(self, token_lists: Sequence[np.ndarray]) -> np.ndarray:
+    def encode(
+        self, token_lists: Sequence[np.ndarray], *, on_batch: BatchHook | None = None
+    ) -> np.ndarray:
         """Embed cells given as token-id arrays (from :meth:`RankValueTokenizer.tokenize`).
 
         Parameters
@@ -172,6 +254,11 @@ class CellEncoder:
         token_lists
             One int array per cell; zero-length cells get a zero vector and are flagged in
             :attr:`last_empty`.
+        on_batch
+            Called once per padded batch, inside the same no-grad pass, with the batch's input
+            indices (``(b,)`` numpy), last hidden states ``(b, width, hidden)`` and boolean
+            attention mask ``(b, width)`` (torch, on the device): how LangCell's matching head
+            reads the cell states without them leaving the encoder.
 
         Returns
         -------
@@ -190,27 +277,50 @@ class CellEncoder:
                 f"{self.bert.config.max_position_embeddings} positions",
                 fix="tokenize with the tokenizer given to CellEncoder",
             )
-        pad = self.tokenizer.pad_id
-        specials = torch.tensor(sorted(self.tokenizer.special_ids), dtype=torch.long)
-        vocab = self.bert.config.vocab_size
-        for idx in bucket_batches(lengths, self.max_tokens_per_batch):
-            width = int(lengths[idx[0]])
-            ids = np.full((idx.size, width), pad, dtype=np.int64)
+        batches = bucket_batches(lengths, self.max_tokens_per_batch)
+        if not batches:
+            return out
+        # every padded batch built on the host, copied to the device at once; the results stay
+        # there until the end, so the host enqueues batch b+1 while the device runs batch b
+        widths = [int(lengths[idx[0]]) for idx in batches]
+        sizes = [idx.size * w for idx, w in zip(batches, widths, strict=True)]
+        host = np.full(sum(sizes), self.pad_id, dtype=np.int64)
+        pos = 0
+        for idx, w in zip(batches, widths, strict=True):
             for row, i in enumerate(idx):
-                ids[row, : lengths[i]] = token_lists[i]
-            if ids.max() >= vocab or ids.min() < 0:
-                raise InputError(
-                    f"token ids outside the model vocabulary (0..{vocab - 1})",
-                    fix="use the dictionary that matches the checkpoint",
-                )
-            ids_t = torch.from_numpy(ids).to(self.device)
-            mask = (torch.arange(width)[None, :] < torch.from_numpy(lengths[idx])[:, None]).to(
-                self.device
+                host[pos + row * w : pos + row * w + lengths[i]] = token_lists[i]
+            pos += idx.size * w
+        vocab = self.bert.config.vocab_size
+        if host.max() >= vocab or host.min() < 0:
+            raise InputError(
+                f"token ids outside the model vocabulary (0..{vocab - 1})",
+                fix="use the dictionary that matches the checkpoint",
             )
-            with torch.inference_mode():
-                hidden = self.bert(input_ids=ids_t, attention_mask=mask.long()).last_hidden_state
-                emb = self._pool(hidden, ids_t, mask, specials.to(self.device))
-            out[idx] = emb.float().cpu().numpy()
+        flat = torch.from_numpy(host)
+        if self.device.type == "cuda":
+            flat = flat.pin_memory()
+        flat = flat.to(self.device, non_blocking=True)
+        order = np.concatenate(batches)
+        lens_t = torch.from_numpy(lengths[order]).to(self.device, non_blocking=True)
+        specials = torch.tensor(sorted(self.special_ids), dtype=torch.long, device=self.device)
+        embs = []
+        pos = row0 = 0
+        with torch.inference_mode():
+            for idx, w in zip(batches, widths, strict=True):
+                ids_t = flat[pos : pos + idx.size * w].view(idx.size, w)
+                pos += idx.size * w
+                blen = lens_t[row0 : row0 + idx.size]
+                row0 += idx.size
+                mask = torch.arange(w, device=self.device)[None, :] < blen[:, None]
+                full = bool(lengths[idx].min() == w)  # no padding: no mask (flash attention)
+                hidden = self.bert(
+                    input_ids=ids_t, attention_mask=None if full else mask.long()
+                ).last_hidden_state
+                embs.append(self._pool(hidden, ids_t, mask, specials))
+                if on_batch is not None:
+                    on_batch(idx, hidden, mask)
+            got = torch.cat(embs).float().cpu().numpy()
+        out[order] = got
         return out
 
     def _pool(self, hidden: Any, ids: Any, mask: Any, specials: Any) -> Any:
@@ -258,7 +368,7 @@ def _load_model(model: str | Path, dtype: Any) -> tuple[Any, Any]:
                 f"LangCell checkpoint {path} has cell_bert/ but no {' / '.join(_PROJ_NAMES)}",
                 fix="copy LangCell's cell_proj.bin next to cell_bert/",
             )
-        proj = _load_proj(proj_path)
+        proj = load_linear(proj_path, "LangCell cell_proj")
     from transformers.utils import logging as hf_logging
 
     level = hf_logging.get_verbosity()

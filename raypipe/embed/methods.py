@@ -34,21 +34,30 @@ class MethodEntry:
         Its name for people (``GenePT-w``).
     text_space
         Its cells live in the text model's space (candidate texts can be scored against them).
+    cell_text_scores
+        Its stage computes LangCell's per-cell zero-shot scores when given the candidate texts
+        (``build(..., candidate_texts=...)``; the ``langcell`` scorer reads them).
     """
 
     builder: str
     title: str
     text_space: bool = False
+    cell_text_scores: bool = False
 
     def build(
-        self, job: JobConfig, atlas: AtlasInfo, genes: GeneSpace, shards: list[Shard]
+        self,
+        job: JobConfig,
+        atlas: AtlasInfo,
+        genes: GeneSpace,
+        shards: list[Shard],
+        **kwargs: Any,
     ) -> StagePlan:
-        """Import the builder and plan the method."""
+        """Import the builder and plan the method (extra keyword arguments are passed on)."""
         import importlib
 
         module, _, attr = self.builder.partition(":")
         fn: Any = getattr(importlib.import_module(module), attr)
-        return fn(job, atlas, genes, shards)  # type: ignore[no-any-return]
+        return fn(job, atlas, genes, shards, **kwargs)  # type: ignore[no-any-return]
 
 
 METHODS: Registry[MethodEntry] = Registry("embedding method")
@@ -58,7 +67,7 @@ METHODS.add(
 METHODS.add(
     "genept_s", MethodEntry("raypipe.embed.genept_s:build_genept_s", "GenePT-s", text_space=True)
 )
-METHODS.add("ce", MethodEntry("raypipe.embed.ce:build_ce", "CE"))
+METHODS.add("ce", MethodEntry("raypipe.embed.ce:build_ce", "CE", cell_text_scores=True))
 
 
 def text_space_methods() -> list[str]:

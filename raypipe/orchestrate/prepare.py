@@ -93,6 +93,12 @@ def validate_job(job: JobConfig) -> None:
     for name in job.embed.methods:
         METHODS.get(name)
     _check_paths(job)
+    langcell = job.annotate.enabled and job.annotate.scorers.get("langcell", 0) > 0
+    if langcell and not any(METHODS.get(m).cell_text_scores for m in job.embed.methods):
+        raise ConfigError(
+            "annotate.scorers has langcell but no method computes LangCell's scores",
+            fix="add ce to embed.methods with a LangCell checkpoint (embed.ce.model)",
+        )
     if job.annotate.enabled and not job.annotate.candidates and not job.input.label_key:
         raise ConfigError(
             "annotate.enabled but there are no candidates",

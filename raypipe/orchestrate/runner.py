@@ -98,12 +98,24 @@ class _Run:
         self._timed("genes", t)
         return genes
 
-    def methods(self, atlas: AtlasInfo, genes: GeneSpace, shards: list[Shard]) -> None:
+    def methods(
+        self, atlas: AtlasInfo, genes: GeneSpace, shards: list[Shard], candidates: Any
+    ) -> None:
+        """Plan and run every embedding method.
+
+        With the ``langcell`` scorer on, the methods that compute per-cell text scores on their
+        own actors (CE) get the candidate texts now, so cell states never leave those actors.
+        """
         from raypipe.embed.methods import METHODS
 
+        texts = None
+        if candidates is not None:
+            texts = dict(zip(candidates.labels, candidates.table["text"].astype(str), strict=True))
         for name in self.job.embed.methods:
             t = time.perf_counter()
-            plan = METHODS.get(name).build(self.job, atlas, genes, shards)
+            entry = METHODS.get(name)
+            extra = {"candidate_texts": texts} if texts and entry.cell_text_scores else {}
+            plan = entry.build(self.job, atlas, genes, shards, **extra)
             n = self.run_plan(plan, name, shards, desc=name)
             self.summary.shards_done[name] = n
             self.summary.shards_skipped[name] = len(shards) - n
@@ -114,13 +126,20 @@ class _Run:
             }
             self._timed(name, t)
 
-    def annotate(self, atlas: AtlasInfo, genes: GeneSpace, shards: list[Shard]) -> Any:
-        from raypipe.annotate.stage import build_annotation, prepare_candidates
+    def candidates(self, atlas: AtlasInfo, genes: GeneSpace) -> Any:
+        """Build, embed and write the annotation candidates (once per run)."""
+        from raypipe.annotate.stage import prepare_candidates
 
-        t = time.perf_counter()
         cand = prepare_candidates(self.job, atlas, genes, self.out_dir)
         self.summary.outputs.append(str(self.out_dir / "annotations" / "label_mapping.parquet"))
         self.manifest.annotate = {"candidates": cand.labels, "methods": {}}
+        return cand
+
+    def annotate(self, atlas: AtlasInfo, cand: Any, shards: list[Shard]) -> None:
+        from raypipe.annotate.stage import build_annotation
+
+        t = time.perf_counter()
+        assert self.manifest.annotate is not None
         for method in self.job.embed.methods:
             method_fp = self.manifest.methods[method]["fingerprint"]
             plan, why_not = build_annotation(self.job, atlas, method, method_fp, cand)
@@ -134,7 +153,6 @@ class _Run:
                 "shards_computed": n,
             }
         self._timed("annotate", t)
-        return cand
 
     def evaluate(self, atlas: AtlasInfo, candidates: Any, previous: dict[str, Any]) -> None:
         """Evaluate, unless the previous run evaluated exactly these outputs (then reuse)."""
@@ -229,8 +247,14 @@ class _Run:
         shards = plan_shards(atlas, self.job.shards.rows)
         self.summary.n_shards = len(shards)
         self.manifest.shards = {"rows": self.job.shards.rows, "n": len(shards)}
-        self.methods(atlas, genes, shards)
-        candidates = self.annotate(atlas, genes, shards) if self.job.annotate.enabled else None
+        ann = self.job.annotate
+        candidates = None
+        if ann.enabled and ann.scorers.get("langcell", 0) > 0:  # the CE actors need them
+            candidates = self.candidates(atlas, genes)
+        self.methods(atlas, genes, shards, candidates)
+        if ann.enabled:
+            candidates = candidates or self.candidates(atlas, genes)
+            self.annotate(atlas, candidates, shards)
         if self.job.evaluate.enabled:
             self.evaluate(atlas, candidates, previous)
         return self.llm_usage(genes, candidates, shards)
