@@ -427,10 +427,11 @@ def _check_output_dir(out_dir: Path, job: JobConfig) -> None:
 def _check_obs_names(adata: ad.AnnData) -> None:
     names = adata.obs_names
     if names.has_duplicates:
-        dup = names[names.duplicated()].unique()
+        shared = names.duplicated(keep=False)
+        dup = names[shared].unique()
         raise InputError(
-            f"adata has {len(dup):,} duplicate obs names (e.g. {', '.join(map(str, dup[:5]))}); "
-            "results are matched to cells by name",
+            f"adata.obs_names are not unique: {int(shared.sum()):,} cells share {len(dup):,} "
+            f"name(s) (e.g. {', '.join(map(repr, dup[:5]))}); results are matched to cells by name",
             fix="make them unique first: adata.obs_names_make_unique()",
         )
 
@@ -487,7 +488,9 @@ def _check_gene_names(var: pd.DataFrame, job: JobConfig) -> None:
     try:
         source: Any = build_text_source(job.genes)
     except InputError:
-        source = None  # the run decides (fallback or a clear error about the source)
+        if job.genes.fallback != "symbol":
+            raise  # the run would stop on it too: say so before anything is written
+        source = None  # the run falls back to symbols (loudly)
     table = gene_table_for(job.genes, source)
     names = [str(n) for n in var.index]
     if table is None or not names:

@@ -25,13 +25,17 @@ def init_ray(cfg: RayConfig) -> str:
     """Start an embedded Ray (``address: local``) or connect to a cluster; return a description.
 
     Under ``ray job submit`` (``RAY_ADDRESS`` set) ``local`` connects to that cluster instead.
+    An existing session (a notebook's own ``ray.init``) is used as it is; in every case Ray
+    Data's own progress output is switched off (raypipe draws one bar per stage) and, unless
+    raypipe logs at INFO (``-v``), Ray's expected chatter is kept off the terminal.
     """
     import ray
 
     os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
-    if ray.is_initialized():
-        return "existing Ray session"
     quiet = not log.isEnabledFor(logging.INFO)  # `raypipe -v` (raypipe logging at INFO) shows all
+    if ray.is_initialized():
+        _configure_ray_data(quiet)
+        return "existing Ray session"
     with _quiet_ray_backend(quiet):
         if cfg.address == "local" and not os.environ.get("RAY_ADDRESS"):
             os.environ.setdefault("RAY_AUTH_MODE", "disabled")  # embedded, loopback-only Ray
@@ -49,12 +53,18 @@ def init_ray(cfg: RayConfig) -> str:
             ray.init(address=address, configure_logging=False, log_to_driver=False)
             res = ray.cluster_resources()
             desc = f"Ray cluster {address or os.environ.get('RAY_ADDRESS')} ({int(res.get('CPU', 0))} CPUs, {int(res.get('GPU', 0))} GPUs)"
+    _configure_ray_data(quiet)
+    return desc
+
+
+def _configure_ray_data(quiet: bool) -> None:
+    import ray
+
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars = False  # raypipe draws one bar per stage itself
     ctx.print_on_execution_start = False
     if quiet:
         _quiet_ray_data()
-    return desc
 
 
 #: The line Ray's C++ logger prints (at INFO, before its level applies) to confirm
