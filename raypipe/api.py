@@ -350,7 +350,8 @@ def embed(
 ) -> ad.AnnData:
     """Embed (and optionally annotate) the cells of an in-memory AnnData; return it with results.
 
-    Writes the chosen matrix as a temporary atlas, runs the same engine as ``raypipe run`` on
+    Writes the chosen matrix (with the label/batch columns and the var names) into the run
+    folder, where the run ingests it as its atlas; runs the same engine as ``raypipe run`` on
     the embedded Ray (or the cluster ``ray={"address": ...}`` names) and attaches
     ``obsm["X_<method>"]``, ``obs["<method>_empty"]``, ``obs["raypipe_<method>_label"|
     "_score"|"_margin"]`` (with ``annotate=True``) and ``uns["raypipe"]``.
