@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+from pathlib import Path
 from typing import Any
 
 from raypipe import __version__
@@ -55,6 +56,38 @@ def _cmd_run(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_export(args: argparse.Namespace) -> int:
+    from raypipe.api import open_run
+
+    run = open_run(args.run)
+    out = run.export(args.out, methods=args.methods, overwrite=args.overwrite)
+    methods = args.methods or run.methods
+    annotated = [m for m in methods if m in run.annotation_methods]
+    print(
+        f"wrote {out}: {run.n_obs:,} cells; obsm "
+        + ", ".join(f"X_{m}" for m in methods)
+        + (
+            f"; obs raypipe_<method>_label/score/margin for {', '.join(annotated)}"
+            if annotated
+            else ""
+        )
+        + "; uns['raypipe']"
+    )
+    return 0
+
+
+def _cmd_report(args: argparse.Namespace) -> int:
+    from raypipe.evaluate.report import rerender_report
+
+    index = rerender_report(args.run)
+    print(index)
+    if args.open:
+        import webbrowser
+
+        webbrowser.open(index.resolve().as_uri())
+    return 0
+
+
 def _cmd_tokenize(args: argparse.Namespace) -> int:
     from raypipe.embed.tokenizer import write_tokens
 
@@ -76,7 +109,6 @@ def _cmd_tokenize(args: argparse.Namespace) -> int:
 
 
 def _cmd_fetch_orgdb(args: argparse.Namespace) -> int:
-    from pathlib import Path
 
     from raypipe.genes.orgdb import fetch_orgdb
 
@@ -128,7 +160,13 @@ def build_parser() -> argparse.ArgumentParser:
         "GenePT / CE cell embeddings, zero-shot annotation, evaluation tables.",
     )
     p.add_argument("--version", action="version", version=f"raypipe {__version__}")
-    p.add_argument("-v", "--verbose", action="store_true", help="log more")
+    p.add_argument(
+        "-v",
+        "--verbose",
+        action="store_true",
+        help="show everything: raypipe's INFO log and every third-party warning and log line "
+        "(by default only progress bars, results and raypipe's own warnings are shown)",
+    )
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     ing = sub.add_parser(
@@ -167,6 +205,26 @@ def build_parser() -> argparse.ArgumentParser:
     )
     run.add_argument("--no-progress", action="store_true", help="no progress bars")
     run.set_defaults(func=_cmd_run)
+
+    exp = sub.add_parser(
+        "export", help="write a finished run's results (with the atlas) as .h5ad or AnnData .zarr"
+    )
+    exp.add_argument("run", metavar="RUN", help="the run's output_dir")
+    exp.add_argument("--out", required=True, help="destination .h5ad or .zarr")
+    exp.add_argument(
+        "--methods",
+        nargs="+",
+        default=None,
+        metavar="METHOD",
+        help="embedding methods to include (default: all the run computed)",
+    )
+    exp.add_argument("--overwrite", action="store_true", help="replace an existing --out")
+    exp.set_defaults(func=_cmd_export)
+
+    rep = sub.add_parser("report", help="re-render a run's HTML report and print its path")
+    rep.add_argument("run", metavar="RUN", help="the run's output_dir")
+    rep.add_argument("--open", action="store_true", help="open it in a web browser")
+    rep.set_defaults(func=_cmd_report)
 
     tok = sub.add_parser("tokenize", help="Geneformer rank-value tokens of every cell → parquet")
     tok.add_argument(
@@ -238,11 +296,11 @@ def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``raypipe`` console script."""
     parser = build_parser()
     args = parser.parse_args(argv)
-    logging.basicConfig(
-        level=logging.INFO if args.verbose else logging.WARNING,
-        format="%(levelname)s %(name)s: %(message)s",
-    )
-    logging.getLogger("raypipe").setLevel(logging.INFO)
+    level = logging.INFO if args.verbose else logging.WARNING
+    logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
+    # raypipe's level is also the switch its filters of expected third-party noise read
+    # (they filter only while raypipe logs below INFO): `-v` shows everything
+    logging.getLogger("raypipe").setLevel(level)
     try:
         return int(args.func(args) or 0)
     except RaypipeError as exc:

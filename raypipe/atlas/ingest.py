@@ -151,6 +151,7 @@ def ingest(
     progress
         Show a progress bar.
     """
+    import anndata as ad
     import zarr
     from anndata.io import sparse_dataset, write_elem
     from tqdm.auto import tqdm
@@ -165,7 +166,10 @@ def ingest(
             f"{out} already exists", fix="pass --overwrite to replace it, or choose another --out"
         )
     try:
-        with open_source(src_path, layer) as src:
+        # auto_shard_zarr_v3=False states the layout raypipe reads (plain row chunks, no Zarr
+        # shards) instead of leaving it to anndata's default, which warns once per array
+        # written ("zarr v3 autosharding will be the default in the next minor release").
+        with open_source(src_path, layer) as src, ad.settings.override(auto_shard_zarr_v3=False):
             if src.n_obs == 0 or src.n_vars == 0:
                 raise InputError(
                     f"{src_path} has no cells or no genes ({src.n_obs} × {src.n_vars})"

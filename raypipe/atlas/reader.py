@@ -149,12 +149,20 @@ class AtlasSource:
         self._matrix = None
 
     def _open_in_memory(self, path: Path, layer: str | None) -> None:
+        import warnings
+
         import anndata as ad
 
         self._handle.close()
         self._handle = None
         log.warning("%s uses a legacy AnnData layout; reading it into memory", path)
-        adata = ad.read_h5ad(path)
+        with warnings.catch_warnings():
+            if not log.isEnabledFor(logging.INFO):  # `raypipe -v` shows them
+                # anndata moves legacy .uns['neighbors'] matrices to .obsp while reading
+                # (FutureWarning "Moving element from .uns[...]"); harmless here: only X/raw,
+                # obs and var are used, and the warning above already names the old layout.
+                warnings.filterwarnings("ignore", "Moving element from", FutureWarning)
+            adata = ad.read_h5ad(path)
         if layer == "raw":
             if adata.raw is None:
                 raise InputError(

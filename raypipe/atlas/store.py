@@ -29,6 +29,7 @@ __all__ = [
     "Shard",
     "open_atlas",
     "plan_shards",
+    "read_obs",
     "read_obs_columns",
     "read_obs_names",
     "read_shard",
@@ -181,6 +182,13 @@ def read_obs_columns(path: str | Path, columns: list[str]) -> pd.DataFrame:
         )
     data = {c: read_elem(obs[c]) for c in columns}
     return pd.DataFrame(data, index=read_obs_names(path))
+
+
+def read_obs(path: str | Path) -> pd.DataFrame:
+    """Read the whole obs table (cell names in the index)."""
+    from anndata.io import read_elem
+
+    return read_elem(_open_group(path)["obs"])
 
 
 def read_var(path: str | Path) -> pd.DataFrame:

@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Callable
+import sys
+import tempfile
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any
 
 from raypipe.core.plan import StageSpec
@@ -22,32 +25,122 @@ def init_ray(cfg: RayConfig) -> str:
     """Start an embedded Ray (``address: local``) or connect to a cluster; return a description.
 
     Under ``ray job submit`` (``RAY_ADDRESS`` set) ``local`` connects to that cluster instead.
+    An existing session (a notebook's own ``ray.init``) is used as it is; in every case Ray
+    Data's own progress output is switched off (raypipe draws one bar per stage) and, unless
+    raypipe logs at INFO (``-v``), Ray's expected chatter is kept off the terminal.
     """
     import ray
 
     os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+    quiet = not log.isEnabledFor(logging.INFO)  # `raypipe -v` (raypipe logging at INFO) shows all
     if ray.is_initialized():
+        _configure_ray_data(quiet)
         return "existing Ray session"
-    if cfg.address == "local" and not os.environ.get("RAY_ADDRESS"):
-        os.environ.setdefault("RAY_AUTH_MODE", "disabled")  # embedded, loopback-only Ray
-        ray.init(
-            address="local",  # always a new embedded instance, never a cluster found in /tmp/ray
-            num_cpus=cfg.num_cpus,
-            object_store_memory=cfg.object_store_memory,
-            include_dashboard=False,
-            configure_logging=False,
-            log_to_driver=False,
-        )
-        desc = f"embedded Ray ({int(ray.cluster_resources().get('CPU', 0))} CPUs)"
-    else:
-        address = None if cfg.address == "local" else cfg.address
-        ray.init(address=address, configure_logging=False, log_to_driver=False)
-        res = ray.cluster_resources()
-        desc = f"Ray cluster {address or os.environ.get('RAY_ADDRESS')} ({int(res.get('CPU', 0))} CPUs, {int(res.get('GPU', 0))} GPUs)"
-    ctx = ray.data.DataContext.get_current()
-    ctx.enable_progress_bars = False
-    ctx.print_on_execution_start = False
+    with _quiet_ray_backend(quiet):
+        if cfg.address == "local" and not os.environ.get("RAY_ADDRESS"):
+            os.environ.setdefault("RAY_AUTH_MODE", "disabled")  # embedded, loopback-only Ray
+            ray.init(
+                address="local",  # always a new embedded instance, never a cluster in /tmp/ray
+                num_cpus=cfg.num_cpus,
+                object_store_memory=cfg.object_store_memory,
+                include_dashboard=False,
+                configure_logging=False,
+                log_to_driver=False,
+            )
+            desc = f"embedded Ray ({int(ray.cluster_resources().get('CPU', 0))} CPUs)"
+        else:
+            address = None if cfg.address == "local" else cfg.address
+            ray.init(address=address, configure_logging=False, log_to_driver=False)
+            res = ray.cluster_resources()
+            desc = f"Ray cluster {address or os.environ.get('RAY_ADDRESS')} ({int(res.get('CPU', 0))} CPUs, {int(res.get('GPU', 0))} GPUs)"
+    _configure_ray_data(quiet)
     return desc
+
+
+def _configure_ray_data(quiet: bool) -> None:
+    import ray
+
+    ctx = ray.data.DataContext.get_current()
+    ctx.enable_progress_bars = False  # raypipe draws one bar per stage itself
+    ctx.print_on_execution_start = False
+    if quiet:
+        _quiet_ray_data()
+
+
+#: The line Ray's C++ logger prints (at INFO, before its level applies) to confirm
+#: RAY_BACKEND_LOG_LEVEL; it is the only thing :func:`_quiet_ray_backend` holds back.
+_BACKEND_LEVEL_ECHO = "Set ray log level from environment variable RAY_BACKEND_LOG_LEVEL"
+
+
+@contextmanager
+def _quiet_ray_backend(quiet: bool) -> Iterator[None]:
+    """Start Ray's C++ side (this driver's core worker) with ERROR lines kept off the terminal.
+
+    Why: Ray Data's own actor pools make the driver's core worker log, at ERROR, "Actor ...
+    has constructor arguments in the object store and max_restarts > 0" for every run — a
+    known false alarm (ray-project/ray#57733: Ray Data passes an internal handle as an actor
+    argument; raypipe's own constructor arguments are small). The C++ logger prints every
+    ERROR line to the driver's stderr and has no per-message filter; its only switch is the
+    process-wide ``RAY_BACKEND_LOG_LEVEL``, read once when the core worker starts (here). So,
+    unless the user set it or asked for ``-v``: ``fatal`` while Ray starts (the embedded
+    Ray's raylet and workers inherit it: their log files under /tmp/ray keep FATAL lines
+    only); real failures still reach raypipe as Python exceptions (task/actor errors, lost
+    nodes). Ray echoes that setting once on stderr; that echo line alone is dropped, every
+    other byte written to stderr during ``ray.init`` is passed on unchanged.
+    """
+    if not quiet or "RAY_BACKEND_LOG_LEVEL" in os.environ:
+        yield
+        return
+    os.environ["RAY_BACKEND_LOG_LEVEL"] = "fatal"
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with tempfile.TemporaryFile() as captured:
+        os.dup2(captured.fileno(), 2)
+        try:
+            yield
+        finally:
+            sys.stderr.flush()
+            os.dup2(saved, 2)
+            os.close(saved)
+            del os.environ["RAY_BACKEND_LOG_LEVEL"]  # later subprocesses get Ray's default
+            captured.seek(0)
+            kept = [
+                ln
+                for ln in captured.read().splitlines(keepends=True)
+                if _BACKEND_LEVEL_ECHO.encode() not in ln
+            ]
+            if kept:
+                os.write(2, b"".join(kept))
+
+
+class _DropRecord(logging.Filter):
+    """Drop log records whose message starts with ``prefix`` (one known, expected message)."""
+
+    def __init__(self, prefix: str) -> None:
+        super().__init__()
+        self.prefix = prefix
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith(self.prefix)
+
+
+def _quiet_ray_data() -> None:
+    """Keep Ray Data's per-dataset INFO chatter on its log file, off the terminal.
+
+    Ray Data logs "Dataset ... execution finished in N s" at INFO for every dataset (several
+    per run) through its own ``ray.data`` console handler; raypipe's progress bars and
+    summary say the same. The console handler is raised to WARNING (the ``ray-data.log``
+    file under the Ray session keeps everything). Ray Data also warns, once, "Progress bars
+    disabled" — raypipe disables them on purpose (it draws one bar per stage), so that one
+    message is dropped where it is logged. Other Ray Data warnings and errors still print.
+    """
+    logger = logging.getLogger("ray.data")
+    for handler in logger.handlers:
+        if handler.get_name() == "console":
+            handler.setLevel(logging.WARNING)
+    progress = logging.getLogger("ray.data._internal.progress")
+    if not any(isinstance(f, _DropRecord) for f in progress.filters):
+        progress.addFilter(_DropRecord("Progress bars disabled"))
 
 
 def _pool(actors: int, n_items: int) -> Any:

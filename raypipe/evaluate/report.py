@@ -1,13 +1,16 @@
-"""The HTML report: UMAPs, confusion heatmaps and the metric table (baseline highlighted).
+"""The HTML report: run summary, the metric table (baseline highlighted), UMAPs, confusions.
 
-Writes ``<out_dir>/report/index.html`` plus PNGs beside it. UMAPs (umap-learn, seeded,
-cosine) are computed on a seeded subsample of at most ``sample_size`` cells, the same cells
-for every method. matplotlib runs on the Agg backend (no display needed).
+Writes ``<out_dir>/report/index.html`` plus PNGs beside it. The page opens with the run
+summary read from ``manifest.json`` (cells, wall time, gene coverage, what fell back);
+:func:`rerender_report` rebuilds the page from the run's files (``raypipe report``). UMAPs
+(umap-learn, seeded, cosine) are computed on a seeded subsample of at most ``sample_size``
+cells, the same cells for every method. matplotlib runs on the Agg backend (no display needed).
 """
 
 from __future__ import annotations
 
 import html
+import json
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -15,10 +18,16 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from raypipe.errors import InputError
 from raypipe.evaluate.baseline import BASELINE_METHOD
 from raypipe.evaluate.metrics import subsample_indices
 
-__all__ = ["umap_2d", "write_report"]
+__all__ = ["FIGURES_FILE", "rerender_report", "summary_html", "umap_2d", "write_report"]
+
+#: What the page shows besides the tables (title, notes, which figures were drawn), so
+#: :func:`rerender_report` can rebuild the page without redrawing.
+FIGURES_FILE = "figures.json"
+MANIFEST_FILE = "manifest.json"  # the run's manifest (README "Outputs")
 
 
 def _colours(values: np.ndarray) -> tuple[list[str], np.ndarray]:
@@ -46,7 +55,9 @@ def umap_2d(x: np.ndarray, *, seed: int = 0) -> np.ndarray:
     import umap
 
     n_neighbors = max(2, min(15, x.shape[0] - 1))
-    reducer = umap.UMAP(n_neighbors=n_neighbors, metric="cosine", random_state=seed)
+    # n_jobs=1 explicitly: a seed makes umap run single-threaded anyway, and with its default
+    # (-1) it warns "n_jobs value 1 overridden to 1 by setting random_state" on every call.
+    reducer = umap.UMAP(n_neighbors=n_neighbors, metric="cosine", random_state=seed, n_jobs=1)
     return np.asarray(reducer.fit_transform(x))
 
 
@@ -126,7 +137,8 @@ _ORDER = [
 
 _CSS = """body{font-family:sans-serif;margin:2em;max-width:1400px}
 table{border-collapse:collapse;font-size:13px}td,th{border:1px solid #ccc;padding:3px 6px}
-tr.baseline{background:#fff3c4;font-weight:bold}img{max-width:100%;margin:6px 0}"""
+tr.baseline{background:#fff3c4;font-weight:bold}img{max-width:100%;margin:6px 0}
+table.summary th{text-align:left;background:#f4f4f4;vertical-align:top}"""
 
 
 def write_report(
@@ -180,14 +192,105 @@ def write_report(
     """
     import matplotlib
 
+    from raypipe.core.outputs import atomic_write_json
+
     matplotlib.use("Agg")
     report = Path(out_dir) / "report"
     report.mkdir(parents=True, exist_ok=True)
     truth = np.array(["NA" if pd.isna(v) else str(v) for v in np.asarray(labels, dtype=object)])
     predictions = dict(predictions or {})
     sub = subsample_indices(truth.size, sample_size, seed=seed)
+    kind = "UMAP" if projector is None else "2-D projection"
+    figures: dict[str, Any] = {
+        "title": title,
+        "notes": [str(n) for n in notes],
+        "projection": kind,
+        "n_drawn": int(sub.size),
+        "n_cells": int(truth.size),
+        "umap": [],
+        "confusion": [],
+    }
+    only = next(iter(predictions)) if len(predictions) == 1 else None
+    for method, emb in embeddings.items():
+        pred_name = method if method in predictions else only
+        pred = predictions[pred_name] if pred_name is not None else None
+        pred_sub = None if pred is None else np.asarray(pred, dtype=object)[sub].astype(str)
+        name = f"umap_{method}.png"
+        xy = (projector or umap_2d)(np.asarray(emb)[sub], seed=seed)
+        _umap_png(report / name, method, xy, truth[sub], pred_sub, str(pred_name))
+        figures["umap"].append(method)
+    for method, table in (confusion or {}).items():
+        _confusion_png(report / f"confusion_{method}.png", method, table)
+        figures["confusion"].append(method)
+    atomic_write_json(report / FIGURES_FILE, figures)
+    return _write_page(Path(out_dir), figures, metrics_df, skipped)
+
+
+def rerender_report(out_dir: str | Path) -> Path:
+    """Re-render ``<out_dir>/report/index.html`` from the run's files; return its path.
+
+    Reads ``manifest.json`` (the summary at the top), ``metrics.parquet``,
+    ``evaluation/skipped.parquet`` and the figures the run drew (``report/figures.json`` and
+    the PNGs beside it; figures are not redrawn — they change only when a run recomputes
+    them). Cheap: no embedding is read.
+
+    Raises
+    ------
+    InputError
+        When ``out_dir`` holds no ``manifest.json`` (not a raypipe run).
+    """
+    out = Path(out_dir)
+    manifest = _read_manifest(out)
+    if manifest is None:
+        raise InputError(
+            f"{out} is not a raypipe run (no {MANIFEST_FILE})",
+            fix="pass the output_dir of a `raypipe run`",
+        )
+    metrics = out / "metrics.parquet"
+    skipped = out / "evaluation" / "skipped.parquet"
+    report = out / "report"
+    try:
+        figures = json.loads((report / FIGURES_FILE).read_text())
+    except (OSError, ValueError):
+        cfg = manifest.get("config", {}).get("input", {})
+        name = cfg.get("name") or Path(str(cfg.get("path", out.name))).stem
+        figures = {  # a report drawn before figures.json existed: list the PNGs present
+            "title": f"raypipe report: {name}",
+            "notes": list((manifest.get("evaluation") or {}).get("notes", [])),
+            "umap": sorted(p.stem.removeprefix("umap_") for p in report.glob("umap_*.png")),
+            "confusion": sorted(
+                p.stem.removeprefix("confusion_") for p in report.glob("confusion_*.png")
+            ),
+        }
+    for key, prefix in (("umap", "umap"), ("confusion", "confusion")):
+        figures[key] = [m for m in figures.get(key, []) if (report / f"{prefix}_{m}.png").is_file()]
+    report.mkdir(parents=True, exist_ok=True)
+    return _write_page(
+        out,
+        figures,
+        pd.read_parquet(metrics) if metrics.is_file() else pd.DataFrame(),
+        pd.read_parquet(skipped) if skipped.is_file() else None,
+    )
+
+
+def _read_manifest(out: Path) -> dict[str, Any] | None:
+    try:
+        data = json.loads((out / MANIFEST_FILE).read_text())
+    except (OSError, ValueError):
+        return None
+    return data if isinstance(data, dict) else None
+
+
+def _write_page(
+    out: Path, figures: Mapping[str, Any], metrics_df: pd.DataFrame, skipped: pd.DataFrame | None
+) -> Path:
+    """Assemble ``index.html``: run summary, notes, metrics beside the baseline, figures."""
+    title = str(figures.get("title", "raypipe report"))
     parts = [f"<h1>{html.escape(title)}</h1>"]
-    parts += [f"<p>{html.escape(n)}</p>" for n in notes]
+    manifest = _read_manifest(out)
+    if manifest is not None:
+        parts.append(summary_html(manifest))
+    parts += [f"<p>{html.escape(str(n))}</p>" for n in figures.get("notes", [])]
     parts += ["<h2>Metrics</h2>", _metric_table(metrics_df)]
     parts.append(
         f"<p>Highlighted row: the <b>{BASELINE_METHOD}</b> baseline (PCA of the "
@@ -200,31 +303,104 @@ def write_report(
             for r in skipped.itertuples()
         )
         parts += ["<h3>Skipped metrics</h3>", f"<ul>{items}</ul>"]
-    kind = "UMAP" if projector is None else "2-D projection"
-    parts.append(f"<h2>{kind} ({sub.size} of {truth.size} cells, seeded subsample)</h2>")
-    only = next(iter(predictions)) if len(predictions) == 1 else None
-    for method, emb in embeddings.items():
-        pred_name = method if method in predictions else only
-        pred = predictions[pred_name] if pred_name is not None else None
-        pred_sub = None if pred is None else np.asarray(pred, dtype=object)[sub].astype(str)
-        name = f"umap_{method}.png"
-        xy = (projector or umap_2d)(np.asarray(emb)[sub], seed=seed)
-        _umap_png(report / name, method, xy, truth[sub], pred_sub, str(pred_name))
-        parts.append(f'<h3>{html.escape(method)}</h3><img src="{name}" alt="UMAP {method}">')
-    if confusion:
+    if figures.get("umap"):
+        head = html.escape(str(figures.get("projection", "UMAP")))
+        if "n_drawn" in figures:
+            head += f" ({figures['n_drawn']} of {figures['n_cells']} cells, seeded subsample)"
+        parts.append(f"<h2>{head}</h2>")
+        for method in figures["umap"]:
+            name = html.escape(f"umap_{method}.png")
+            parts.append(f'<h3>{html.escape(method)}</h3><img src="{name}" alt="UMAP {name}">')
+    if figures.get("confusion"):
         parts.append("<h2>Confusion matrices</h2>")
-        for method, table in confusion.items():
-            name = f"confusion_{method}.png"
-            _confusion_png(report / name, method, table)
-            parts.append(
-                f'<h3>{html.escape(method)}</h3><img src="{name}" alt="confusion {method}">'
-            )
+        for method in figures["confusion"]:
+            name = html.escape(f"confusion_{method}.png")
+            parts.append(f'<h3>{html.escape(method)}</h3><img src="{name}" alt="confusion {name}">')
     page = (
         f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>"
         f"<style>{_CSS}</style></head><body>{''.join(parts)}</body></html>"
     )
-    index = report / "index.html"
+    index = out / "report" / "index.html"
     tmp = index.with_suffix(".html.tmp")
     tmp.write_text(page, encoding="utf-8")
     tmp.replace(index)
     return index
+
+
+def summary_html(manifest: Mapping[str, Any]) -> str:
+    """Return the run summary at the top of the report: cells, wall time, coverage, fallbacks.
+
+    Parameters
+    ----------
+    manifest
+        The run's ``manifest.json``. While the run is still going (the evaluation draws the
+        report before the run ends) it says so; ``raypipe report`` re-renders it afterwards.
+    """
+    esc = html.escape
+    status = str(manifest.get("status", "unknown"))
+    atlas = manifest.get("atlas") or {}
+    genes = manifest.get("genes") or {}
+    shards = manifest.get("shards") or {}
+    warnings = [str(w) for w in manifest.get("warnings") or []]
+    rows: list[tuple[str, str]] = [("status", esc(status))]
+    if status != "complete":
+        rows[0] = (
+            "status",
+            f"{esc(status)} — this summary is completed when the run ends "
+            "(<code>raypipe report OUTPUT_DIR</code> re-renders it)",
+        )
+    if atlas:
+        n = int(atlas.get("n_obs", 0))
+        cells = f"{n:,} cells × {int(atlas.get('n_vars', 0)):,} genes (X: {esc(str(atlas.get('x_kind', '?')))})"
+        if shards:
+            cells += f", {int(shards.get('n', 0))} shards of ≤ {int(shards.get('rows', 0)):,} rows"
+        rows.append(("cells", cells))
+    if "wall_s" in manifest:
+        wall = float(manifest["wall_s"])
+        n = int(atlas.get("n_obs", 0))
+        line = f"{wall:,.1f} s ({n / wall if wall else 0:,.0f} cells/s end to end)"
+        timings = manifest.get("timings") or {}
+        if timings:
+            line += "; " + ", ".join(f"{esc(k)} {float(v):.1f} s" for k, v in timings.items())
+        rows.append(("wall time", line))
+    cov = genes.get("coverage") or {}
+    if cov:
+        rows.append(
+            (
+                "gene coverage",
+                f"{int(cov.get('n_covered', 0)):,} / {int(cov.get('n_genes', 0)):,} atlas genes "
+                f"have text ({float(cov.get('share', 0.0)):.1%}; source "
+                f"{esc(str(genes.get('text_source')))}, text model {esc(str(genes.get('model')))})",
+            )
+        )
+    fell_back = [w for w in warnings if "FALLBACK" in w]
+    rows.append(("fell back", "<br>".join(esc(w) for w in fell_back) if fell_back else "nothing"))
+    methods = manifest.get("methods") or {}
+    if methods:
+        n_shards = int(shards.get("n", 0))
+        rows.append(
+            (
+                "methods",
+                "<br>".join(
+                    f"{esc(m)}: {int(v.get('shards_computed', 0))} shards computed, "
+                    f"{max(n_shards - int(v.get('shards_computed', 0)), 0)} reused"
+                    for m, v in methods.items()
+                ),
+            )
+        )
+    usage = manifest.get("llm_usage")
+    if usage:
+        rows.append(("LLM usage", f"<code>{esc(json.dumps(usage, sort_keys=True))}</code>"))
+    other = [w for w in warnings if "FALLBACK" not in w]
+    if other:
+        rows.append(("warnings", "<br>".join(esc(w) for w in other)))
+    rows.append(
+        (
+            "config",
+            f"hash {esc(str(manifest.get('config_hash', '?')))}; started "
+            f"{esc(str(manifest.get('started', '?')))}"
+            + (f", finished {esc(str(manifest['finished']))}" if "finished" in manifest else ""),
+        )
+    )
+    body = "".join(f"<tr><th>{k}</th><td>{v}</td></tr>" for k, v in rows)
+    return f'<h2>Run summary</h2><table class="summary">{body}</table>'

@@ -295,6 +295,10 @@ def run_job(job: JobConfig, *, overwrite: bool = False, progress: bool = True) -
     manifest.outputs = list(summary.outputs)
     summary.outputs.append(str(out_dir / MANIFEST))
     manifest.write(out_dir)
+    if (out_dir / "report" / "index.html").is_file():
+        from raypipe.evaluate.report import rerender_report
+
+        rerender_report(out_dir)  # the report's summary shows the finished run
     if exceeded:
         from raypipe.llm.cost import FailureShareExceeded
 
