@@ -257,6 +257,15 @@ class LabelMapper:
         return out
 
     @cached_property
+    def _negated_by_term(self) -> dict[str, set[str]]:
+        out: dict[str, set[str]] = {}
+        for e in self._entries:
+            out.setdefault(e.term.id, set()).update(
+                m.name for m in e.parsed.markers if m.polarity != "positive"
+            )
+        return out
+
+    @cached_property
     def _below_by_term(self) -> dict[str, set[str]]:
         """Positive markers stated in the names of each term's descendants."""
         out: dict[str, set[str]] = {}
@@ -273,7 +282,8 @@ class LabelMapper:
             }
             for anc in term.ancestors:
                 names |= self._stated_by_term.get(anc, set())
-            self._known[term.id] = names
+            negated = self._negated_by_term.get(term.id, set())  # "CD14-low" beats an ancestor
+            self._known[term.id] = {n for n in names if n not in negated}
         return self._known[term.id]
 
     @cached_property
@@ -364,8 +374,8 @@ class LabelMapper:
                 if s is None or s[0] <= 0:
                     continue
                 cover = s[0] - _MISSING_WORD * s[2]
-                if not strict and s[0] < 1.0:
-                    continue
+                if not strict and (s[0] < 1.0 or s[0] < 0.5 * n_concepts):
+                    continue  # a partial match must cover at least half of the label
                 prev = best.get(e.term.id)
                 if prev is None or (cover, -s[1]) > (prev[0], -prev[1]):
                     best[e.term.id] = (cover, s[1], e)
