@@ -175,6 +175,7 @@ def build_candidates(
     mapper: LabelMapper | None = None,
     mappings: Sequence[LabelMapping] | None = None,
     use_ontology_markers: bool = True,
+    is_gene: Callable[[str], bool] | None = None,
 ) -> pd.DataFrame:
     """Map candidate names (or CL ids) to CL terms and build their text and markers.
 
@@ -201,6 +202,11 @@ def build_candidates(
         Precomputed mappings, one per distinct name (e.g. with the embedding fallback).
     use_ontology_markers
         Gather markers from the ontology when neither config nor LLM gives any.
+    is_gene
+        "Is this a gene symbol or alias at all" (whole gene table, not only the atlas):
+        ontology-derived names that are not genes (``NK1.1``, ``pre-BCR``) are dropped instead
+        of being listed as missing. An alias naming several genes (``CD16`` → FCGR3A, FCGR3B)
+        splits its weight among them.
 
     Returns
     -------
@@ -237,10 +243,14 @@ def build_candidates(
         for g, w, src in zip(found_set.names, found_set.weights, found_set.sources, strict=True):
             hits = _resolve_one(g, resolver)
             if not hits:
-                missing.append(g)
+                if not (src.startswith("ontology") and is_gene is not None and not is_gene(g)):
+                    missing.append(g)
+                continue
+            share = w / len(hits)
             for h in hits:
-                if w > weights.get(h, 0.0):
-                    weights[h], origin[h] = w, f"{src} ({g})" if g.upper() != h.upper() else src
+                if share > weights.get(h, 0.0):
+                    weights[h] = share
+                    origin[h] = f"{src} ({g})" if g.upper() != h.upper() else src
         gene_weights.append(weights)
         source = found_set.sources[0].split(":")[0] if found_set.sources else "none"
         rows.append(

@@ -181,6 +181,7 @@ def prepare_candidates(
         mapper=mapper,
         mappings=mappings,
         use_ontology_markers=cfg.ontology_markers,
+        is_gene=gene_names.is_gene if gene_names is not None else None,
     )
     lost = unmatched(cand)
     if lost:
