@@ -285,7 +285,7 @@ class AnnotateConfig(_Section):
         description="Cosine above which the text-embedding fallback maps a label to a CL term.",
     )
     scorers: dict[str, float] = Field(
-        default_factory=lambda: {"text": 1.0, "markers": 1.0},
+        default_factory=lambda: {"text": 0.25, "markers": 1.0},
         description="Scorer name → weight.",
     )
     markers: dict[str, list[str]] = Field(
@@ -308,11 +308,11 @@ class AnnotateConfig(_Section):
         description="Standardise each scorer per candidate over cells, per cell, or not.",
     )
     smoothing: float = Field(
-        2.0, ge=0, description="Graph smoothing strength λ of (I + λL)⁻¹ P₀ (0 = off)."
+        5.0, ge=0, description="Graph smoothing strength λ of (I + λL)⁻¹ P₀ (0 = off)."
     )
     smoothing_k: int = Field(15, gt=0, description="Neighbours per cell in the smoothing graph.")
     smoothing_graph: Literal["embedding", "expression"] = Field(
-        "embedding", description="Smoothing graph on the cell embedding or on expression PCs."
+        "expression", description="Smoothing graph on the cell embedding or on expression PCs."
     )
     unassigned_threshold: float | None = Field(
         None, description="Margin below which a cell is `unassigned`."

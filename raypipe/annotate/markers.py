@@ -8,7 +8,7 @@
    is a failure row (``failures.parquet``), never silently empty markers;
 3. **ontology**: markers named positively in the term's label/synonyms (weight 1), its
    definition and its ancestors' names (1), and its descendants' labels/synonyms (0.5 × the
-   share of descendants stating them, at least 0.25); negated mentions (``CD14-low``,
+   share of descendants stating them; under 5% dropped); negated mentions (``CD14-low``,
    "negative for CD3") are dropped.
 
 Gene weights are then made specific (:func:`specificity_weights`): a candidate's weight for a
@@ -81,7 +81,9 @@ def ontology_markers(mapper: LabelMapper, term_id: str) -> MarkerSet:
     below = mapper.descendant_markers(term_id)
     n_desc = max(len(mapper.ontology.descendants(term_id)), 1)
     for name, count in sorted(below.items(), key=lambda kv: (-kv[1], kv[0])):
-        out.add(name, max(0.25, 0.5 * count / n_desc), "ontology:descendants")
+        share = count / n_desc
+        if share >= 0.05:  # a marker one descendant in 40 states says little about the term
+            out.add(name, 0.5 * share, "ontology:descendants")
     return out
 
 

@@ -185,12 +185,14 @@ def marker_scores(
     -------
     numpy.ndarray
         (n, k) float32 scores in [0, 1]; 1 = the markers are the cell's top genes. Candidates
-        with no markers score 0.
+        with no markers score NaN (the marker scorer has nothing to say about them).
     """
     mat = sp.csr_matrix(expr, dtype=np.float64)
     n, g = mat.shape
     k = len(marker_idx)
     out = np.zeros((n, k), dtype=np.float32)
+    empty = [j for j, i in enumerate(marker_idx) if np.asarray(i).size == 0]
+    out[:, empty] = np.nan
     used = np.unique(
         np.concatenate([np.asarray(i, np.int64) for i in marker_idx] or [np.zeros(0, np.int64)])
     )
@@ -224,7 +226,7 @@ def marker_scores(
             total = wt.sum()
             u = (wt * ranks[w]).sum() - total * (m + 1) / 2.0
             out[r, j] = 1.0 - u / (total * max_rank)
-    return np.clip(out, 0.0, 1.0)
+    return np.clip(out, 0.0, 1.0)  # NaN stays NaN
 
 
 @SCORERS.register("text")
@@ -282,7 +284,9 @@ def combine(
     Returns
     -------
     numpy.ndarray
-        (n, k) float32: the weighted mean (weights normalised to sum to 1).
+        (n, k) float32: the weighted mean over the scorers that score each candidate (a
+        column of NaN, e.g. markers for a candidate without any, leaves that scorer out for
+        that candidate); ``-inf`` for a candidate no scorer can score.
     """
     if standardise not in STANDARDISE:
         raise ConfigError(
@@ -297,16 +301,22 @@ def combine(
         )
     if standardise == "cell" and len(used) == 1:
         (name,) = used
-        return np.asarray(scores[name], dtype=np.float32)
-    total = sum(used.values())
+        one = np.asarray(scores[name], dtype=np.float32)
+        return np.where(np.isnan(one), -np.inf, one).astype(np.float32)
     out = np.zeros_like(np.asarray(next(iter(scores.values())), np.float64))
+    wsum = np.zeros(out.shape[1])
     for n, w in used.items():
         x = np.asarray(scores[n], np.float64)
+        have = ~np.isnan(x).all(axis=0)  # a scorer may have nothing to say about a candidate
+        x = np.where(np.isnan(x), 0.0, x)
         if standardise == "candidate":
             x = _zscore(x, 0) if x.shape[0] > 1 else x
         elif standardise == "cell":
-            x = _zscore(x, 1)
-        out += w / total * x
+            x[:, have] = _zscore(x[:, have], 1) if have.any() else x[:, have]
+        out[:, have] += w * x[:, have]
+        wsum[have] += w
+    with np.errstate(invalid="ignore", divide="ignore"):
+        out = np.where(wsum > 0, out / np.where(wsum > 0, wsum, 1.0), -np.inf)
     return np.asarray(out, dtype=np.float32)
 
 

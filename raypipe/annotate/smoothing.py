@@ -93,8 +93,10 @@ def smooth_scores(
     inv = 1.0 / np.sqrt(np.where(deg > 0, deg, 1.0))
     a = sp.diags(inv) @ w @ sp.diags(inv)
     system = ((1.0 + strength) * sp.identity(n) - strength * a).tocsr()
-    out = np.empty_like(p0)
+    out = p0.copy()
     for j in range(p0.shape[1]):
+        if not np.isfinite(p0[:, j]).all():
+            continue  # a candidate no scorer could score (-inf) stays as it is
         sol, _info = cg(system, p0[:, j], x0=p0[:, j], rtol=1e-6, maxiter=200)
         out[:, j] = sol
     return out.astype(np.float32)
