@@ -230,3 +230,14 @@ def test_embedding_fallback_uses_threshold(onto):
     assert got[1].how == "label"
     m2 = LabelMapper(onto, embed=embed, embed_threshold=-1.0)
     assert m2.map_all(["zzqx nonsense"])[0].how == "embedding"
+
+
+def test_config_rejects_malformed_mapping_ids():
+    from raypipe.config import load_config
+    from raypipe.errors import ConfigError
+
+    base = {"input": {"path": "x.h5ad"}, "output_dir": "out"}
+    ok = load_config({**base, "annotate": {"mapping": {"Weird": "CL:0000236"}}})
+    assert ok.annotate.mapping == {"Weird": "CL:0000236"}
+    with pytest.raises(ConfigError, match="Cell Ontology ids"):
+        load_config({**base, "annotate": {"mapping": {"Weird": "B cell"}}})
