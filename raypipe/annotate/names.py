@@ -14,19 +14,25 @@ user's label and for a CL label/synonym, so both sides can be compared concept b
   word ``cell`` is dropped (``B`` and ``B cells`` are the same concept).
 
 :func:`extract_marker_mentions` reads a free-text definition ("a monocyte that expresses CD14
-and is negative for CD3, CD19") and keeps the positive mentions only.
+and is negative for CD3, CD19") and keeps the positive mentions only. :class:`GeneNames` says
+which marker names are the same gene (``FCGR3A`` ~ ``CD16``); :func:`align_abbreviation` and
+:func:`acronym_words` are the abbreviation conventions the label mapper uses.
 """
 
 from __future__ import annotations
 
 import re
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 __all__ = [
     "FILLER",
+    "GeneNames",
     "Marker",
     "ParsedName",
+    "acronym_words",
+    "align_abbreviation",
     "extract_marker_mentions",
     "normalise_word",
     "parse_name",
@@ -215,3 +221,134 @@ def extract_marker_mentions(
             seen.add(tok.upper())
             out.append(Marker(tok.upper(), _POS))
     return out
+
+
+class GeneNames:
+    """Gene symbol/alias knowledge for marker matching.
+
+    Parameters
+    ----------
+    official
+        ``name -> official symbol`` (case-insensitive) or None.
+    aliases
+        ``name -> official symbols it is an alias of`` (empty when none).
+    """
+
+    def __init__(
+        self,
+        official: Callable[[str], str | None],
+        aliases: Callable[[str], Sequence[str]],
+    ) -> None:
+        self._official, self._aliases = official, aliases
+        self._memo: dict[str, tuple[str | None, frozenset[str]]] = {}
+
+    @classmethod
+    def from_table(cls, table: Any) -> GeneNames:
+        """From a :class:`raypipe.genes.table.GeneTable` (``lookup_symbol``/``lookup_alias``)."""
+        return cls(table.lookup_symbol, table.lookup_alias)
+
+    @classmethod
+    def from_pairs(cls, pairs: Sequence[tuple[str, str]], symbols: Sequence[str]) -> GeneNames:
+        """From ``(alias, symbol)`` pairs and the official symbols."""
+        upper = {s.upper(): s for s in symbols}
+        table: dict[str, list[str]] = {}
+        for a, s in pairs:
+            table.setdefault(a.upper(), []).append(s)
+        return cls(lambda n: upper.get(n.upper()), lambda n: table.get(n.upper(), []))
+
+    def _info(self, name: str) -> tuple[str | None, frozenset[str]]:
+        key = name.upper()
+        if key not in self._memo:
+            off = self._official(name)
+            self._memo[key] = (
+                off.upper() if off else None,
+                frozenset(s.upper() for s in self._aliases(name)),
+            )
+        return self._memo[key]
+
+    def official(self, name: str) -> str | None:
+        """Return the official symbol spelled ``name`` (upper case), or None."""
+        return self._info(name)[0]
+
+    def is_gene(self, name: str) -> bool:
+        """Return True when ``name`` is an official symbol or an alias."""
+        off, al = self._info(name)
+        return bool(off or al)
+
+    def symbols(self, name: str) -> list[str]:
+        """Official symbols ``name`` stands for (itself when official, else its alias targets)."""
+        off, al = self._info(name)
+        return [off] if off else sorted(al)
+
+    def same(self, a: str, b: str) -> bool:
+        """Do two marker names mean the same gene? (``FCGR3A`` ~ ``CD16``; never two aliases)."""
+        if a == b:
+            return True
+        oa, aa = self._info(a)
+        ob, ab = self._info(b)
+        return bool((oa and (oa == ob or oa in ab)) or (ob and ob in aa))
+
+
+def acronym_words(word: str, initials: tuple[tuple[str, str], ...]) -> list[str] | None:
+    """Return the words whose initials spell ``word``.
+
+    Consecutive and in order (``CTL`` = cytotoxic T lymphocyte); or, in the lineage-first
+    convention (``TEM``, ``Tcm``, ``Bmem``), a one-letter lineage word of the term followed by
+    the rest in order (effector memory ... T cell).
+    """
+    letters = "".join(c for _, c in initials)
+    i = letters.find(word)
+    if i >= 0:
+        return [w for w, _ in initials[i : i + len(word)]]
+    lineage = [w for w, _ in initials if len(w) == 1 and w == word[0]]
+    content = [(w, c) for w, c in initials if w not in FILLER]
+    rest, letters = word[1:], "".join(c for _, c in content)
+    if lineage and len(rest) >= 2 and (j := letters.find(rest)) >= 0:
+        return [lineage[0], *(w for w, _ in content[j : j + len(rest)])]
+    return None
+
+
+def align_abbreviation(segments: list[str], words: list[str]) -> list[tuple[str, tuple[str, ...]]]:
+    """Align abbreviation segments to a contiguous run of words; return learned pairs."""
+    segs = [s for s in segments if s.isalpha()]
+    if not segs:
+        return []
+    for start in range(len(words)):
+        got = _align_from(segs, words, start)
+        if got is not None:
+            return [(s.lower(), exp) for s, exp in got if len(s) >= 2]
+    return []
+
+
+def _align_from(
+    segs: list[str], words: list[str], start: int
+) -> list[tuple[str, tuple[str, ...]]] | None:
+    if not segs:
+        return []
+    seg, rest = segs[0], segs[1:]
+    low = seg.lower()
+    options: list[tuple[tuple[str, ...], int]] = []
+    n = len(low)
+    if seg.isupper() and start + n <= len(words):
+        run = words[start : start + n]
+        if all(w and w[0] == c for w, c in zip(run, low, strict=True)):
+            options.append((tuple(run), n))
+    if start < len(words) and n >= 2 and _abbreviates(low, words[start]):
+        options.append(((words[start],), 1))
+    for exp, used in options:
+        tail = _align_from(rest, words, start + used)
+        if tail is not None:
+            return [(seg, exp), *tail]
+    return None
+
+
+def _abbreviates(short: str, word: str) -> bool:
+    """``mk`` abbreviates ``megakaryocyte``: same first letter, the rest in order."""
+    if not word or short[0] != word[0] or len(short) >= len(word):
+        return False
+    i = 1
+    for c in short[1:]:
+        i = word.find(c, i) + 1
+        if i == 0:
+            return False
+    return True
