@@ -152,6 +152,13 @@ def _cmd_ce_score(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_config_reference(args: argparse.Namespace) -> int:
+    from raypipe.config import reference_markdown
+
+    print(reference_markdown())
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     """Build the argument parser (cheap: no heavy imports)."""
     p = argparse.ArgumentParser(
@@ -287,6 +294,13 @@ def build_parser() -> argparse.ArgumentParser:
     sc.add_argument("--device", default=None, help="torch device (default: cuda if present)")
     sc.add_argument("--no-progress", action="store_true", help="no progress bar")
     sc.set_defaults(func=_cmd_ce_score)
+
+    conf = sub.add_parser("config", help="the job config's keys")
+    confsub = conf.add_subparsers(dest="config_command", required=True, metavar="COMMAND")
+    ref = confsub.add_parser(
+        "reference", help="print every config key with its default and meaning (markdown)"
+    )
+    ref.set_defaults(func=_cmd_config_reference)
 
     add_cache_parser(sub)
     return p

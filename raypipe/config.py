@@ -38,6 +38,7 @@ __all__ = [
     "config_hash",
     "load_config",
     "reference",
+    "reference_markdown",
 ]
 
 # Registry names, written out so that validating a config imports no backend; a test
@@ -268,7 +269,7 @@ class EmbedConfig(_Section):
 
 
 class AnnotateConfig(_Section):
-    """Zero-shot annotation."""
+    """Zero-shot annotation (defaults chosen by measurement: README, "Zero-shot annotation")."""
 
     enabled: bool = False
     candidates: list[str] = Field(
@@ -277,15 +278,45 @@ class AnnotateConfig(_Section):
     ontology: str | None = Field(
         None, description="Cell Ontology JSON(.gz); default: cellxgene-ontology-guide."
     )
+    mapping: dict[str, str] = Field(
+        default_factory=dict,
+        description="Candidate name → CL id, overriding the automatic mapping.",
+    )
+    mapping_embed_threshold: float = Field(
+        0.8,
+        ge=-1,
+        le=1,
+        description="Cosine above which the text-embedding fallback maps a label to a CL term.",
+    )
     scorers: dict[ScorerName, float] = Field(
-        default_factory=lambda: dict[ScorerName, float]({"text": 1.0}),
+        default_factory=lambda: dict[ScorerName, float]({"text": 0.25, "markers": 1.0}),
         description="Scorer name → weight.",
     )
     markers: dict[str, list[str]] = Field(
-        default_factory=dict, description="Candidate → marker genes."
+        default_factory=dict, description="Candidate → marker genes (trusted first)."
+    )
+    ontology_markers: bool = Field(
+        True, description="Gather markers from the Cell Ontology when no other source gives any."
+    )
+    llm_markers: bool = Field(
+        False, description="Ask the `llm` backend once per candidate for canonical markers."
+    )
+    tissue: str | None = Field(
+        None, description="Tissue named in the LLM marker prompt, e.g. `blood`."
     )
     center: bool = Field(
         True, description="Centre cells and candidate texts against their means before cosine."
+    )
+    standardise: Literal["candidate", "cell", "none"] = Field(
+        "candidate",
+        description="Standardise each scorer per candidate over cells, per cell, or not.",
+    )
+    smoothing: float = Field(
+        5.0, ge=0, description="Graph smoothing strength λ of (I + λL)⁻¹ P₀ (0 = off)."
+    )
+    smoothing_k: int = Field(15, gt=0, description="Neighbours per cell in the smoothing graph.")
+    smoothing_graph: Literal["embedding", "expression"] = Field(
+        "expression", description="Smoothing graph on the cell embedding or on expression PCs."
     )
     unassigned_threshold: float | None = Field(
         None, description="Margin below which a cell is `unassigned`."
@@ -301,6 +332,18 @@ class AnnotateConfig(_Section):
         512, gt=0, description="langcell scorer: candidate-text tokens kept (LangCell: 512)."
     )
     llm_descriptions: bool = Field(False, description="Add LLM-written candidate descriptions.")
+
+    @field_validator("mapping")
+    @classmethod
+    def _cl_ids(cls, v: dict[str, str]) -> dict[str, str]:
+        import re
+
+        bad = {k: x for k, x in v.items() if not re.match(r"^CL[:_]\d{7}$", str(x).strip())}
+        if bad:
+            raise ValueError(
+                f"annotate.mapping values must be Cell Ontology ids like CL:0000236; got {bad}"
+            )
+        return v
 
 
 class EvaluateConfig(_Section):
@@ -468,6 +511,13 @@ def config_hash(obj: BaseModel | dict[str, Any]) -> str:
     data = obj.model_dump(mode="json") if isinstance(obj, BaseModel) else obj
     blob = json.dumps(data, sort_keys=True, default=str).encode()
     return hashlib.sha256(blob).hexdigest()[:16]
+
+
+def reference_markdown() -> str:
+    """Return the config reference as the README's markdown table (``raypipe config reference``)."""
+    rows = ["| key | default | meaning |", "|---|---|---|"]
+    rows += [f"| `{k}` | `{d}` | {desc} |" for k, d, desc in reference()]
+    return "\n".join(rows)
 
 
 def reference(model: type[BaseModel] = JobConfig, prefix: str = "") -> list[tuple[str, str, str]]:

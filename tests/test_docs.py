@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from raypipe.config import reference
+from raypipe.config import reference, reference_markdown
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -13,6 +13,13 @@ def test_readme_lists_every_config_key():
     readme = (ROOT / "README.md").read_text()
     missing = [key for key, _, _ in reference() if f"`{key}`" not in readme]
     assert not missing, f"README config reference lacks {missing}"
+
+
+def test_readme_config_table_is_current():
+    """The table is `raypipe config reference` verbatim: defaults and meanings never go stale."""
+    readme = (ROOT / "README.md").read_text()
+    stale = [row for row in reference_markdown().splitlines() if row not in readme]
+    assert not stale, "regenerate the table with `raypipe config reference`:\n" + "\n".join(stale)
 
 
 def test_ci_runs_the_readme_test_command():

@@ -5,13 +5,18 @@ One row per candidate, columns:
 ``label``            the name as given (config entry or a value of the label column)
 ``cl_id``            matched CL id, or None when nothing matched
 ``cl_label``         the CL term label, or None
-``match_kind``       id / label / synonym / curated / unmatched
+``match_kind``       how it was found (:mod:`raypipe.annotate.mapping`: config, id, label,
+                     synonym, parsed, parsed_partial, markers_only, embedding, unmatched)
+``confidence``       0–1
+``match_detail``     the term text matched, or why nothing matched
 ``definition``       the CL definition ("" when unmatched)
 ``text``             LangCell-style ``"<cl_label>: <definition>"`` (+ description, + markers)
-``markers``          official gene symbols (config/LLM markers first, then genes named in the
-                     CL label/definition after alias resolution)
+``markers``          atlas gene symbols, highest weight first (:mod:`raypipe.annotate.markers`)
+``marker_weights``   their weights after the specificity division
+``marker_sources``   per marker: config / llm / ontology:term / ontology:definition/ancestors /
+                     ontology:descendants (+ the name it was written as, e.g. ``(CD16)``)
 ``missing_markers``  marker names that did not resolve to an atlas gene
-``marker_source``    config / llm / ontology / none
+``marker_source``    where the candidate's markers came from: config / llm / ontology / none
 
 The lead writes it to ``annotations/label_mapping.parquet``; unmatched candidates stay in it
 (text = the name itself) and are listed by :func:`unmatched` and in a logged warning.
@@ -22,9 +27,12 @@ from __future__ import annotations
 import logging
 import re
 from collections.abc import Callable, Iterable, Mapping, Sequence
+from typing import Any
 
 import pandas as pd
 
+from raypipe.annotate.mapping import LabelMapper, LabelMapping
+from raypipe.annotate.markers import MarkerSet, ontology_markers, specificity_weights
 from raypipe.annotate.ontology import Ontology
 
 __all__ = [
@@ -48,9 +56,13 @@ CANDIDATE_COLUMNS = [
     "cl_id",
     "cl_label",
     "match_kind",
+    "confidence",
+    "match_detail",
     "definition",
     "text",
     "markers",
+    "marker_weights",
+    "marker_sources",
     "missing_markers",
     "marker_source",
 ]
@@ -139,21 +151,6 @@ def resolver_from_aliases(
     return resolve
 
 
-def _resolve(names: Sequence[str], resolver: Resolver | None) -> tuple[list[str], list[str]]:
-    if resolver is None:
-        return list(dict.fromkeys(names)), []
-    found: list[str] = []
-    missing: list[str] = []
-    for name in names:
-        hit = resolver(name)
-        hits = [hit] if isinstance(hit, str) else list(hit or [])
-        if hits:
-            found.extend(h for h in hits if h not in found)
-        else:
-            missing.append(name)
-    return found, missing
-
-
 def candidate_text(
     name: str, definition: str, *, description: str | None = None, markers: Sequence[str] = ()
 ) -> str:
@@ -175,6 +172,10 @@ def build_candidates(
     llm_markers: Mapping[str, Sequence[str]] | None = None,
     resolver: Resolver | None = None,
     markers_in_text: bool = False,
+    mapper: LabelMapper | None = None,
+    mappings: Sequence[LabelMapping] | None = None,
+    use_ontology_markers: bool = True,
+    is_gene: Callable[[str], bool] | None = None,
 ) -> pd.DataFrame:
     """Map candidate names (or CL ids) to CL terms and build their text and markers.
 
@@ -195,6 +196,17 @@ def build_candidates(
         cannot resolve are listed in ``missing_markers``. None keeps names unchecked.
     markers_in_text
         Append the resolved markers to the candidate text.
+    mapper
+        The label mapper (default: one without gene knowledge or overrides).
+    mappings
+        Precomputed mappings, one per distinct name (e.g. with the embedding fallback).
+    use_ontology_markers
+        Gather markers from the ontology when neither config nor LLM gives any.
+    is_gene
+        "Is this a gene symbol or alias at all" (whole gene table, not only the atlas):
+        ontology-derived names that are not genes (``NK1.1``, ``pre-BCR``) are dropped instead
+        of being listed as missing. An alias naming several genes (``CD16`` → FCGR3A, FCGR3B)
+        splits its weight among them.
 
     Returns
     -------
@@ -204,59 +216,90 @@ def build_candidates(
     descriptions = descriptions or {}
     markers = markers or {}
     llm_markers = llm_markers or {}
-    known = None
-    if resolver is not None:
-
-        def known(tok: str) -> bool:
-            return bool(resolver(tok))
-
-    rows = []
-    for name in dict.fromkeys(str(n) for n in names):
-        match = ontology.best(name)
-        if match is None:
-            cl_id = cl_label = None
-            kind, definition, title = "unmatched", "", name
-        else:
-            cl_id, cl_label, kind = match.term.id, match.term.label, match.kind
-            definition, title = match.term.description, match.term.label
+    mapper = mapper or LabelMapper(ontology)
+    unique = list(dict.fromkeys(str(n) for n in names))
+    if mappings is None:
+        mappings = [mapper.map(n) for n in unique]
+    by_name = {m.label: m for m in mappings}
+    rows: list[dict[str, Any]] = []
+    gene_weights: list[dict[str, float]] = []
+    for name in unique:
+        mp = by_name.get(name) or mapper.map(name)
+        term = ontology.terms.get(mp.cl_id) if mp.cl_id else None
+        definition = term.description if term is not None else ""
+        title = term.label if term is not None else name
+        found_set = MarkerSet()
         if markers.get(name):
-            raw, source = list(markers[name]), "config"
+            for g in markers[name]:
+                found_set.add(str(g), 1.0, "config")
         elif llm_markers.get(name):
-            raw, source = list(llm_markers[name]), "llm"
-        else:
-            raw = extract_marker_tokens(f"{title}. {definition}", known=known)
-            source = "ontology" if raw else "none"
-        found, missing = _resolve(raw, resolver)
-        text = candidate_text(
-            title,
-            definition,
-            description=descriptions.get(name),
-            markers=found if markers_in_text else (),
-        )
+            for g in llm_markers[name]:
+                found_set.add(str(g), 1.0, "llm")
+        elif term is not None and use_ontology_markers:
+            found_set = ontology_markers(mapper, term.id)
+        weights: dict[str, float] = {}
+        origin: dict[str, str] = {}
+        missing: list[str] = []
+        for g, w, src in zip(found_set.names, found_set.weights, found_set.sources, strict=True):
+            hits = _resolve_one(g, resolver)
+            if not hits:
+                if not (src.startswith("ontology") and is_gene is not None and not is_gene(g)):
+                    missing.append(g)
+                continue
+            share = w / len(hits)
+            for h in hits:
+                if share > weights.get(h, 0.0):
+                    weights[h] = share
+                    origin[h] = f"{src} ({g})" if g.upper() != h.upper() else src
+        gene_weights.append(weights)
+        source = found_set.sources[0].split(":")[0] if found_set.sources else "none"
         rows.append(
             {
                 "label": name,
-                "cl_id": cl_id,
-                "cl_label": cl_label,
-                "match_kind": kind,
+                "cl_id": mp.cl_id,
+                "cl_label": mp.cl_label,
+                "match_kind": mp.how,
+                "confidence": float(mp.confidence),
+                "match_detail": mp.detail,
                 "definition": definition,
-                "text": text,
-                "markers": found,
-                "missing_markers": missing,
                 "marker_source": source,
+                "missing_markers": missing,
+                "_origin": origin,
+                "_title": title,
             }
         )
+    final = specificity_weights(gene_weights)
+    for row, gw in zip(rows, final, strict=True):
+        order = sorted(gw, key=lambda g: (-gw[g], g))
+        row["markers"] = order
+        row["marker_weights"] = [round(float(gw[g]), 4) for g in order]
+        row["marker_sources"] = [row["_origin"].get(g, "") for g in order]
+        row["text"] = candidate_text(
+            row.pop("_title"),
+            row["definition"],
+            description=descriptions.get(row["label"]),
+            markers=order if markers_in_text else (),
+        )
+        row.pop("_origin")
     table = pd.DataFrame(rows, columns=CANDIDATE_COLUMNS)
     lost = unmatched(table)
     if lost:
         log.warning(
             "%d candidate(s) match no Cell Ontology term (%s): %s; they are scored on their "
-            "name alone. Fix: use a CL label/synonym or id (see label_mapping.parquet).",
+            "name alone. Fix: set annotate.mapping {name: CL id}, or use a CL label/synonym or "
+            "id (see label_mapping.parquet).",
             len(lost),
             ontology.source,
             ", ".join(lost),
         )
     return table
+
+
+def _resolve_one(name: str, resolver: Resolver | None) -> list[str]:
+    if resolver is None:
+        return [name]
+    hit = resolver(name)
+    return [hit] if isinstance(hit, str) else list(hit or [])
 
 
 def candidates_from_labels(

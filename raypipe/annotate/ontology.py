@@ -8,15 +8,21 @@ Sources, in order of preference:
   ..., "synonyms": [...], "ancestors": {...}, "deprecated": false}, ...}``), e.g.
   ``../shared/data/ontology/CL-ontology-v2026-03-26.json.gz``.
 
-Matching (:meth:`Ontology.search`) is case- and punctuation-insensitive. The shipped JSON keeps
-synonyms as one flat list (the OBO exact/related/broad scopes are not kept), so every synonym
-ranks the same. Match kinds, best first:
+Synonym kinds: cellxgene-ontology-guide's JSON carries **exact synonyms only** (its builder
+reads ``hasExactSynonym``; related/broad/narrow synonyms are not in it). A JSON file may add
+``related_synonyms``, ``broad_synonyms`` and ``narrow_synonyms`` lists per term; every kind
+present is used (:attr:`OntologyTerm.other_synonyms`), exact ones first.
+
+Exact-name search (:meth:`Ontology.search`) is case- and punctuation-insensitive. Match kinds,
+best first:
 
 ``id``          the query is a CL id (``CL:0000236`` or ``CL_0000236``)
 ``label``       the normalised query equals the normalised term label
-``synonym``     ... equals a normalised synonym
-``curated``     a small table of common PBMC names (``FCGR3A+ Monocytes`` → non-classical
-                monocyte, ``CD4 T cells`` → CD4-positive, alpha-beta T cell, ...)
+``synonym``     ... equals a normalised exact synonym
+``synonym_other`` ... equals a related/broad/narrow synonym (when the source has them)
+
+Everything beyond exact names (marker-named labels, abbreviations, the text-embedding fallback)
+is :mod:`raypipe.annotate.mapping`.
 
 Normalisation lower-cases, writes ``+`` as ``-positive``, turns punctuation into spaces and
 singularises plural words (``B cells`` → ``b cell``, ``Monocytes`` → ``monocyte``).
@@ -35,7 +41,6 @@ from typing import Any
 from raypipe.errors import InputError
 
 __all__ = [
-    "CURATED_NAMES",
     "Ontology",
     "OntologyMatch",
     "OntologyTerm",
@@ -45,27 +50,6 @@ __all__ = [
 
 _CL_ID = re.compile(r"^CL[:_](\d{7})$", re.IGNORECASE)
 _NO_SINGULAR = {"ss", "us", "is", "os"}
-
-#: Common single-cell (PBMC) names whose CL term is not reachable by label/synonym matching.
-#: Keys are normalised names (see :func:`normalise`), values are CL ids.
-CURATED_NAMES: dict[str, str] = {
-    "cd4 t cell": "CL:0000624",
-    "cd4 positive t cell": "CL:0000624",
-    "cd8 t cell": "CL:0000625",
-    "cd8 positive t cell": "CL:0000625",
-    "fcgr3a positive monocyte": "CL:0000875",
-    "cd16 positive monocyte": "CL:0000875",
-    "cd16 monocyte": "CL:0000875",
-    "cd14 monocyte": "CL:0001054",
-    "nk cell": "CL:0000623",
-    "nk t cell": "CL:0000814",
-    "pdc": "CL:0000784",
-    "plasmacytoid dc": "CL:0000784",
-    "mdc": "CL:0000782",
-    "dc": "CL:0000451",
-    "platelet": "CL:0000233",
-    "megakaryocyte platelet": "CL:0000556",
-}
 
 
 def _singular(word: str) -> str:
@@ -88,7 +72,10 @@ def normalise(name: str) -> str:
         Lower case, ``+`` → ``-positive``, punctuation → space, plural words singular:
         ``"cd14 positive monocyte"``.
     """
-    text = name.strip().lower().replace("+", "-positive ")
+    import unicodedata
+
+    text = unicodedata.normalize("NFKD", name).encode("ascii", "ignore").decode()
+    text = text.strip().lower().replace("+", "-positive ")
     text = re.sub(r"[^0-9a-z]+", " ", text)
     return " ".join(_singular(w) for w in text.split())
 
@@ -103,11 +90,19 @@ class OntologyTerm:
     synonyms: tuple[str, ...] = ()
     ancestors: tuple[str, ...] = ()
     deprecated: bool = False
+    other_synonyms: tuple[str, ...] = ()
+
+    def names(self) -> list[tuple[str, str]]:
+        """``(text, kind)`` for the label, exact synonyms and other synonyms, in that order."""
+        out = [(self.label, "label")]
+        out += [(s, "synonym") for s in self.synonyms]
+        out += [(s, "synonym_other") for s in self.other_synonyms]
+        return out
 
 
 @dataclass(frozen=True)
 class OntologyMatch:
-    """A query matched to a term: ``kind`` is one of id, label, synonym, curated."""
+    """A query matched to a term: ``kind`` is one of id, label, synonym, synonym_other."""
 
     query: str
     term: OntologyTerm
@@ -131,6 +126,8 @@ class Ontology:
     source: str = "(memory)"
     _labels: dict[str, list[str]] = field(default_factory=dict, repr=False)
     _synonyms: dict[str, list[str]] = field(default_factory=dict, repr=False)
+    _other: dict[str, list[str]] = field(default_factory=dict, repr=False)
+    _children: dict[str, set[str]] | None = field(default=None, repr=False)
 
     def __post_init__(self) -> None:
         for tid, term in self.terms.items():
@@ -139,6 +136,30 @@ class Ontology:
             self._labels.setdefault(normalise(term.label), []).append(tid)
             for syn in term.synonyms:
                 self._synonyms.setdefault(normalise(syn), []).append(tid)
+            for syn in term.other_synonyms:
+                self._other.setdefault(normalise(syn), []).append(tid)
+
+    @property
+    def synonym_kinds(self) -> list[str]:
+        """The synonym kinds this source carries (``exact`` only for cellxgene-ontology-guide)."""
+        kinds = ["exact"] if any(t.synonyms for t in self.terms.values()) else []
+        return kinds + (["related/broad/narrow"] if self._other else [])
+
+    def descendants(self, term_id: str) -> set[str]:
+        """Ids of the live terms below ``term_id`` (from every term's ``ancestors``)."""
+        if self._children is None:
+            below: dict[str, set[str]] = {}
+            for tid, term in self.terms.items():
+                if term.deprecated:
+                    continue
+                for anc in term.ancestors:
+                    below.setdefault(anc, set()).add(tid)
+            self._children = below
+        return set(self._children.get(term_id, set()))
+
+    def live(self) -> list[OntologyTerm]:
+        """Terms that are not deprecated, in id order."""
+        return [t for _, t in sorted(self.terms.items()) if not t.deprecated]
 
     @classmethod
     def from_dict(
@@ -156,6 +177,11 @@ class Ontology:
                 synonyms=tuple(raw.get("synonyms") or ()),
                 ancestors=tuple(raw.get("ancestors") or ()),
                 deprecated=bool(raw.get("deprecated", False)),
+                other_synonyms=tuple(
+                    str(x)
+                    for key in ("related_synonyms", "broad_synonyms", "narrow_synonyms")
+                    for x in (raw.get(key) or ())
+                ),
             )
         if not terms:
             raise InputError(
@@ -237,8 +263,7 @@ class Ontology:
 
         add(self._labels.get(key, []), "label")
         add(self._synonyms.get(key, []), "synonym")
-        if key in CURATED_NAMES and CURATED_NAMES[key] in self.terms:
-            add([CURATED_NAMES[key]], "curated")
+        add(self._other.get(key, []), "synonym_other")
         return out
 
     def best(self, name: str) -> OntologyMatch | None:

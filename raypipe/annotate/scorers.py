@@ -14,11 +14,19 @@ text embeddings, the marker column indices) is computed once by the driver and p
              sharing one average rank), ranks above ``max_rank`` are capped at
              ``max_rank + 1``, and for a signature of ``m`` genes
              ``score = 1 - U / (m * max_rank)`` with ``U = sum(ranks) - m(m+1)/2`` (the
-             Mann-Whitney U). Rank-based, hence robust to sequencing depth. Candidates without
-             any marker in the atlas score 0 (see :func:`marker_indices` for the missing list).
+             Mann-Whitney U). Rank-based, hence robust to sequencing depth. With gene weights
+             ``w`` (marker knowledge, :mod:`raypipe.annotate.markers`) the sums are weighted:
+             ``1 - (Σ w r - W(m+1)/2) / (W * max_rank)``, equal weights giving UCell exactly.
+             Candidates without any marker in the atlas score 0.
 ``langcell`` LangCell's zero-shot score ``α·sim + (1−α)·ctm`` from the per-cell ``sim``/``ctm``
              the CE encode actors computed (``raypipe.embed.langcell``; ``ce`` method only);
              cells without tokens (NaN rows) score ``1/k`` for every candidate.
+
+Combination (:func:`combine`): each scorer's matrix is standardised (``standardise``:
+``candidate`` = per candidate column over the shard's cells, which removes a candidate's
+constant advantage — some texts are simply closer to every cell; ``cell`` = per cell across
+candidates; ``none``), then averaged with the configured weights. A new scorer is one
+registry entry in :data:`SCORERS`.
 """
 
 from __future__ import annotations
@@ -35,6 +43,7 @@ from raypipe.registry import Registry
 
 __all__ = [
     "SCORERS",
+    "STANDARDISE",
     "ScoreInputs",
     "assign",
     "combine",
@@ -63,6 +72,8 @@ class ScoreInputs:
         (n, g) CSR expression of the shard (counts or log-normalised: ranks are the same).
     marker_idx
         k integer arrays of column indices into ``expr`` (one per candidate).
+    marker_weights
+        k float arrays of gene weights matching ``marker_idx`` (None = equal weights).
     max_rank
         UCell rank cap.
     langcell_sim, langcell_ctm
@@ -78,6 +89,7 @@ class ScoreInputs:
     center: bool = True
     expr: sp.csr_matrix | None = None
     marker_idx: Sequence[np.ndarray] | None = None
+    marker_weights: Sequence[np.ndarray] | None = None
     max_rank: int = 1500
     langcell_sim: np.ndarray | None = None
     langcell_ctm: np.ndarray | None = None
@@ -161,9 +173,13 @@ def marker_indices(
 
 
 def marker_scores(
-    expr: sp.csr_matrix | np.ndarray, marker_idx: Sequence[np.ndarray], *, max_rank: int = 1500
+    expr: sp.csr_matrix | np.ndarray,
+    marker_idx: Sequence[np.ndarray],
+    *,
+    max_rank: int = 1500,
+    weights: Sequence[np.ndarray] | None = None,
 ) -> np.ndarray:
-    """UCell-like signature scores.
+    """UCell-like signature scores (weighted when ``weights`` is given).
 
     Parameters
     ----------
@@ -173,17 +189,21 @@ def marker_scores(
         k arrays of column indices.
     max_rank
         Rank cap (UCell's ``maxRank``); ranks above it count as ``max_rank + 1``.
+    weights
+        k arrays of positive gene weights (same shapes as ``marker_idx``); None = equal.
 
     Returns
     -------
     numpy.ndarray
         (n, k) float32 scores in [0, 1]; 1 = the markers are the cell's top genes. Candidates
-        with no markers score 0.
+        with no markers score NaN (the marker scorer has nothing to say about them).
     """
     mat = sp.csr_matrix(expr, dtype=np.float64)
     n, g = mat.shape
     k = len(marker_idx)
     out = np.zeros((n, k), dtype=np.float32)
+    empty = [j for j, i in enumerate(marker_idx) if np.asarray(i).size == 0]
+    out[:, empty] = np.nan
     used = np.unique(
         np.concatenate([np.asarray(i, np.int64) for i in marker_idx] or [np.zeros(0, np.int64)])
     )
@@ -193,6 +213,10 @@ def marker_scores(
         raise InputError(f"marker column index out of range for a matrix with {g} genes")
     sub = mat[:, used].toarray()
     where = [np.searchsorted(used, np.asarray(i, np.int64)) for i in marker_idx]
+    if weights is None:
+        wts = [np.ones(w.size) for w in where]
+    else:
+        wts = [np.asarray(w, np.float64) for w in weights]
     cap = float(max_rank + 1)
     for r in range(n):
         start, end = mat.indptr[r], mat.indptr[r + 1]
@@ -209,9 +233,11 @@ def marker_scores(
             m = w.size
             if m == 0:
                 continue
-            u = ranks[w].sum() - m * (m + 1) / 2.0
-            out[r, j] = 1.0 - u / (m * max_rank)
-    return np.clip(out, 0.0, 1.0)
+            wt = wts[j]
+            total = wt.sum()
+            u = (wt * ranks[w]).sum() - total * (m + 1) / 2.0
+            out[r, j] = 1.0 - u / (total * max_rank)
+    return np.clip(out, 0.0, 1.0)  # NaN stays NaN
 
 
 @SCORERS.register("text")
@@ -233,7 +259,9 @@ def _markers(inputs: ScoreInputs) -> np.ndarray:
             "scorer 'markers' needs the expression shard and marker indices",
             fix="set annotate.markers or use candidates whose CL definition names genes",
         )
-    return marker_scores(inputs.expr, inputs.marker_idx, max_rank=inputs.max_rank)
+    return marker_scores(
+        inputs.expr, inputs.marker_idx, max_rank=inputs.max_rank, weights=inputs.marker_weights
+    )
 
 
 @SCORERS.register("langcell")
@@ -251,18 +279,21 @@ def _langcell(inputs: ScoreInputs) -> np.ndarray:
     return np.where(np.isnan(out), np.float32(1.0 / out.shape[1]), out).astype(np.float32)
 
 
-def _zscore_rows(x: np.ndarray) -> np.ndarray:
-    sd = x.std(axis=1, keepdims=True)
-    return (x - x.mean(axis=1, keepdims=True)) / np.where(sd > 0, sd, 1.0)
+def _zscore(x: np.ndarray, axis: int) -> np.ndarray:
+    sd = x.std(axis=axis, keepdims=True)
+    return (x - x.mean(axis=axis, keepdims=True)) / np.where(sd > 0, sd, 1.0)
 
 
-def combine(scores: Mapping[str, np.ndarray], weights: Mapping[str, float]) -> np.ndarray:
-    """Weighted combination of scorer matrices.
+STANDARDISE = ("candidate", "cell", "none")
 
-    With one scorer its scores are returned unchanged (so ``unassigned_threshold`` stays in
-    that scorer's units, e.g. cosine). With several, each matrix is z-scored per cell across
-    candidates (scorers live on different scales), then averaged with weights normalised to
-    sum to 1.
+
+def combine(
+    scores: Mapping[str, np.ndarray],
+    weights: Mapping[str, float],
+    *,
+    standardise: str = "cell",
+) -> np.ndarray:
+    """Weighted combination of scorer matrices after standardisation.
 
     Parameters
     ----------
@@ -270,12 +301,23 @@ def combine(scores: Mapping[str, np.ndarray], weights: Mapping[str, float]) -> n
         Scorer name → (n, k) matrix.
     weights
         Scorer name → weight (>= 0); names missing here get weight 0.
+    standardise
+        ``candidate``: z-score each candidate column over the cells (always, even with one
+        scorer: it removes each candidate's constant advantage); ``cell``: z-score each cell
+        across candidates when there are several scorers (one scorer is returned unchanged,
+        so ``unassigned_threshold`` stays in its units, e.g. cosine); ``none``: raw values.
 
     Returns
     -------
     numpy.ndarray
-        (n, k) float32.
+        (n, k) float32: the weighted mean over the scorers that score each candidate (a
+        column of NaN, e.g. markers for a candidate without any, leaves that scorer out for
+        that candidate); ``-inf`` for a candidate no scorer can score.
     """
+    if standardise not in STANDARDISE:
+        raise ConfigError(
+            f"unknown annotate.standardise {standardise!r}", fix=f"use one of {STANDARDISE}"
+        )
     used = {name: float(weights.get(name, 0.0)) for name in scores}
     used = {name: w for name, w in used.items() if w > 0}
     if not used:
@@ -283,18 +325,31 @@ def combine(scores: Mapping[str, np.ndarray], weights: Mapping[str, float]) -> n
             f"no scorer with a positive weight among {sorted(scores)} (weights {dict(weights)})",
             fix="set annotate.scorers, e.g. {text: 1.0, markers: 0.5}",
         )
-    if len(used) == 1:
+    if standardise == "cell" and len(used) == 1:
         (name,) = used
-        return np.asarray(scores[name], dtype=np.float32)
-    total = sum(used.values())
-    out = sum(w / total * _zscore_rows(np.asarray(scores[n], np.float64)) for n, w in used.items())
+        one = np.asarray(scores[name], dtype=np.float32)
+        return np.where(np.isnan(one), -np.inf, one).astype(np.float32)
+    out = np.zeros_like(np.asarray(next(iter(scores.values())), np.float64))
+    wsum = np.zeros(out.shape[1])
+    for n, w in used.items():
+        x = np.asarray(scores[n], np.float64)
+        have = ~np.isnan(x).all(axis=0)  # a scorer may have nothing to say about a candidate
+        x = np.where(np.isnan(x), 0.0, x)
+        if standardise == "candidate":
+            x = _zscore(x, 0) if x.shape[0] > 1 else x
+        elif standardise == "cell":
+            x[:, have] = _zscore(x[:, have], 1) if have.any() else x[:, have]
+        out[:, have] += w * x[:, have]
+        wsum[have] += w
+    with np.errstate(invalid="ignore", divide="ignore"):
+        out = np.where(wsum > 0, out / np.where(wsum > 0, wsum, 1.0), -np.inf)
     return np.asarray(out, dtype=np.float32)
 
 
 def score_cells(
-    inputs: ScoreInputs, weights: Mapping[str, float]
+    inputs: ScoreInputs, weights: Mapping[str, float], *, standardise: str = "cell"
 ) -> tuple[dict[str, np.ndarray], np.ndarray]:
-    """Run every scorer with a positive weight and combine them.
+    """Run every scorer with a positive weight and combine them (see :func:`combine`).
 
     Returns
     -------
@@ -302,7 +357,7 @@ def score_cells(
         Scorer name → (n, k) scores, and the combined (n, k) matrix.
     """
     per = {name: SCORERS.get(name)(inputs) for name, w in weights.items() if w > 0}
-    return per, combine(per, weights)
+    return per, combine(per, weights, standardise=standardise)
 
 
 def assign(

@@ -33,6 +33,7 @@ __all__ = [
     "Candidates",
     "annotation_fingerprint",
     "build_annotation",
+    "check_annotate_config",
     "embedding_mean",
     "prepare_candidates",
 ]
@@ -49,6 +50,8 @@ class Candidates:
     text_emb: np.ndarray
     marker_idx: list[np.ndarray]
     usage: dict[str, Any]
+    marker_weights: list[np.ndarray] | None = None
+    warnings: list[str] | None = None
 
 
 def embedding_mean(out_dir: Path, method: str) -> np.ndarray:
@@ -82,41 +85,120 @@ def _resolver(genes: GeneSpace) -> Any:
     return resolve
 
 
+def _candidate_names(job: JobConfig, atlas: AtlasInfo) -> list[str]:
+    from raypipe.atlas.store import read_obs_columns
+
+    if job.annotate.candidates:
+        return list(job.annotate.candidates)
+    if job.input.label_key:
+        labels = read_obs_columns(atlas.path, [job.input.label_key])[job.input.label_key]
+        return sorted({str(v) for v in labels.dropna().unique()})
+    raise ConfigError(
+        "annotate.enabled but there are no candidates",
+        fix="list annotate.candidates, or set input.label_key to map its values to Cell Ontology terms",
+    )
+
+
+def check_annotate_config(job: JobConfig) -> None:
+    """Fail early (before any embedding work) on an ``annotate`` section that cannot run.
+
+    Checks that the ontology loads and that every ``annotate.mapping`` id is a live CL term.
+    """
+    from raypipe.annotate.mapping import check_overrides
+    from raypipe.annotate.ontology import load_ontology
+
+    if job.annotate.enabled and job.annotate.mapping:
+        check_overrides(job.annotate.mapping, load_ontology(job.annotate.ontology))
+
+
 def prepare_candidates(
     job: JobConfig, atlas: AtlasInfo, genes: GeneSpace, out_dir: Path
 ) -> Candidates:
-    """Build, embed and write the candidate table (``annotations/label_mapping.parquet``)."""
+    """Map, describe, embed and write the candidates (``annotations/label_mapping.parquet``).
+
+    Labels are mapped to CL terms (:class:`~raypipe.annotate.mapping.LabelMapper`, with the
+    run's text model for the nearest-term fallback), markers gathered
+    (:mod:`~raypipe.annotate.markers`: config, then LLM when ``annotate.llm_markers``, then the
+    ontology), candidate texts embedded once. LLM marker failures go to
+    ``state/failures/annotate_markers.parquet`` (merged into ``failures.parquet``).
+    """
     import pyarrow as pa
 
-    from raypipe.annotate.candidates import build_candidates
+    from raypipe.annotate.candidates import build_candidates, unmatched
+    from raypipe.annotate.mapping import GeneNames, LabelMapper
     from raypipe.annotate.ontology import load_ontology
     from raypipe.annotate.scorers import marker_indices
-    from raypipe.atlas.store import read_obs_columns
+    from raypipe.llm.cost import CostMeter
     from raypipe.llm.text_stage import embed_texts
 
     cfg = job.annotate
-    if cfg.candidates:
-        names = list(cfg.candidates)
-    elif job.input.label_key:
-        labels = read_obs_columns(atlas.path, [job.input.label_key])[job.input.label_key]
-        names = sorted({str(v) for v in labels.dropna().unique()})
-    else:
-        raise ConfigError(
-            "annotate.enabled but there are no candidates",
-            fix="list annotate.candidates, or set input.label_key to map its values to Cell Ontology terms",
-        )
+    names = _candidate_names(job, atlas)
     ontology = load_ontology(cfg.ontology)
+    gene_names = GeneNames.from_table(genes.table) if genes.table is not None else None
+    usage = CostMeter()
+
+    def embed(texts: list[str]) -> np.ndarray:
+        emb, _errors, use = embed_texts(list(dict.fromkeys(texts)), job)
+        usage.merge(use)
+        pos = {t: i for i, t in enumerate(dict.fromkeys(texts))}
+        return np.asarray(emb)[[pos[t] for t in texts]]
+
+    mapper = LabelMapper(
+        ontology,
+        genes=gene_names,
+        overrides=cfg.mapping,
+        embed=embed,
+        embed_threshold=cfg.mapping_embed_threshold,
+    )
+    mappings = mapper.map_all(names)
     resolver = _resolver(genes)
-    cand = build_candidates(names, ontology, markers=cfg.markers or None, resolver=resolver)
+    warnings: list[str] = []
+    llm = None
+    if cfg.llm_markers:
+        from raypipe.annotate.markers import llm_markers
+        from raypipe.genes.space import write_failures
+
+        asks = [(m.label, m.cl_label or m.label, m.cl_id) for m in mappings]
+        known = gene_names.is_gene if gene_names is not None else (lambda g: bool(resolver(g)))
+        llm, fails, llm_usage = llm_markers(asks, job, known)
+        usage.merge(llm_usage)
+        path = out_dir / "state" / "failures" / "annotate_markers.parquet"
+        if fails:
+            write_failures(out_dir, "annotate_markers", fails)
+            warnings.append(
+                f"LLM markers failed for {len(fails)} candidate(s): "
+                + ", ".join(f["item"] for f in fails)
+                + " (see failures.parquet); they fall back to ontology markers"
+            )
+        elif path.exists():
+            path.unlink()
+    cand = build_candidates(
+        names,
+        ontology,
+        markers=cfg.markers or None,
+        llm_markers=llm,
+        resolver=resolver,
+        mapper=mapper,
+        mappings=mappings,
+        use_ontology_markers=cfg.ontology_markers,
+        is_gene=gene_names.is_gene if gene_names is not None else None,
+    )
+    lost = unmatched(cand)
+    if lost:
+        warnings.append(
+            f"{len(lost)} candidate(s) match no Cell Ontology term and are scored on their name "
+            f"alone: {', '.join(lost)} (fix: annotate.mapping {{name: CL id}})"
+        )
     out = cand.copy()
     for col in out.columns:
         if out[col].map(lambda v: isinstance(v, list | tuple | np.ndarray)).any():
-            out[col] = out[col].map(lambda v: [str(x) for x in v] if v is not None else [])
+            out[col] = out[col].map(lambda v: list(v) if v is not None else [])
     write_parquet_atomic(
         out_dir / "annotations" / "label_mapping.parquet",
         pa.Table.from_pandas(out, preserve_index=False),
     )
-    emb, errors, usage = embed_texts(list(cand["text"].astype(str)), job)
+    emb, errors, text_usage = embed_texts(list(cand["text"].astype(str)), job)
+    usage.merge(text_usage)
     bad = [n for n, e in zip(cand["label"], errors, strict=True) if e]
     if bad:
         raise ConfigError(
@@ -124,7 +206,22 @@ def prepare_candidates(
         )
     symbols_per_col = [s or "" for s in genes.resolution.symbols]
     idx, _ = marker_indices([list(m) for m in cand["markers"]], symbols_per_col)
-    return Candidates(cand, [str(x) for x in cand["label"]], emb, idx, usage)
+    pos = {s: i for i, s in enumerate(symbols_per_col) if s}
+    wts = [
+        np.array([w for g, w in zip(m, ws, strict=True) if g in pos], dtype=np.float64)
+        for m, ws in zip(cand["markers"], cand["marker_weights"], strict=True)
+    ]
+    for w in warnings:
+        log.warning(w)
+    return Candidates(
+        cand,
+        [str(x) for x in cand["label"]],
+        emb,
+        idx,
+        usage.to_dict(),
+        marker_weights=wts,
+        warnings=warnings,
+    )
 
 
 class AnnotateShards(AtlasShardStage):
@@ -151,6 +248,11 @@ class AnnotateShards(AtlasShardStage):
         top_k: int,
         unassigned_threshold: float | None,
         langcell_alpha: float = 0.1,
+        marker_weights: list[np.ndarray] | None = None,
+        standardise: str = "cell",
+        smoothing: float = 0.0,
+        smoothing_k: int = 15,
+        smoothing_graph: str = "embedding",
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
@@ -158,6 +260,8 @@ class AnnotateShards(AtlasShardStage):
         self.labels = labels
         self.text_emb, self.cell_mean = resolve(text_emb), resolve(cell_mean)
         self.marker_idx, self.weights, self.center = marker_idx, weights, center
+        self.marker_weights, self.standardise = marker_weights, standardise
+        self.smoothing, self.smoothing_k, self.graph = smoothing, smoothing_k, smoothing_graph
         self.top_k, self.threshold = top_k, unassigned_threshold
         self.langcell_alpha = langcell_alpha
         self._langcell: tuple[np.ndarray, np.ndarray] | None = None
@@ -175,8 +279,9 @@ class AnnotateShards(AtlasShardStage):
             langcell_sim=self._langcell[0] if self._langcell else None,
             langcell_ctm=self._langcell[1] if self._langcell else None,
             langcell_alpha=self.langcell_alpha,
+            marker_weights=self.marker_weights,
         )
-        return score_cells(inputs, self.weights)[1]
+        return score_cells(inputs, self.weights, standardise=self.standardise)[1]
 
     def output_table(self, batch: dict[str, np.ndarray], i: int) -> tuple[Any, int]:
         """Score and assign the shard's cells."""
@@ -189,9 +294,16 @@ class AnnotateShards(AtlasShardStage):
         table = pq.read_table(part_path(Path(self.out_dir), "embeddings", self.method, shard))
         self._langcell = self._langcell_scores(table, shard) if "langcell" in self.weights else None
         part = table.to_pandas()
-        emb = np.stack(part["embedding"].to_numpy()) if "text" in self.weights else None
-        x = self.read_rows(start, stop) if "markers" in self.weights else None
+        emb_all = np.stack(part["embedding"].to_numpy())
+        emb = emb_all if "text" in self.weights else None
+        need_x = "markers" in self.weights or (self.smoothing > 0 and self.graph == "expression")
+        x = self.read_rows(start, stop) if need_x else None
         scores = self._score(emb, x, self.center)
+        if self.smoothing > 0:
+            from raypipe.annotate.smoothing import expression_features, smooth_scores
+
+            feats = emb_all if self.graph == "embedding" else expression_features(x)
+            scores = smooth_scores(scores, feats, strength=self.smoothing, k=self.smoothing_k)
         pred = assign(scores, self.labels, top_k=self.top_k, unassigned_threshold=self.threshold)
         if self.center and emb is not None:
             raw = assign(self._score(emb, x, False), self.labels, top_k=1)
@@ -235,6 +347,8 @@ def annotation_fingerprint(job: JobConfig, method_fp: str, cand: Candidates) -> 
         method_fp,
         "|".join(cand.labels),
         stage_hash(cand.text_emb.tobytes()),
+        stage_hash(repr([i.tolist() for i in cand.marker_idx]).encode()),
+        stage_hash(repr([w.tolist() for w in cand.marker_weights or []]).encode()),
     )
 
 
@@ -274,7 +388,12 @@ def build_annotation(
         "text_emb": ray.put(cand.text_emb),
         "cell_mean": ray.put(embedding_mean(Path(job.output_dir), method)),
         "marker_idx": cand.marker_idx,
+        "marker_weights": cand.marker_weights,
         "weights": weights,
+        "standardise": job.annotate.standardise,
+        "smoothing": job.annotate.smoothing,
+        "smoothing_k": job.annotate.smoothing_k,
+        "smoothing_graph": job.annotate.smoothing_graph,
         "center": job.annotate.center,
         "top_k": job.annotate.top_k,
         "unassigned_threshold": job.annotate.unassigned_threshold,

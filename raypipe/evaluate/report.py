@@ -129,6 +129,28 @@ def _metric_table(metrics: pd.DataFrame) -> str:
     return f"<table><tr>{head}</tr>{''.join(body)}</table>"
 
 
+def _candidate_section(out_dir: Path) -> list[str]:
+    """Per candidate: CL term, how it was found, markers and their source, per-class F1."""
+    from raypipe.annotate.summary import candidate_rows, read_candidate_table
+
+    table = read_candidate_table(out_dir)
+    if table is None or table.empty:
+        return []
+    per_class = {
+        f.stem.removeprefix("per_class_"): pd.read_parquet(f)
+        for f in sorted((out_dir / "evaluation").glob("per_class_*.parquet"))
+    }
+    rows = candidate_rows(table, per_class)
+    body = rows.to_html(index=False, escape=True, float_format=lambda v: f"{v:.3f}", na_rep="–")
+    return [
+        "<h2>Candidates</h2>",
+        "<p>Each candidate's Cell Ontology term and how it was found, its marker genes "
+        "(highest weight first, [source]) and per-class F1 "
+        "(<code>annotations/label_mapping.parquet</code>).</p>",
+        body,
+    ]
+
+
 _ORDER = [
     "accuracy", "macro_f1", "ari_kmeans", "ami_kmeans", "nmi_kmeans", "ari_leiden",
     "ami_leiden", "asw_label", "asw_batch", "avg_bio", "s_final", "knn_accuracy",
@@ -303,6 +325,7 @@ def _write_page(
             for r in skipped.itertuples()
         )
         parts += ["<h3>Skipped metrics</h3>", f"<ul>{items}</ul>"]
+    parts += _candidate_section(out)
     if figures.get("umap"):
         head = html.escape(str(figures.get("projection", "UMAP")))
         if "n_drawn" in figures:

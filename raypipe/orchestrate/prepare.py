@@ -86,6 +86,7 @@ def validate_job(job: JobConfig) -> None:
     ConfigError, InputError
         Naming the setting, file or column, with the fix.
     """
+    from raypipe.annotate.stage import check_annotate_config
     from raypipe.atlas.reader import open_source, resolve_input_path
     from raypipe.atlas.store import open_atlas, read_obs_columns
     from raypipe.embed.methods import METHODS
@@ -105,6 +106,7 @@ def validate_job(job: JobConfig) -> None:
             fix="list annotate.candidates, or set input.label_key to map its values to Cell "
             "Ontology terms",
         )
+    check_annotate_config(job)  # the ontology loads; annotate.mapping names live CL terms
     src = resolve_input_path(job.input.path)
     if not src.exists():
         raise InputError(f"input file {src} does not exist", fix="check input.path in the config")

@@ -131,6 +131,7 @@ class _Run:
         from raypipe.annotate.stage import prepare_candidates
 
         cand = prepare_candidates(self.job, atlas, genes, self.out_dir)
+        self.summary.warnings += list(cand.warnings or [])
         self.summary.outputs.append(str(self.out_dir / "annotations" / "label_mapping.parquet"))
         self.manifest.annotate = {"candidates": cand.labels, "methods": {}}
         return cand
@@ -257,7 +258,22 @@ class _Run:
             self.annotate(atlas, candidates, shards)
         if self.job.evaluate.enabled:
             self.evaluate(atlas, candidates, previous)
+        if candidates is not None:
+            self.summary.candidates = self._candidate_lines(candidates)
         return self.llm_usage(genes, candidates, shards)
+
+    def _candidate_lines(self, candidates: Any) -> list[str]:
+        """Per candidate: its CL term, how it was found, its markers (and F1 when evaluated)."""
+        import pandas as pd
+
+        from raypipe.annotate.summary import summary_lines
+
+        per_class: dict[str, pd.DataFrame] = {
+            str(m): pd.read_parquet(f)
+            for m in self.job.embed.methods
+            if (f := self.out_dir / "evaluation" / f"per_class_{m}.parquet").is_file()
+        }
+        return summary_lines(candidates.table, per_class or None)
 
 
 def run_job(job: JobConfig, *, overwrite: bool = False, progress: bool = True) -> RunSummary:

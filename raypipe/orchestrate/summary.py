@@ -25,6 +25,7 @@ class RunSummary:
     wall_s: float = 0.0
     metrics: Any = None
     llm: str = ""
+    candidates: list[str] = field(default_factory=list)
 
     def render(self) -> str:
         """Human summary."""
@@ -53,6 +54,7 @@ class RunSummary:
             )
             lines.append("metrics (metrics.parquet):")
             lines += ["  " + ln for ln in wide.round(3).fillna("").to_string().splitlines()]
+        lines += self.candidates
         for w in self.warnings:
             lines.append(f"WARNING: {w}")
         return "\n".join(lines)

@@ -27,6 +27,7 @@ import re
 import threading
 import time
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
@@ -103,6 +104,9 @@ class FakeOpenAI:
         Faults to inject.
     port
         TCP port on 127.0.0.1 (0 = a free one).
+    chat_answer
+        Scripted chat answers: ``chat_answer(prompt) -> str | None``; None falls back to the
+        default gene description.
     """
 
     def __init__(
@@ -116,12 +120,14 @@ class FakeOpenAI:
         latency_s: float = 0.0,
         faults: Faults | None = None,
         port: int = 0,
+        chat_answer: Callable[[str], str | None] | None = None,
     ) -> None:
         self.api_key = api_key
         self.rpm, self.tpm, self.window_s = rpm, tpm, window_s
         self.dim, self.latency_s = dim, latency_s
         self.faults = faults or Faults()
         self.port = port
+        self.chat_answer = chat_answer
         self._rng = np.random.default_rng(self.faults.seed)
         self._lock = threading.Lock()
         self.reset_counters()
@@ -357,7 +363,11 @@ class _Handler(BaseHTTPRequestHandler):
         prompt = inputs[-1] if inputs else ""
         m = re.search(r"gene\s+(\S+)", prompt)
         symbol = m.group(1) if m else "UNKNOWN"
-        text = "I'm sorry, but as an AI I cannot help with that." if refuse else describe(symbol)
+        scripted = svc.chat_answer(prompt) if svc.chat_answer is not None else None
+        if refuse:
+            text = "I'm sorry, but as an AI I cannot help with that."
+        else:
+            text = scripted if scripted is not None else describe(symbol)
         pt = sum(fake_tokens(t) for t in inputs)
         ct = fake_tokens(text)
         with svc._lock:
