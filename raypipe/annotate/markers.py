@@ -31,6 +31,7 @@ if TYPE_CHECKING:
 __all__ = [
     "MARKER_PROMPTS",
     "MarkerSet",
+    "estimate_cost",
     "llm_markers",
     "ontology_markers",
     "parse_marker_answer",
@@ -190,8 +191,7 @@ def llm_markers(
     gen = generator if generator is not None else build_generator(job)
     try:
         results = gen.generate(prompts, version=version, validate=validate)
-        usage_fn = getattr(gen, "usage", None)
-        usage = dict(usage_fn()) if callable(usage_fn) else {}
+        usage = dict(gen.usage())
     finally:
         if generator is None:
             gen.close()
@@ -204,3 +204,27 @@ def llm_markers(
         else:
             fails.append({"stage": "annotate_llm_markers", "item": label, "reason": str(why)})
     return found, fails, usage
+
+
+def estimate_cost(job: JobConfig, names: Sequence[str]) -> Any:
+    """Estimate the LLM marker requests (one chat call per candidate) without calling anything.
+
+    Returns
+    -------
+    raypipe.llm.cost.Estimate
+    """
+    from raypipe.llm.cost import estimate
+
+    tissue = job.annotate.tissue or "tissue"
+    prompts = [
+        MARKER_PROMPTS["markers-v1"].format(name=n, cl="CL:0000000", tissue=tissue) for n in names
+    ]
+    lim = job.limits
+    return estimate(
+        prompts,
+        model=job.llm.model,
+        prices={k: v.model_dump() for k, v in job.prices.items()},
+        requests_per_minute=lim.requests_per_minute,
+        tokens_per_minute=lim.tokens_per_minute,
+        max_tokens_out=job.llm.max_tokens,
+    )

@@ -1,7 +1,7 @@
 """``raypipe run --dry-run``: the plan and the LLM cost estimate, calling nothing.
 
 Counts the paid calls a run would make (gene descriptions, gene-text embeddings, GenePT-s
-cell sentences), estimates their tokens (sentences from a sample of cells), and prices them
+cell sentences, LLM marker lists of the annotation candidates), estimates their tokens (sentences from a sample of cells), and prices them
 with the config's ``prices`` table at the configured rate limits. Each stage owns its
 estimate (:func:`raypipe.genes.space.estimate_costs`,
 :func:`raypipe.embed.genept_s.estimate_cost`); this module only composes them. Results already
@@ -32,6 +32,14 @@ def plan_estimates(job: JobConfig) -> tuple[int, list[str], list[tuple[str, Any]
     with open_source(job.input.path, job.input.layer) as src:
         n_cells, genes = src.n_obs, [str(v) for v in src.var.index]
         rows = estimate_costs(job, genes)
+        ann = job.annotate
+        if ann.enabled and ann.llm_markers:
+            from raypipe.annotate.markers import estimate_cost as marker_cost
+
+            names = list(ann.candidates)
+            if not names and job.input.label_key in src.obs.columns:
+                names = sorted({str(v) for v in src.obs[job.input.label_key].dropna()})
+            rows.append(("candidate markers (chat)", marker_cost(job, names)))
         if "genept_s" in job.embed.methods:
             block = src.rows(0, min(n_cells, SENTENCE_SAMPLE))
             sents = cell_sentences(block, np.asarray(genes), job.embed.genept_s.top_n)
