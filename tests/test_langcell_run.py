@@ -38,7 +38,14 @@ def test_run_with_the_langcell_scorer_equals_ce_score(ray_local, shared_data, tm
                 "methods": ["ce"],
                 "ce": {"model": str(ckpt), "variant": "langcell", "dictionary": "V1"},
             },
-            "annotate": {"enabled": True, "candidates": CANDIDATES, "scorers": {"langcell": 1.0}},
+            # LangCell's own zero-shot: its score as is (no standardisation, no smoothing)
+            "annotate": {
+                "enabled": True,
+                "candidates": CANDIDATES,
+                "scorers": {"langcell": 1.0},
+                "standardise": "none",
+                "smoothing": 0.0,
+            },
             "ray": {"actors": 1, "actor_cpus": 0.5},
         }
     )
