@@ -1,0 +1,65 @@
+"""The job config: typed pydantic models loaded from YAML, with ``--set`` overrides.
+
+Validation never touches hardware, network or heavy libraries (no torch, no vllm):
+``import raypipe.config`` is cheap and a test proves it.
+"""
+
+from raypipe.config.loading import (
+    apply_overrides,
+    config_hash,
+    load_config,
+    reference,
+    reference_markdown,
+)
+from raypipe.config.models import (
+    AnnotateConfig,
+    CacheConfig,
+    CEConfig,
+    EmbedConfig,
+    EmbedderName,
+    EmbedMethod,
+    EvaluateConfig,
+    GenePTSConfig,
+    GenePTWConfig,
+    GeneratorName,
+    GenesConfig,
+    InputConfig,
+    JobConfig,
+    LimitsConfig,
+    LLMConfig,
+    Price,
+    RayConfig,
+    ScorerName,
+    ShardsConfig,
+    TextModelConfig,
+    TextSourceName,
+)
+
+__all__ = [
+    "AnnotateConfig",
+    "CEConfig",
+    "CacheConfig",
+    "EmbedConfig",
+    "EmbedMethod",
+    "EmbedderName",
+    "EvaluateConfig",
+    "GenePTSConfig",
+    "GenePTWConfig",
+    "GeneratorName",
+    "GenesConfig",
+    "InputConfig",
+    "JobConfig",
+    "LLMConfig",
+    "LimitsConfig",
+    "Price",
+    "RayConfig",
+    "ScorerName",
+    "ShardsConfig",
+    "TextModelConfig",
+    "TextSourceName",
+    "apply_overrides",
+    "config_hash",
+    "load_config",
+    "reference",
+    "reference_markdown",
+]
