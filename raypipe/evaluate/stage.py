@@ -39,11 +39,11 @@ def load_embedding_rows(out_dir: Path, method: str, rows: np.ndarray) -> np.ndar
         hit = np.flatnonzero(np.isin(part_rows, rows))
         if hit.size == 0:
             continue
-        col = t.column("embedding").combine_chunks()
-        x = col.values.to_numpy().reshape(len(col), -1)
+        col = t.column("embedding").take(hit).combine_chunks()  # only the sample's rows
+        x = col.flatten().to_numpy(zero_copy_only=False).reshape(len(col), -1)
         if out is None:
             out = np.zeros((rows.size, x.shape[1]), dtype=np.float32)
-        out[[pos[int(r)] for r in part_rows[hit]]] = x[hit]
+        out[[pos[int(r)] for r in part_rows[hit]]] = x
     return out if out is not None else np.zeros((rows.size, 0), dtype=np.float32)
 
 
