@@ -7,13 +7,18 @@ counted as done, so a crash leaves nothing that looks complete.
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
+
+from raypipe.errors import RaypipeError
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -21,7 +26,9 @@ if TYPE_CHECKING:
 __all__ = [
     "atomic_write_bytes",
     "atomic_write_json",
+    "disk_full_error",
     "embedding_table",
+    "is_disk_full",
     "marker_path",
     "part_path",
     "read_marker",
@@ -30,15 +37,47 @@ __all__ = [
 ]
 
 
+def is_disk_full(exc: BaseException) -> bool:
+    """Whether ``exc`` says the disk (or the user's quota) is full."""
+    if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        return True
+    return isinstance(exc, OSError) and ("[Errno 28]" in str(exc) or "No space left" in str(exc))
+
+
+def disk_full_error(path: str | Path) -> RaypipeError:
+    """Return the error a full disk gives: the path written and the fix."""
+    return RaypipeError(
+        f"disk full while writing {path} (No space left on device)",
+        fix="free space on that disk or point output_dir at a larger one, then re-run: "
+        "finished shards are kept and reused",
+    )
+
+
+@contextmanager
+def _disk_full_named(path: Path, tmp: Path) -> Iterator[None]:
+    """Create ``path``'s folder; on failure remove ``tmp``; a full disk names ``path``."""
+    from raypipe.core.faults import fault_point
+
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fault_point("write", path)
+        yield
+    except OSError as exc:
+        tmp.unlink(missing_ok=True)
+        if is_disk_full(exc):
+            raise disk_full_error(path) from None
+        raise
+
+
 def atomic_write_bytes(path: Path, data: bytes) -> None:
     """Write ``data`` to ``path`` via a temporary file and an atomic rename."""
-    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
-    with tmp.open("wb") as fh:
-        fh.write(data)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
+    with _disk_full_named(path, tmp):
+        with tmp.open("wb") as fh:
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
 
 
 def atomic_write_json(path: Path, obj: Any) -> None:
@@ -50,10 +89,10 @@ def write_parquet_atomic(path: Path, table: Any) -> None:
     """Write a pyarrow table to ``path`` atomically."""
     import pyarrow.parquet as pq
 
-    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
-    pq.write_table(table, tmp, use_dictionary=False)  # embeddings and cell names never repeat
-    os.replace(tmp, path)
+    with _disk_full_named(path, tmp):
+        pq.write_table(table, tmp, use_dictionary=False)  # embeddings and cell names never repeat
+        os.replace(tmp, path)
 
 
 def part_path(out_dir: str | Path, kind: str, method: str, shard: int) -> Path:
