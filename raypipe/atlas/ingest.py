@@ -24,10 +24,13 @@ import scipy.sparse as sp
 
 from raypipe.atlas.reader import AtlasSource, open_source, resolve_input_path
 from raypipe.atlas.store import ATLAS_ATTR, AtlasInfo, open_atlas
+from raypipe.core.faults import fault_point
+from raypipe.core.outputs import disk_full_error, is_disk_full
 from raypipe.errors import InputError
 
 __all__ = [
     "IngestResult",
+    "check_unique_obs_names",
     "chunk_hash",
     "detect_x_kind",
     "ingest",
@@ -117,6 +120,40 @@ def chunk_hash(x: sp.csr_matrix) -> str:
     return h.hexdigest()
 
 
+def check_unique_obs_names(names: pd.Index, where: str | Path) -> None:
+    """Refuse duplicated cell names: every output joins back to the AnnData by ``obs_name``.
+
+    Raises
+    ------
+    InputError
+        Listing the duplicated names (up to 10) and how many there are.
+    """
+    dup = names[names.duplicated()].unique()
+    if len(dup):
+        raise InputError(
+            f"{where}: {len(dup):,} cell names (obs_names) occur more than once, e.g. "
+            f"{', '.join(map(repr, dup[:10].astype(str)))}; outputs are joined back to the "
+            "AnnData by name, so every name must be unique",
+            fix="make them unique and write the file again: adata.obs_names_make_unique(); "
+            "adata.write_h5ad(...)",
+        )
+
+
+def _remove_stale_temps(out: Path) -> None:
+    """Remove temporary stores of earlier ingests into ``out`` whose process is gone."""
+    for tmp in out.parent.glob(f".{out.name}.tmp-*"):
+        pid = tmp.name.rsplit("-", 1)[-1]
+        if not pid.isdigit() or int(pid) == os.getpid():
+            continue
+        try:
+            os.kill(int(pid), 0)
+        except ProcessLookupError:  # the ingest that wrote it died (e.g. killed): a leftover
+            log.info("removing %s, left by an ingest that did not finish", tmp)
+            shutil.rmtree(tmp, ignore_errors=True)
+        except OSError:
+            pass
+
+
 def _chunks(src: AtlasSource, rows_per_chunk: int) -> Iterator[tuple[int, sp.csr_matrix]]:
     for start in range(0, src.n_obs, rows_per_chunk):
         yield start, src.rows(start, min(start + rows_per_chunk, src.n_obs))
@@ -186,6 +223,8 @@ def ingest(
                 )
             obs = src.obs.copy()
             obs.index = obs.index.astype(str)
+            check_unique_obs_names(obs.index, src_path)
+            _remove_stale_temps(out)
             tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
             if tmp.exists():
                 shutil.rmtree(tmp)
@@ -214,6 +253,7 @@ def ingest(
                     xds = sparse_dataset(group["X"])
                 else:
                     xds.append(x)
+                fault_point("ingest_chunk", tmp)
                 bar.update(x.shape[0])
             bar.close()
             detected = detect_x_kind(nonint, max_value)
@@ -222,8 +262,9 @@ def ingest(
                 raise InputError(
                     f"{src_path}: X is neither raw counts (it has {nonint} non-integer values) nor "
                     f"log-normalised (max {max_value:.4g} > {LOGNORM_MAX})",
-                    fix="pass --x-kind counts (e.g. ambient-corrected counts) or --x-kind lognorm, or "
-                    "ingest the raw counts layer (--layer)",
+                    fix="set input.x_kind: counts in the config (raypipe ingest: --x-kind counts) "
+                    "when X holds counts (e.g. ambient-corrected), or lognorm; or use the raw "
+                    "counts layer (input.layer / --layer)",
                 )
             if zero_cells:
                 log.warning(
@@ -243,9 +284,11 @@ def ingest(
                 layer=layer,
                 zero_count_cells=zero_cells,
             )
-    except BaseException:
+    except BaseException as exc:
         if "tmp" in locals() and Path(tmp).exists():
             shutil.rmtree(tmp, ignore_errors=True)
+        if is_disk_full(exc):
+            raise disk_full_error(out) from None
         raise
     if out.exists():
         shutil.rmtree(out)

@@ -133,8 +133,14 @@ class AtlasSource:
                     fix="set input.layer to one of them",
                 )
             x_elem = group["layers"][layer]
-        self.obs = read_elem(group["obs"])
-        self.var = read_elem(var_elem)
+        try:
+            self.obs = read_elem(group["obs"])
+            self.var = read_elem(var_elem)
+        except Exception as exc:  # damaged bytes in obs/var
+            raise InputError(
+                f"{path} is damaged: obs/var cannot be read ({type(exc).__name__}: {exc})",
+                fix="copy or download the file again, or write it again from its source",
+            ) from None
         enc = dict(x_elem.attrs).get("encoding-type", "array")
         if enc == "csr_matrix":
             self._x = sparse_dataset(x_elem)
@@ -181,8 +187,15 @@ class AtlasSource:
         """Rows ``[start, stop)`` of the chosen matrix as float32 CSR (only those are read)."""
         if self._matrix is not None:
             return self._matrix[start:stop]
-        block = self._x[start:stop]
-        return sp.csr_matrix(block, dtype=np.float32)
+        try:
+            block = self._x[start:stop]
+            return sp.csr_matrix(block, dtype=np.float32)
+        except Exception as exc:  # h5py/zarr/numcodecs errors on damaged bytes
+            raise InputError(
+                f"{self.path} is damaged: cells {start}–{stop - 1} of X cannot be read "
+                f"({type(exc).__name__}: {exc})",
+                fix="copy or download the file again, or write it again from its source",
+            ) from None
 
     def close(self) -> None:
         """Close the underlying file (idempotent)."""

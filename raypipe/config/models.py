@@ -47,6 +47,12 @@ class InputConfig(_Section):
     name: str | None = Field(
         None, description="Dataset name used in metrics.parquet (default: the file stem)."
     )
+    gene_symbol_column: str | None = Field(
+        None,
+        description="var column of gene symbols, matched before the Ensembl ids in var_names "
+        "(default: `feature_name`, `gene_symbols`, `gene_symbol`, `symbol` or `gene_name` when "
+        "var_names are Ensembl ids).",
+    )
 
     @model_validator(mode="after")
     def _keys_differ(self) -> InputConfig:
@@ -95,6 +101,11 @@ class GenesConfig(_Section):
     ncbi_batch_size: int = Field(1000, gt=0, le=1000, description="Genes per MyGene.info POST.")
     min_coverage: float = Field(
         0.5, ge=0.0, le=1.0, description="Stop when fewer atlas genes than this share have text."
+    )
+    cross_species: bool = Field(
+        False,
+        description="Accept non-human gene names (mouse `Cd3e`, `ENSMUSG…`): matched to human "
+        "symbols case-insensitively and reported as `casefold`, never `exact`.",
     )
     fallback: Literal["none", "symbol"] = Field(
         "none",

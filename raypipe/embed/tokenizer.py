@@ -216,14 +216,23 @@ class RankValueTokenizer:
         if not X.has_sorted_indices:
             X = X.sorted_indices()
         data = X.data
-        if x_kind == "auto":
+        detected = x_kind == "auto"
+        if detected:
             x_kind = detect_x_kind(data)
         if x_kind not in ("counts", "lognorm"):
             raise ConfigError(f"x_kind {x_kind!r} is not counts, lognorm or auto")
         lognorm = x_kind == "lognorm"
         if lognorm and data.size and float(np.nanmax(data)) > _LOGNORM_MAX:
+            peak = f"{float(np.nanmax(data)):.4g}"
+            if detected:
+                raise InputError(
+                    f"X holds non-integer values up to {peak} (x_kind auto): neither raw counts "
+                    "nor log1p-normalised values (CPM or scaled data?)",
+                    fix="tokenize the raw counts (e.g. adata.raw or a counts layer), or pass "
+                    "--x-kind counts if these are counts (e.g. ambient-corrected)",
+                )
             raise InputError(
-                f"x_kind=lognorm but the shard holds values up to {float(np.nanmax(data)):.4g}, "
+                f"x_kind=lognorm but the shard holds values up to {peak}, "
                 "too large for log1p-normalised data",
                 fix="pass x_kind='counts' for raw counts",
             )

@@ -143,15 +143,16 @@ def prepare_gene_space(job: JobConfig, atlas: AtlasInfo, out_dir: Path) -> GeneS
         When fewer than ``genes.min_coverage`` of atlas genes get a text (with examples).
     """
     from raypipe.atlas.store import read_var
-    from raypipe.genes.identity import check_coverage, resolve_genes, text_coverage
+    from raypipe.genes.identity import (
+        check_coverage,
+        gene_names_from_var,
+        resolve_genes,
+        text_coverage,
+    )
     from raypipe.llm.text_stage import embed_texts
 
     var = read_var(atlas.path)
-    names = [str(n) for n in var.index]
-    ens_col = next(
-        (c for c in ("ensembl_id", "gene_ids", "gene_id", "feature_id") if c in var.columns), None
-    )
-    ensembl_ids = [str(v) for v in var[ens_col]] if ens_col else None
+    names, ensembl_ids, names_note = gene_names_from_var(var, job.input.gene_symbol_column)
     fallback_note = None
     try:
         source = _build_source(job)
@@ -169,6 +170,8 @@ def prepare_gene_space(job: JobConfig, atlas: AtlasInfo, out_dir: Path) -> GeneS
     table = gene_table_for(job.genes, source)
     resolution = resolve_genes(names, table, ensembl_ids=ensembl_ids)
     warnings = list(resolution.warnings[:5]) + ([fallback_note] if fallback_note else [])
+    if names_note:
+        warnings.append(f"{names_note}: {resolution.coverage().summary()}")
     symbols = list(resolution.unique_symbols)
     texts = source.texts(symbols, list(resolution.unique_ensembl))
     texts = texts.drop_duplicates("symbol").reset_index(drop=True)

@@ -78,9 +78,11 @@ class _Run:
         return atlas
 
     def genes(self, atlas: AtlasInfo) -> GeneSpace:
+        from raypipe.core.faults import fault_point
         from raypipe.genes.space import prepare_gene_space
 
         t = time.perf_counter()
+        fault_point("genes", self.out_dir)
         genes = prepare_gene_space(self.job, atlas, self.out_dir)
         self.summary.coverage = genes.coverage.summary()
         self.summary.warnings += genes.warnings
@@ -93,6 +95,7 @@ class _Run:
                 "n_covered": genes.coverage.n_covered,
                 "share": genes.coverage.share,
             },
+            "matched_by": genes.resolution.by_how(),
             "unmatched_examples": list(genes.coverage.unmatched),
         }
         self._timed("genes", t)
@@ -276,17 +279,20 @@ class _Run:
         return summary_lines(candidates.table, per_class or None)
 
 
-def run_job(job: JobConfig, *, overwrite: bool = False, progress: bool = True) -> RunSummary:
+def run_job(
+    job: JobConfig, *, overwrite: bool = False, progress: bool = True, force: bool = False
+) -> RunSummary:
     """Run every stage the config names; return the summary (also written to the manifest).
 
     Everything that can be checked is checked before the output folder is touched; from then
     on every failure leaves ``manifest.json`` with ``status: failed`` and the reason (finished
-    shards are kept and reused by the next run).
+    shards are kept and reused by the next run). ``force`` uses a suspicious label column
+    (numeric, one class per few cells) with a warning instead of refusing it.
     """
     t_start = time.perf_counter()
     out_dir = Path(job.output_dir)
     previous = check_output_dir(out_dir, job, overwrite)
-    validate_job(job)
+    notes = validate_job(job, force=force)
     kept = clear_run(out_dir) if overwrite else []
     make_output_dir(out_dir)
     manifest = Manifest(config=job.model_dump(mode="json"), config_hash=config_hash(job))
@@ -294,6 +300,7 @@ def run_job(job: JobConfig, *, overwrite: bool = False, progress: bool = True) -
         manifest.previous = {k: previous.get(k) for k in ("status", "config_hash", "finished")}
     manifest.write(out_dir)
     run = _Run(job, manifest, progress)
+    run.summary.warnings += notes
     if kept:
         run.summary.warnings.append(f"--overwrite kept what raypipe did not write: {kept}")
     try:
