@@ -389,7 +389,7 @@ def detect_species(names: Iterable[str]) -> tuple[str, float]:
         if is_ensembl(n):
             ens += 1
             mouse += n.startswith("ENSMUSG")
-            other += not n.startswith(("ENSG0", "ENSMUSG"))
+            other += not (n.startswith("ENSMUSG") or n[4:5].isdigit())  # ENSG<digits>: human
         else:
             sym += 1
             mouse += bool(_MOUSE_CASE.fullmatch(n)) and "orf" not in n
