@@ -170,6 +170,21 @@ class _DropRecord(logging.Filter):
         return not record.getMessage().startswith(self.prefix)
 
 
+class _DropReportedWorkerError(logging.Filter):
+    """Keep Ray Data's console lines about an error raypipe itself reports off the terminal.
+
+    A stage's own error (a :class:`~raypipe.errors.RaypipeError`, a full disk) is raised
+    again by :func:`map_shards` as raypipe's one message; Ray Data would first log it at
+    ERROR with its stack trace, and call it an internal error, since it is not its own
+    ``UserCodeException``. Records logged while handling such an error are dropped from
+    the console (Ray Data's log file keeps them); every other error still prints.
+    """
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        exc = record.exc_info[1] if record.exc_info else sys.exc_info()[1]
+        return exc is None or worker_error(exc) is None
+
+
 def _quiet_ray_data() -> None:
     """Keep Ray Data's per-dataset INFO chatter on its log file, off the terminal.
 
@@ -184,6 +199,8 @@ def _quiet_ray_data() -> None:
     for handler in logger.handlers:
         if handler.get_name() == "console":
             handler.setLevel(logging.WARNING)
+            if not any(isinstance(f, _DropReportedWorkerError) for f in handler.filters):
+                handler.addFilter(_DropReportedWorkerError())
     progress = logging.getLogger("ray.data._internal.progress")
     if not any(isinstance(f, _DropRecord) for f in progress.filters):
         progress.addFilter(_DropRecord("Progress bars disabled"))
