@@ -297,6 +297,7 @@ def run(
     overrides: Sequence[str] | None = None,
     overwrite: bool = False,
     progress: bool = True,
+    force: bool = False,
 ) -> Run:
     """Run a job (what ``raypipe run`` does) and return the finished :class:`Run`.
 
@@ -310,11 +311,14 @@ def run(
         Start fresh: delete the previous run in ``output_dir``.
     progress
         Show one progress bar per stage.
+    force
+        Use a suspicious label column (numeric, one class per few cells) with a warning
+        instead of refusing it (``raypipe run --force``).
     """
     from raypipe.orchestrate.runner import run_job
 
     job = _load(config, overrides)
-    summary = run_job(job, overwrite=overwrite, progress=progress)
+    summary = run_job(job, overwrite=overwrite, progress=progress, force=force)
     done = open_run(job.output_dir)
     done.summary = summary
     return done
