@@ -1,8 +1,11 @@
 """Benchmarks (print figures; not timed tests).
 
 python jobs/benchmark.py genept   # GenePT-w pipeline vs in-memory scipy, 100k and 1M cells
+python jobs/benchmark.py kernel   # GenePT-w fused numba kernel vs scipy, beside the FLOP limit
 python jobs/benchmark.py ce       # Geneformer tokenizer and CE encoder throughput
 python jobs/benchmark.py llm      # LLM actors vs a rate-limited loopback OpenAI server
+python jobs/benchmark.py eval     # evaluation: shared kNN graph vs the previous scikit-learn path
+python jobs/benchmark.py texts    # gene texts: Ray actors vs plain SentenceTransformer.encode
 python jobs/benchmark.py scale    # 1M-cell end-to-end run, per-stage times and memory
 python jobs/benchmark.py gpu      # CE at 4 Geneformer sizes + LangCell zero-shot (jobs/gpu_bench.sh)
 """
@@ -18,8 +21,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 BENCHES = {
     "genept": "raypipe.bench.genept",
     "ce": "raypipe.bench.ce",
+    "kernel": "raypipe.bench.kernel",
     "llm": "raypipe.bench.llm",
+    "eval": "raypipe.bench.evaluate",
     "scale": "raypipe.bench.scale",
+    "texts": "raypipe.bench.texts",
     "gpu": "raypipe.bench.gpu",
 }
 

@@ -180,3 +180,26 @@ def test_fold_collapse_is_exact_without_duplicates_and_kept_with_them():
     kept_c, kept_w = fold_collapse(dup, w)
     assert kept_c is dup
     assert kept_w is w
+
+
+@pytest.mark.parametrize("x_kind", ["counts", "lognorm"])
+def test_fused_kernel_equals_scipy_product(x_kind: str):
+    """The numba kernel (only weighted genes, fused normalise/log1p/L2) = scipy within 1e-5."""
+    from raypipe.embed.kernel import compact_weights, fused_genept_w
+
+    rng = np.random.default_rng(4)
+    x = sp.random(300, 80, density=0.2, format="csr", random_state=4, dtype=np.float32)
+    x.data = np.round(x.data * 20 + 1).astype(np.float32)
+    x[5] = 0.0  # an empty cell
+    x.eliminate_zeros()
+    if x_kind == "lognorm":
+        x = log_normalize(x, np.asarray(x.sum(axis=1)).ravel(), 1e4)
+    mask = rng.random(80) < 0.4  # e.g. HVG: most genes carry no weight
+    w = weight_matrix(rng.normal(size=(80, 16)), np.ones(80, bool), center=True, gene_mask=mask)
+    ref, ref_empty = genept_w(x, None, w, x_kind=x_kind)
+    col_map, compact = compact_weights(w)
+    assert compact.shape[0] == mask.sum()
+    got, empty = fused_genept_w(x, col_map, compact, x_kind=x_kind)
+    np.testing.assert_allclose(got, ref, atol=1e-5)
+    np.testing.assert_array_equal(empty, ref_empty)
+    assert empty[5]

@@ -144,6 +144,13 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{stage:<10} {secs:>9.1f} {n / secs if secs else 0:>12,.0f}")
     print(f"{'total':<10} {total:>9.1f} {n / total:>12,.0f}")
     print(f"peak RSS (driver + every Ray process): ingest {_gib(rows[0][2])}, run {_gib(peak_run)}")
+    manifest = json.loads((out / "manifest.json").read_text())
+    ev_times = (manifest.get("evaluation") or {}).get("timings") or {}
+    if ev_times:
+        steps = {k: v for k, v in ev_times.items() if k != "per_metric"}
+        print("evaluation steps (s): " + ", ".join(f"{k} {v:.1f}" for k, v in steps.items()))
+        for method, per in (ev_times.get("per_metric") or {}).items():
+            print(f"  {method}: " + ", ".join(f"{k} {v:.1f}" for k, v in per.items()))
     record = {
         "cells": n,
         "cpus": os.cpu_count(),
@@ -153,6 +160,7 @@ def main(argv: list[str] | None = None) -> int:
         "peak_rss_run": peak_run,
         "annotate": job.annotate.enabled,
         "evaluate": job.evaluate.enabled,
+        "evaluation_timings": ev_times,
     }
     (work / f"scale_{n}.json").write_text(json.dumps(record, indent=2))
     return 0

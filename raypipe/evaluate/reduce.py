@@ -9,11 +9,16 @@ Exact metrics (accuracy, macro_f1, retrieval) use every labelled cell. Quadratic
 (k-means/Leiden agreement, silhouettes, kNN probe) use one seeded uniform subsample of the
 labelled cells of at most ``evaluate.sample_size`` rows, the same rows for every method.
 AvgBio uses the k-means ARI/NMI; S_final = 0.6·AvgBio + 0.4·ASW_batch.
+
+One cosine kNN graph per embedding (:func:`raypipe.evaluate.neighbors.cosine_neighbors`,
+``2·knn_k + 5`` neighbours) serves Leiden, the kNN probe and the report's UMAP; each metric's
+seconds are kept in :attr:`Evaluation.timings` (the manifest records them).
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+import time
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -22,6 +27,7 @@ import pandas as pd
 
 from raypipe.errors import InputError
 from raypipe.evaluate import metrics as M
+from raypipe.evaluate.neighbors import Neighbors, cosine_neighbors
 
 if TYPE_CHECKING:
     from raypipe.config import EvaluateConfig
@@ -66,6 +72,10 @@ class Evaluation:
         Row indices (into the atlas) of the subsample used by the quadratic metrics.
     notes
         Human-readable remarks (cells dropped for missing labels, ...).
+    timings
+        Method → step (``neighbors``, ``kmeans``, ``leiden``, ...) → seconds.
+    graphs
+        Method → the kNN graph of its sample rows (reused by the report's UMAP).
     """
 
     metrics: pd.DataFrame
@@ -74,6 +84,8 @@ class Evaluation:
     per_class: dict[str, pd.DataFrame] = field(default_factory=dict)
     sample: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))
     notes: list[str] = field(default_factory=list)
+    timings: dict[str, dict[str, float]] = field(default_factory=dict)
+    graphs: dict[str, Neighbors] = field(default_factory=dict)
 
 
 class _Sink:
@@ -108,28 +120,43 @@ def _embedding_metrics(
     bat: np.ndarray | None,
     n_lab: int,
     cfg: EvaluateConfig,
-) -> None:
+) -> tuple[dict[str, float], Neighbors | None]:
     ns = x.shape[0]
     vals: dict[str, float] = {}
-    km, why = M.safe(M.kmeans_agreement, x, lab, seed=cfg.seed)
+    times: dict[str, float] = {}
+
+    def timed(step: str, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+        t = time.perf_counter()
+        try:
+            return fn(*args, **kwargs)
+        finally:
+            times[step] = round(time.perf_counter() - t, 3)
+
+    graph: Neighbors | None = None
+    if ns > 2 * cfg.knn_k + 5:
+        graph = timed("neighbors", cosine_neighbors, x, 2 * cfg.knn_k + 5, seed=cfg.seed)
+    km, why = timed("kmeans", M.safe, M.kmeans_agreement, x, lab, seed=cfg.seed)
     if km is None:
         sink.skip(method, ["ari_kmeans", "ami_kmeans", "nmi_kmeans"], str(why))
     else:
         for key in ("ari", "ami", "nmi"):
             vals[f"{key}_kmeans"] = km[key]
-    ld, why = M.safe(
+    ld, why = timed(
+        "leiden",
+        M.safe,
         M.leiden_agreement,
         x,
         lab,
         k_neighbors=cfg.knn_k,
         resolution=cfg.leiden_resolution,
         seed=cfg.seed,
+        neighbors=graph,
     )
     if ld is None:
         sink.skip(method, ["ari_leiden", "ami_leiden"], str(why))
     else:
         vals["ari_leiden"], vals["ami_leiden"] = ld["ari"], ld["ami"]
-    asw, why = M.safe(M.asw_label, x, lab)
+    asw, why = timed("asw_label", M.safe, M.asw_label, x, lab)
     if asw is None:
         sink.skip(method, ["asw_label"], str(why))
     else:
@@ -139,7 +166,7 @@ def _embedding_metrics(
     elif np.array_equal(bat, lab):
         sink.skip(method, ["asw_batch", "s_final"], "batch column equals the label column")
     else:
-        ab, why = M.safe(M.asw_batch, x, lab, bat)
+        ab, why = timed("asw_batch", M.safe, M.asw_batch, x, lab, bat)
         if ab is None:
             sink.skip(method, ["asw_batch", "s_final"], str(why))
         else:
@@ -150,7 +177,9 @@ def _embedding_metrics(
             vals["s_final"] = M.s_final(vals["avg_bio"], vals["asw_batch"])
     else:
         sink.skip(method, ["avg_bio", "s_final"], "needs ari_kmeans, nmi_kmeans and asw_label")
-    knn, why = M.safe(M.knn_accuracy, x, lab, k=cfg.knn_k, seed=cfg.seed)
+    knn, why = timed(
+        "knn_accuracy", M.safe, M.knn_accuracy, x, lab, k=cfg.knn_k, seed=cfg.seed, neighbors=graph
+    )
     if knn is None:
         sink.skip(method, ["knn_accuracy"], str(why))
     else:
@@ -158,6 +187,7 @@ def _embedding_metrics(
     for name in METRIC_NAMES:
         if name in vals:
             sink.add(method, name, vals[name], n_lab, ns)
+    return times, graph
 
 
 def evaluate_embeddings(
@@ -216,6 +246,8 @@ def evaluate_embeddings(
         bat = np.where(pd.isna(pd.Series(bat)).to_numpy(), None, bat.astype(str))
     sub = M.subsample_indices(n_lab, cfg.sample_size, seed=cfg.seed)
     rows_all = np.flatnonzero(keep)
+    times: dict[str, dict[str, float]] = {}
+    graphs: dict[str, Neighbors] = {}
     for method, emb in embeddings.items():
         x = np.asarray(emb)
         if x.shape[0] != n:
@@ -223,7 +255,7 @@ def evaluate_embeddings(
                 f"embedding {method!r} has {x.shape[0]} rows, the labels {n}",
                 fix="pass embeddings in obs order covering the whole atlas",
             )
-        _embedding_metrics(
+        times[method], graph = _embedding_metrics(
             sink,
             method,
             x[keep][sub],
@@ -232,6 +264,8 @@ def evaluate_embeddings(
             n_lab,
             cfg,
         )
+        if graph is not None:
+            graphs[method] = graph
         if text_emb is not None and method in text_emb:
             _retrieval(sink, method, x[keep], lab, text_emb[method], text_labels, center)
     confusion: dict[str, pd.DataFrame] = {}
@@ -256,6 +290,8 @@ def evaluate_embeddings(
         per_class=per_class,
         sample=rows_all[sub],
         notes=notes,
+        timings=times,
+        graphs=graphs,
     )
 
 

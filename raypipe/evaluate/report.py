@@ -21,6 +21,7 @@ import pandas as pd
 from raypipe.errors import InputError
 from raypipe.evaluate.baseline import BASELINE_METHOD
 from raypipe.evaluate.metrics import subsample_indices
+from raypipe.evaluate.neighbors import Neighbors, cosine_neighbors
 
 __all__ = ["FIGURES_FILE", "rerender_report", "summary_html", "umap_2d", "write_report"]
 
@@ -50,14 +51,36 @@ def _scatter(ax: Any, xy: np.ndarray, values: np.ndarray, title: str) -> None:
     ax.legend(markerscale=4, fontsize=7, loc="best", frameon=False)
 
 
-def umap_2d(x: np.ndarray, *, seed: int = 0) -> np.ndarray:
-    """Seeded 2-D UMAP (umap-learn, cosine, 15 neighbours) of an (n, d) embedding."""
+def umap_2d(
+    x: np.ndarray, *, seed: int = 0, neighbors: Neighbors | None = None, n_epochs: int = 200
+) -> np.ndarray:
+    """Seeded 2-D UMAP (umap-learn, cosine, 15 neighbours) of an (n, d) embedding.
+
+    The kNN graph is ``neighbors`` when it covers these rows (the evaluation's shared graph),
+    else an exact one from :func:`cosine_neighbors`; it is handed to umap-learn as
+    ``precomputed_knn``, which skips umap's own pynndescent search (about a minute of numba
+    compilation per process on 2 cores). ``n_epochs`` 200 is umap's own choice above 10,000
+    cells.
+    """
     import umap
 
-    n_neighbors = max(2, min(15, x.shape[0] - 1))
+    n = x.shape[0]
+    n_neighbors = max(2, min(15, n - 1))
+    graph = neighbors
+    if graph is None or graph.indices.shape[0] != n or graph.k < n_neighbors - 1:
+        graph = cosine_neighbors(x, n_neighbors - 1, seed=seed)
+    knn_i = np.hstack([np.arange(n)[:, None], graph.indices[:, : n_neighbors - 1]])
+    knn_d = np.hstack([np.zeros((n, 1), np.float32), graph.distances[:, : n_neighbors - 1]])
     # n_jobs=1 explicitly: a seed makes umap run single-threaded anyway, and with its default
     # (-1) it warns "n_jobs value 1 overridden to 1 by setting random_state" on every call.
-    reducer = umap.UMAP(n_neighbors=n_neighbors, metric="cosine", random_state=seed, n_jobs=1)
+    reducer = umap.UMAP(
+        n_neighbors=n_neighbors,
+        metric="cosine",
+        random_state=seed,
+        n_jobs=1,
+        n_epochs=n_epochs,
+        precomputed_knn=(knn_i, knn_d, None),
+    )
     return np.asarray(reducer.fit_transform(x))
 
 
@@ -177,6 +200,7 @@ def write_report(
     seed: int = 0,
     title: str = "raypipe report",
     projector: Callable[..., np.ndarray] | None = None,
+    neighbors: Mapping[str, Neighbors] | None = None,
 ) -> Path:
     """Write ``<out_dir>/report/index.html`` and its PNGs.
 
@@ -205,7 +229,10 @@ def write_report(
         Seed of the subsample and of UMAP.
     projector
         ``projector(x, seed=seed) -> (n, 2)``; default :func:`umap_2d`. (The first UMAP in a
-        process compiles numba code, ~30 s on 2 cores; tests pass a PCA projector.)
+        process compiles numba code, ~10 s on 2 cores; tests pass a PCA projector.)
+    neighbors
+        Method → the evaluation's kNN graph of these rows; the UMAP reuses it when every cell
+        is drawn (otherwise the drawn subsample gets its own exact graph).
 
     Returns
     -------
@@ -238,7 +265,11 @@ def write_report(
         pred = predictions[pred_name] if pred_name is not None else None
         pred_sub = None if pred is None else np.asarray(pred, dtype=object)[sub].astype(str)
         name = f"umap_{method}.png"
-        xy = (projector or umap_2d)(np.asarray(emb)[sub], seed=seed)
+        if projector is not None:
+            xy = projector(np.asarray(emb)[sub], seed=seed)
+        else:
+            graph = (neighbors or {}).get(method) if sub.size == truth.size else None
+            xy = umap_2d(np.asarray(emb)[sub], seed=seed, neighbors=graph)
         _umap_png(report / name, method, xy, truth[sub], pred_sub, str(pred_name))
         figures["umap"].append(method)
     for method, table in (confusion or {}).items():

@@ -7,6 +7,7 @@ the candidate texts, and the atlas (streamed three times for the PCA-50 baseline
 from __future__ import annotations
 
 import logging
+import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -38,11 +39,11 @@ def load_embedding_rows(out_dir: Path, method: str, rows: np.ndarray) -> np.ndar
         hit = np.flatnonzero(np.isin(part_rows, rows))
         if hit.size == 0:
             continue
-        col = t.column("embedding").combine_chunks()
-        x = col.values.to_numpy().reshape(len(col), -1)
+        col = t.column("embedding").take(hit).combine_chunks()  # only the sample's rows
+        x = col.flatten().to_numpy(zero_copy_only=False).reshape(len(col), -1)
         if out is None:
             out = np.zeros((rows.size, x.shape[1]), dtype=np.float32)
-        out[[pos[int(r)] for r in part_rows[hit]]] = x[hit]
+        out[[pos[int(r)] for r in part_rows[hit]]] = x
     return out if out is not None else np.zeros((rows.size, 0), dtype=np.float32)
 
 
@@ -77,7 +78,8 @@ def run_evaluation(
     Returns
     -------
     dict
-        ``metrics`` (path), ``report`` (path or None), ``skipped`` and ``notes`` for the manifest.
+        ``metrics`` (path), ``report`` (path or None), ``skipped``, ``notes`` and ``timings``
+        (seconds per step and, under ``per_metric``, per method and metric) for the manifest.
     """
     import pyarrow as pa
 
@@ -102,9 +104,16 @@ def run_evaluation(
     sample = labelled[
         subsample_indices(labelled.size, job.evaluate.sample_size, seed=job.evaluate.seed)
     ]
+    timings: dict[str, Any] = {}
+    t = time.perf_counter()
     embeddings = {m: load_embedding_rows(out_dir, m, sample) for m in methods}
+    timings["load_embeddings"] = round(time.perf_counter() - t, 3)
+    t = time.perf_counter()
     x_sample = _sample_counts(atlas, sample)
+    timings["read_sample_counts"] = round(time.perf_counter() - t, 3)
+    t = time.perf_counter()
     embeddings["pca"] = fit_pca_baseline(lambda: iter([x_sample]), job.evaluate.pca_components)
+    timings["pca_baseline"] = round(time.perf_counter() - t, 3)
     annotations: dict[str, Any] = {}
     text_emb: dict[str, np.ndarray] = {}
     text_labels = None
@@ -121,6 +130,7 @@ def run_evaluation(
         text_labels = candidates.labels
     dataset = job.input.name or Path(job.input.path).stem
     # quadratic metrics and retrieval: the seeded sample; accuracy/F1/confusion: every cell
+    t = time.perf_counter()
     ev = evaluate_embeddings(
         dataset,
         embeddings,
@@ -131,8 +141,12 @@ def run_evaluation(
         text_labels=text_labels,
         center=job.annotate.center,
     )
+    timings["sample_metrics"] = round(time.perf_counter() - t, 3)
+    timings["per_metric"] = ev.timings
     ev.metrics["n_cells"] = labelled.size
+    t = time.perf_counter()
     exact = evaluate_embeddings(dataset, {}, labels, cfg=job.evaluate, annotations=annotations)
+    timings["exact_metrics"] = round(time.perf_counter() - t, 3)
     ev.metrics = pd.concat([ev.metrics, exact.metrics], ignore_index=True)
     ev.skipped = pd.concat([ev.skipped, exact.skipped], ignore_index=True)
     ev.confusion, ev.per_class = exact.confusion, exact.per_class
@@ -153,6 +167,7 @@ def run_evaluation(
             eval_dir / f"per_class_{m}.parquet", pa.Table.from_pandas(pc.reset_index())
         )
     report = None
+    t = time.perf_counter()
     if job.evaluate.report:
         from raypipe.evaluate.report import write_report
 
@@ -168,8 +183,11 @@ def run_evaluation(
             notes=ev.notes,
             seed=job.evaluate.seed,
             title=f"raypipe report: {dataset}",
+            neighbors=ev.graphs,
         )
+    timings["report"] = round(time.perf_counter() - t, 3)
     return {
+        "timings": timings,
         "metrics": str(out_dir / "metrics.parquet"),
         "report": str(report) if report else None,
         "table": ev.metrics,

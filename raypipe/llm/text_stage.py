@@ -8,6 +8,7 @@ from the job config, so model loading and HTTP clients are per-actor, not per-ba
 from __future__ import annotations
 
 import json
+import os
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -18,16 +19,23 @@ from raypipe.core.stage import check_contract
 if TYPE_CHECKING:
     from raypipe.config import JobConfig
 
-__all__ = ["EmbedTexts", "embed_texts"]
+__all__ = ["LOCAL_BATCH", "THREADS_ENV", "EmbedTexts", "embed_texts"]
+
+THREADS_ENV = "RAYPIPE_TORCH_THREADS"
+"""Set by :class:`EmbedTexts` for the local backend: torch threads of this actor."""
+LOCAL_BATCH = 16_384
+"""Texts per Ray batch for a local CPU model (one ``encode`` call, sorted by length)."""
 
 
 class EmbedTexts:
     """Callable Ray Data stage holding one text-embedding backend."""
 
-    def __init__(self, job_json: str) -> None:
+    def __init__(self, job_json: str, threads: int = 0) -> None:
         from raypipe.config import JobConfig
         from raypipe.llm.backends import build_embedder
 
+        if threads > 0:  # before the backend loads its model
+            os.environ[THREADS_ENV] = str(threads)
         self.embedder = build_embedder(JobConfig.model_validate(json.loads(job_json)))
         self._seen: dict[str, dict[str, int]] = {}
 
@@ -77,11 +85,12 @@ def embed_texts(
         Actor-pool size (default ``job.ray.actors`` for local models, ``job.limits.actors``
         for API backends).
     batch_size
-        Texts per Ray Data batch (default: 8 × ``text_model.batch_size``).
+        Texts per Ray Data batch (default: 8 × ``text_model.batch_size``; a local CPU model
+        gets one actor on the free CPUs and :data:`LOCAL_BATCH`-text batches).
     """
     import ray
 
-    from raypipe.llm.backends import embedder_resources
+    from raypipe.llm.backends import EMBEDDERS, embedder_resources
     from raypipe.llm.cost import CostMeter
 
     if not texts:
@@ -89,11 +98,20 @@ def embed_texts(
     pool, gpus = embedder_resources(job)
     n_actors = max(1, min(actors or pool, len(texts)))
     bs = batch_size or 8 * job.text_model.batch_size
+    threads = 0  # 0: the backend's own choice
+    if not EMBEDDERS.capabilities(job.text_model.backend).remote and not gpus and actors is None:
+        # a local model on CPU: one actor (one model load) whose torch uses every CPU of the
+        # node (nothing else runs while texts are embedded), large batches (encode sorts each
+        # by length): the speed of a plain encode() call. It reserves only ray.actor_cpus, so
+        # it is always schedulable.
+        threads = max(1, int(min(ray.cluster_resources().get("CPU", 1), os.cpu_count() or 1)))
+        n_actors = 1
+        bs = batch_size or LOCAL_BATCH
     ds: Any = ray.data.from_pandas(pd.DataFrame({"i": np.arange(len(texts)), "text": texts}))
     ds = ds.repartition(max(1, min(len(texts) // bs + 1, 4 * n_actors)))
     out = ds.map_batches(
         EmbedTexts,
-        fn_constructor_kwargs={"job_json": job.model_dump_json()},
+        fn_constructor_kwargs={"job_json": job.model_dump_json(), "threads": threads},
         batch_size=bs,
         batch_format="pandas",
         compute=ray.data.ActorPoolStrategy(min_size=1, max_size=n_actors),

@@ -1,0 +1,132 @@
+"""One cosine k-nearest-neighbour graph per embedding, shared by every graph-based metric.
+
+Leiden agreement, the kNN probe and the report's UMAP all start from the same neighbours, so
+:func:`cosine_neighbors` runs once per embedding (as scib-metrics shares ``NeighborsResults``):
+
+* exact below ``exact_max`` cells: rows L2-normalised, blocks of ``x_b @ x.T`` (BLAS, float32),
+  ``argpartition`` per block; memory ``block × n`` floats, never ``n × n``;
+* approximate above it: pynndescent (seeded), the index umap-learn itself uses.
+
+Self-matches are left out: row ``i`` of :attr:`Neighbors.indices` never contains ``i``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from raypipe.errors import InputError
+
+__all__ = ["EXACT_MAX_CELLS", "Neighbors", "cosine_neighbors", "normalize_rows"]
+
+EXACT_MAX_CELLS = 50_000
+"""Above this many cells :func:`cosine_neighbors` switches to pynndescent (measured in
+``jobs/benchmark.py eval``: exact blocks win below it on 2 cores, numba compile included)."""
+
+
+@dataclass(frozen=True)
+class Neighbors:
+    """The ``k`` nearest neighbours (cosine) of every cell, self excluded, nearest first.
+
+    Attributes
+    ----------
+    indices
+        (n, k) int64 neighbour rows.
+    distances
+        (n, k) float32 cosine distances ``1 - cos``, ascending along each row.
+    exact
+        True when computed exactly, False when approximate (pynndescent).
+    """
+
+    indices: np.ndarray
+    distances: np.ndarray
+    exact: bool
+
+    @property
+    def k(self) -> int:
+        """Neighbours per cell."""
+        return int(self.indices.shape[1])
+
+    def first(self, k: int) -> Neighbors:
+        """Keep the ``k`` nearest of the stored neighbours."""
+        if k > self.k:
+            raise InputError(f"asked for {k} neighbours; the graph holds {self.k}")
+        return Neighbors(self.indices[:, :k], self.distances[:, :k], self.exact)
+
+
+def normalize_rows(x: np.ndarray) -> np.ndarray:
+    """Rows scaled to unit L2 norm (zero rows stay zero), float32."""
+    x = np.asarray(x, dtype=np.float32)
+    norm = np.linalg.norm(x, axis=1, keepdims=True)
+    return x / np.maximum(norm, np.float32(1e-12))
+
+
+def _exact(x: np.ndarray, k: int, block: int) -> tuple[np.ndarray, np.ndarray]:
+    xn = normalize_rows(x)
+    n = xn.shape[0]
+    idx = np.empty((n, k), dtype=np.int64)
+    dist = np.empty((n, k), dtype=np.float32)
+    for start in range(0, n, block):
+        stop = min(start + block, n)
+        sims = xn[start:stop] @ xn.T
+        sims[np.arange(stop - start), np.arange(start, stop)] = -np.inf  # no self-match
+        part = np.argpartition(-sims, k - 1, axis=1)[:, :k]
+        s = np.take_along_axis(sims, part, axis=1)
+        order = np.argsort(-s, axis=1, kind="stable")
+        idx[start:stop] = np.take_along_axis(part, order, axis=1)
+        dist[start:stop] = 1.0 - np.take_along_axis(s, order, axis=1)
+    return idx, np.maximum(dist, 0.0)
+
+
+def _approx(x: np.ndarray, k: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    from pynndescent import NNDescent
+
+    n = x.shape[0]
+    index = NNDescent(
+        normalize_rows(x), metric="cosine", n_neighbors=k + 1, random_state=seed, n_jobs=1
+    )
+    got_idx, got_dist = index.neighbor_graph
+    idx = np.empty((n, k), dtype=np.int64)
+    dist = np.empty((n, k), dtype=np.float32)
+    for i in range(n):  # drop the self-match (or, when absent, the farthest neighbour)
+        keep = got_idx[i] != i
+        if keep.sum() > k:
+            keep[np.flatnonzero(keep)[k:]] = False
+        idx[i], dist[i] = got_idx[i][keep], got_dist[i][keep]
+    return idx, np.maximum(dist, 0.0).astype(np.float32)
+
+
+def cosine_neighbors(
+    x: np.ndarray,
+    k: int,
+    *,
+    exact_max: int = EXACT_MAX_CELLS,
+    seed: int = 0,
+    block: int = 2048,
+) -> Neighbors:
+    """Find the ``k`` nearest cosine neighbours of every row of ``x`` (self excluded).
+
+    Parameters
+    ----------
+    x
+        (n, d) embedding.
+    k
+        Neighbours per cell (``1 <= k < n``).
+    exact_max
+        Exact search up to this many cells, pynndescent above.
+    seed
+        pynndescent's random state (exact search has no randomness).
+    block
+        Rows per block of the exact search.
+
+    Returns
+    -------
+    Neighbors
+    """
+    n = int(np.asarray(x).shape[0])
+    if not 1 <= k < n:
+        raise InputError(f"cosine_neighbors: k={k} needs 1 <= k < n cells ({n})")
+    if n <= exact_max:
+        return Neighbors(*_exact(np.asarray(x), k, block), exact=True)
+    return Neighbors(*_approx(np.asarray(x), k, seed), exact=False)
