@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from raypipe.core.outputs import atomic_write_json, read_marker
+from raypipe.core.storage import AnyPath, as_path, zarr_store
 from raypipe.errors import ConfigError, InputError
 
 if TYPE_CHECKING:
@@ -27,22 +28,22 @@ log = logging.getLogger(__name__)
 STAMP = Path("state") / "atlas_source.json"
 
 
-def _is_atlas(src: Path) -> bool:
+def _is_atlas(src: AnyPath) -> bool:
     from raypipe.atlas.store import ATLAS_ATTR
 
     if not (src.is_dir() and ((src / "zarr.json").exists() or (src / ".zgroup").exists())):
         return False
     import zarr
 
-    return ATLAS_ATTR in dict(zarr.open_group(str(src), mode="r").attrs)
+    return ATLAS_ATTR in dict(zarr.open_group(zarr_store(src), mode="r").attrs)
 
 
-def _stamp(src: Path, layer: str | None) -> dict[str, Any]:
+def _stamp(src: AnyPath, layer: str | None) -> dict[str, Any]:
     stat = src.stat()
     return {"source": str(src), "size": stat.st_size, "mtime": stat.st_mtime, "layer": layer}
 
 
-def _ingested(job: JobConfig, src: Path, out_dir: Path) -> AtlasInfo | None:
+def _ingested(job: JobConfig, src: AnyPath, out_dir: AnyPath) -> AtlasInfo | None:
     """Return the atlas already ingested from ``src`` into ``out_dir`` while still current."""
     from raypipe.atlas.store import open_atlas
 
@@ -121,7 +122,7 @@ def validate_job(job: JobConfig) -> None:
         if keys:
             read_obs_columns(atlas.path, keys)  # a missing column names those present
         return
-    ingested = _ingested(job, src, Path(job.output_dir))
+    ingested = _ingested(job, src, as_path(job.output_dir))
     if ingested is not None:
         if keys:
             read_obs_columns(ingested.path, keys)
@@ -132,7 +133,7 @@ def validate_job(job: JobConfig) -> None:
             _check_columns([str(c) for c in source.obs.columns], keys, str(src))
 
 
-def ensure_atlas(job: JobConfig, out_dir: Path, *, progress: bool = True) -> AtlasInfo:
+def ensure_atlas(job: JobConfig, out_dir: AnyPath, *, progress: bool = True) -> AtlasInfo:
     """Open ``input.path`` as an atlas, ingesting it into ``<out>/atlas.zarr`` when needed."""
     from raypipe.atlas.ingest import ingest
     from raypipe.atlas.reader import resolve_input_path
