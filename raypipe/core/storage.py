@@ -44,6 +44,7 @@ __all__ = [
     "configure",
     "is_url",
     "open_fs",
+    "reset",
     "rmtree",
     "sorted_paths",
     "storage_options",
@@ -84,7 +85,19 @@ def configure(*, endpoint: str | None, region: str | None, anonymous: bool) -> N
         os.environ[OPTIONS_ENV] = json.dumps(opts, sort_keys=True)
     else:
         os.environ.pop(OPTIONS_ENV, None)
+    reset()
+
+
+def reset() -> None:
+    """Forget cached filesystems (after credentials or endpoints changed in this process)."""
     _fs.cache_clear()
+    import fsspec
+
+    for protocol in ("s3", "gs"):
+        try:
+            fsspec.get_filesystem_class(protocol).clear_instance_cache()
+        except (ImportError, ValueError):
+            continue
 
 
 def storage_options(protocol: str) -> dict[str, Any]:
@@ -150,6 +163,13 @@ def _explain(exc: BaseException, url: str, action: str) -> StorageError:
             "access denied (wrong or missing credentials?)",
             "check the credentials of this environment (AWS_PROFILE/instance role/IRSA, "
             "GOOGLE_APPLICATION_CREDENTIALS/workload identity) and the bucket policy",
+        )
+    elif "credentials" in low and ("unable to locate" in low or "nocredentials" in low):
+        why, fix = (
+            "no credentials found",
+            "give this environment credentials (AWS_PROFILE, an instance role/IRSA, "
+            "GOOGLE_APPLICATION_CREDENTIALS/workload identity) or set storage.anonymous for "
+            "public data",
         )
     elif "signaturedoesnotmatch" in low:
         why, fix = "credentials were rejected", "check the secret key of this environment"
@@ -252,8 +272,12 @@ class ObjectPath:
         return bool(self._call("read", self.fs.exists, self.key))
 
     def is_file(self) -> bool:
-        """Whether an object exists here."""
-        return bool(self._call("read", self.fs.isfile, self.key))
+        """Whether an object exists here (a refused request raises, it is not a "no")."""
+        try:
+            info = self._call("read", self.fs.info, self.key)
+        except FileNotFoundError:
+            return False
+        return info.get("type") == "file"
 
     def is_dir(self) -> bool:
         """Whether objects exist under this prefix."""

@@ -1,0 +1,366 @@
+"""Atlases, outputs and caches on object storage, against a real S3 server (moto, loopback).
+
+One moto server (a subprocess on 127.0.0.1) serves the module; raypipe finds it the standard
+way, through ``AWS_ENDPOINT_URL`` and the AWS credential env vars. The Kang 1.5k ``.h5ad`` is
+uploaded once. The end-to-end case is a real ``raypipe run`` subprocess, killed by PID
+mid-way and run again: every cell exactly once, only missing shards recomputed, annotate +
+evaluate + report + ``raypipe export`` from the bucket. A second atlas sharing genes then
+embeds none of them (the shared gene-embedding cache in the bucket). Bad URLs, missing
+credentials and a server that goes away fail with errors naming the URL, never the secret.
+"""
+
+from __future__ import annotations
+
+import collections
+import contextlib
+import io
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+from cluster_utils import kill_pids, tree
+
+pytestmark = [pytest.mark.integration, pytest.mark.timeout(600)]
+
+ROOT = Path(__file__).resolve().parents[1]
+MOTO = Path(sys.executable).with_name("moto_server")
+SECRET = "sEcReT-raypipe-test-0123456789"  # must never appear in logs, manifests or outputs
+KEY_ID = "AKIARAYPIPETEST"
+INPUT = "s3://atlases/kang1k5.h5ad"
+N_SHARDS = 13  # 1,556 cells in shards of 128 rows
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+class MotoServer:
+    """``moto_server`` on a free loopback port, as a subprocess this test owns."""
+
+    def __init__(self) -> None:
+        self.port = _free_port()
+        self.endpoint = f"http://127.0.0.1:{self.port}"
+        self.proc = subprocess.Popen(
+            [str(MOTO), "-H", "127.0.0.1", "-p", str(self.port)],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        deadline = time.time() + 60
+        import urllib.request
+
+        while True:
+            try:
+                urllib.request.urlopen(self.endpoint, timeout=1)
+                return
+            except OSError:
+                if time.time() > deadline or self.proc.poll() is not None:
+                    self.stop()
+                    raise RuntimeError("moto_server did not start") from None
+                time.sleep(0.2)
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(timeout=30)
+
+
+def _env(endpoint: str) -> dict[str, str]:
+    return {
+        "AWS_ENDPOINT_URL": endpoint,
+        "AWS_ACCESS_KEY_ID": KEY_ID,
+        "AWS_SECRET_ACCESS_KEY": SECRET,
+        "AWS_DEFAULT_REGION": "us-east-1",
+    }
+
+
+@pytest.fixture(scope="module")
+def s3(kang1k5: Path, tmp_path_factory):
+    """A moto S3 server with buckets ``atlases`` (the Kang 1.5k file), ``runs``, ``shared``."""
+    if not MOTO.exists():
+        pytest.skip("moto[server] is not installed (pip install -e '.[dev]')")
+    from raypipe.core import storage
+
+    server = MotoServer()
+    try:
+        with pytest.MonkeyPatch.context() as mp:
+            for k, v in _env(server.endpoint).items():
+                mp.setenv(k, v)
+            mp.delenv(storage.OPTIONS_ENV, raising=False)
+            storage.reset()
+            fs = storage.open_fs("s3")
+            for bucket in ("atlases", "runs", "shared"):
+                fs.mkdir(bucket)
+            fs.put_file(str(kang1k5), INPUT.removeprefix("s3://"))
+            yield server
+    finally:
+        storage.reset()
+        server.stop()
+
+
+def _config(tmp_path: Path, **sets: object) -> Path:
+    cfg: dict = {
+        "input": {
+            "path": INPUT,
+            "label_key": "cluster_id",
+            "batch_key": "sample_id",
+            "rows_per_chunk": 128,
+        },
+        "output_dir": "s3://runs/kang1k5",
+        "cache": {"path": "s3://shared/raypipe-cache"},
+        "shards": {"rows": 128},
+        "genes": {"text_source": "symbol"},
+        "embed": {"methods": ["genept_w"]},
+        "annotate": {"enabled": True},
+        "evaluate": {"enabled": True, "sample_size": 600},
+        "ray": {"num_cpus": 2, "actors": 1, "actor_cpus": 0.5},
+    }
+    for key, value in sets.items():
+        *head, last = key.split("__")
+        d = cfg
+        for h in head:
+            d = d.setdefault(h, {})
+        d[last] = value
+    path = tmp_path / f"job-{len(list(tmp_path.glob('job-*.yaml')))}.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+def _raypipe(*args: str, endpoint: str, **kw) -> subprocess.Popen:
+    env = {**os.environ, **_env(endpoint), "PYTHONPATH": str(ROOT)}
+    return subprocess.Popen(
+        [sys.executable, "-m", "raypipe", *args],
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,  # its embedded Ray is in its session: cleaned up with it
+        **kw,
+    )
+
+
+def _fs():
+    from raypipe.core.storage import open_fs
+
+    return open_fs("s3")
+
+
+def _markers(prefix: str, stage: str = "genept_w") -> int:
+    return len(_fs().glob(f"{prefix}/state/{stage}/shard-*.json"))
+
+
+def _manifest(prefix: str) -> dict:
+    return json.loads(_fs().cat_file(f"{prefix}/manifest.json"))
+
+
+def _cells(prefix: str, kind: str = "embeddings") -> collections.Counter[str]:
+    import pyarrow.parquet as pq
+
+    got: collections.Counter[str] = collections.Counter()
+    for f in _fs().glob(f"{prefix}/{kind}/genept_w/part-*.parquet"):
+        t = pq.read_table(io.BytesIO(_fs().cat_file(f)), columns=["obs_name"])
+        got.update(t.column("obs_name").to_pylist())
+    return got
+
+
+def _no_secret(prefix: str, texts: list[str]) -> None:
+    for text in texts:
+        assert SECRET not in text
+    for f in _fs().find(prefix):
+        assert SECRET.encode() not in _fs().cat_file(f), f
+
+
+def test_killed_run_resumes_and_every_stage_writes_to_the_bucket(s3, kang1k5, tmp_path):
+    """input, output_dir and cache.path on S3; killed by PID mid-way; re-run; export."""
+    import anndata as ad
+
+    names = [str(n) for n in ad.read_h5ad(kang1k5, backed="r").obs_names]
+    cfg = _config(tmp_path)
+    prefix = "runs/kang1k5"
+    first = _raypipe("run", str(cfg), endpoint=s3.endpoint)
+    try:
+        deadline = time.time() + 300
+        while _markers(prefix) < 2:
+            assert first.poll() is None, first.communicate()[1][-3000:]
+            assert time.time() < deadline, "no finished shard within 300 s"
+            time.sleep(0.1)
+        # the driver by PID, with its embedded Ray's processes (its descendants) at once, so
+        # no orphaned worker finishes a shard after the count below
+        kill_pids(tree(first.pid))
+        first.wait(timeout=60)
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(first.pid, signal.SIGKILL)  # what is left of its embedded Ray
+        first.communicate()
+    done_before = _markers(prefix)
+    assert 2 <= done_before < N_SHARDS, done_before
+    assert _manifest(prefix)["status"] == "running"  # never `complete`
+    # a killed run leaves only committed parts: each part it wrote has its marker or is redone
+    assert len(_cells(prefix)) <= len(names)
+
+    second = _raypipe("run", str(cfg), endpoint=s3.endpoint)
+    out, err = second.communicate(timeout=500)
+    assert second.returncode == 0, err[-4000:]
+    manifest = _manifest(prefix)
+    print("resumed run timings", manifest["timings"])
+    assert manifest["status"] == "complete"
+    computed = manifest["methods"]["genept_w"]["shards_computed"]
+    assert computed == N_SHARDS - done_before, (computed, done_before)
+
+    # one embedding per cell, read back from the bucket; annotations too
+    emb = _cells(prefix)
+    assert emb == collections.Counter(names), "cells missing or written twice"
+    assert _cells(prefix, "annotations") == collections.Counter(names)
+    fs = _fs()
+    for key in (
+        "metrics.parquet",
+        "report/index.html",
+        "report/umap_genept_w.png",
+        "annotations/label_mapping.parquet",
+        "genes/gene_embeddings.parquet",
+        "atlas.zarr/zarr.json",
+    ):
+        assert fs.exists(f"{prefix}/{key}"), key
+    assert fs.glob("shared/raypipe-cache/gene_embeddings/seg-*.parquet")
+    # the genes were embedded by the killed run and kept in the shared cache
+    assert manifest["genes"]["cache"]["embedded"] == 0
+    assert manifest["genes"]["cache"]["hits"] == manifest["genes"]["cache"]["texts"] > 1000
+
+    # raypipe export reads the run from the bucket
+    h5ad = tmp_path / "kang.h5ad"
+    exp = _raypipe("export", "s3://runs/kang1k5", "--out", str(h5ad), endpoint=s3.endpoint)
+    eout, eerr = exp.communicate(timeout=300)
+    assert exp.returncode == 0, eerr[-3000:]
+    exported = ad.read_h5ad(h5ad)
+    assert exported.n_obs == len(names)
+    assert exported.obsm["X_genept_w"].shape[0] == len(names)
+    _no_secret(prefix, [out, err, eout, eerr])
+
+
+def test_second_atlas_embeds_no_shared_gene_again(s3, kang1k5, tmp_path):
+    """Another atlas with a subset of the genes: every gene text is a cache hit."""
+    import anndata as ad
+
+    from raypipe.config import load_config
+    from raypipe.orchestrate.runner import run_job
+
+    if not _fs().glob("shared/raypipe-cache/gene_embeddings/seg-*.parquet"):
+        pytest.skip("needs the gene-embedding cache the end-to-end test fills")
+    adata = ad.read_h5ad(kang1k5)
+    small = adata[:300, :900].copy()
+    local = tmp_path / "small.h5ad"
+    small.write_h5ad(local)
+    _fs().put_file(str(local), "atlases/small.h5ad")
+    cfg = yaml.safe_load(_config(tmp_path).read_text())
+    cfg.update(
+        input={"path": "s3://atlases/small.h5ad", "rows_per_chunk": 128},
+        output_dir="s3://runs/small",
+        annotate={"enabled": False},
+        evaluate={"enabled": False},
+    )
+    cfg["genes"]["min_coverage"] = 0.1
+    summary = run_job(load_config(cfg), progress=False)
+    assert summary.shards_done == {"genept_w": 3}
+    cache = _manifest("runs/small")["genes"]["cache"]
+    assert cache["embedded"] == 0
+    assert cache["hits"] == cache["texts"] > 0
+    assert cache["path"] == "s3://shared/raypipe-cache/gene_embeddings"
+
+
+@pytest.mark.parametrize(
+    ("sets", "named"),
+    [
+        ({"input__path": "s3://no-such-bucket/a.h5ad"}, "s3://no-such-bucket/a.h5ad"),
+        ({"input__path": "s3://atlases/missing.h5ad"}, "s3://atlases/missing.h5ad"),
+        ({"output_dir": "s3://no-such-bucket/run"}, "s3://no-such-bucket/run"),
+    ],
+    ids=["missing-bucket", "missing-key", "missing-output-bucket"],
+)
+def test_bad_urls_fail_naming_the_url(s3, tmp_path, sets, named):
+    from raypipe.config import load_config
+    from raypipe.errors import InputError
+    from raypipe.orchestrate.runner import run_job
+
+    cfg = yaml.safe_load(_config(tmp_path, **sets).read_text())
+    with pytest.raises(InputError) as info:
+        run_job(load_config(cfg), progress=False)
+    assert named in str(info.value)
+    assert SECRET not in str(info.value)
+    assert not _fs().exists("no-such-bucket")
+
+
+def test_missing_credentials_fail_naming_the_url(s3, tmp_path, monkeypatch):
+    from raypipe.config import load_config
+    from raypipe.core import storage
+    from raypipe.errors import InputError
+    from raypipe.orchestrate.runner import run_job
+
+    for k in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_PROFILE"):
+        monkeypatch.delenv(k, raising=False)
+    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(tmp_path / "none"))
+    monkeypatch.setenv("AWS_CONFIG_FILE", str(tmp_path / "none"))
+    monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")
+    storage.reset()
+    cfg = yaml.safe_load(_config(tmp_path, output_dir="s3://runs/nocreds").read_text())
+    try:
+        with pytest.raises(InputError) as info:
+            run_job(load_config(cfg), progress=False)
+    finally:
+        monkeypatch.undo()
+        storage.reset()
+    assert "s3://runs/nocreds" in str(info.value) or INPUT in str(info.value)
+    assert "credentials" in str(info.value)
+    assert not _fs().exists("runs/nocreds/manifest.json")
+
+
+def test_server_gone_mid_run_fails_naming_the_url(s3, kang1k5, tmp_path):
+    """A second S3 server dies while the run writes shards: a clear error, never `complete`."""
+    other = MotoServer()
+    try:
+        from raypipe.core import storage
+
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setenv("AWS_ENDPOINT_URL", other.endpoint)
+            storage.reset()
+            fs = storage.open_fs("s3")
+            for bucket in ("atlases", "runs"):
+                fs.mkdir(bucket)
+            fs.put_file(str(kang1k5), INPUT.removeprefix("s3://"))
+            cfg = _config(
+                tmp_path,
+                output_dir="s3://runs/gone",
+                cache__path=str(tmp_path / "cache"),
+                annotate__enabled=False,
+                evaluate__enabled=False,
+            )
+            run = _raypipe("run", str(cfg), endpoint=other.endpoint)
+            try:
+                deadline = time.time() + 300
+                while not fs.exists("runs/gone/atlas.zarr/zarr.json"):
+                    assert run.poll() is None, run.communicate()[1][-3000:]
+                    assert time.time() < deadline
+                    time.sleep(0.1)
+                other.stop()  # the server goes away while the run works
+                out, err = run.communicate(timeout=400)
+            finally:
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(run.pid, signal.SIGKILL)
+            assert run.returncode != 0
+            assert "s3://" in err
+            assert SECRET not in out + err
+            assert "status: complete" not in out
+    finally:
+        from raypipe.core import storage
+
+        storage.reset()
+        other.stop()
