@@ -364,3 +364,52 @@ def test_server_gone_mid_run_fails_naming_the_url(s3, kang1k5, tmp_path):
 
         storage.reset()
         other.stop()
+
+
+def test_llm_cache_and_gene_cache_live_in_a_bucket_and_accumulate(s3):
+    """Concurrent writers of both caches only add write-once segments; text A → B → A is free."""
+    import numpy as np
+
+    from raypipe.genes.cache import GeneEmbeddingCache
+    from raypipe.llm.cache import LLMCache, stats
+
+    a, b = LLMCache("s3://shared/llm"), LLMCache("s3://shared/llm")
+    a.put("k1", backend="openai", model="m", kind="embed", version="1", vec=np.ones(3))
+    b.put("k2", backend="openai", model="m", kind="chat", version="1", text="hello")
+    a.flush()
+    b.flush()
+    c = LLMCache("s3://shared/llm")
+    got = c.get_many(["k1", "k2", "k3"])
+    assert set(got) == {"k1", "k2"}
+    assert got["k2"].text == "hello"
+    assert stats("s3://shared/llm")["entries"] == 2
+
+    texts_a, texts_b = ["gene A text", "gene B text"], ["other text"]
+    w1 = GeneEmbeddingCache("s3://shared/genes-acc", "model-x")
+    w2 = GeneEmbeddingCache("s3://shared/genes-acc", "model-x")
+    w1.add(texts_a, np.eye(2, 4, dtype=np.float32))
+    w2.add(texts_b, np.ones((1, 4), dtype=np.float32))
+    w1.flush()
+    w2.flush()
+    loaded = GeneEmbeddingCache("s3://shared/genes-acc", "model-x").load()
+    assert set(loaded) == {*texts_a, *texts_b}  # switching back to source A embeds nothing
+    assert GeneEmbeddingCache("s3://shared/genes-acc", "model-y").load() == {}
+
+
+def test_files_the_config_names_can_be_urls(s3, tmp_path, monkeypatch):
+    """genes.table / orgdb / ontology / a CE checkpoint folder: downloaded once per machine."""
+    from raypipe.core.storage import local_copy
+
+    monkeypatch.setenv("RAYPIPE_CACHE_DIR", str(tmp_path / "user"))
+    fs = _fs()
+    fs.pipe_file("shared/tables/genes.tsv", b"symbol\ttext\nCD3E\tT cell receptor\n")
+    fs.pipe_file("shared/ckpt/config.json", b"{}")
+    fs.pipe_file("shared/ckpt/model.safetensors", b"weights")
+    table = local_copy("s3://shared/tables/genes.tsv")
+    assert table.read_text().startswith("symbol")
+    ckpt = local_copy("s3://shared/ckpt")
+    assert sorted(p.name for p in ckpt.iterdir()) == ["config.json", "model.safetensors"]
+    assert local_copy("s3://shared/ckpt") == ckpt  # cached: same version, no new download
+    fs.pipe_file("shared/tables/genes.tsv", b"symbol\ttext\nCD3E\tchanged\n")
+    assert "changed" in local_copy("s3://shared/tables/genes.tsv").read_text()
+    assert local_copy(str(tmp_path)) == tmp_path  # local paths stay as they are

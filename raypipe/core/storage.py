@@ -43,11 +43,13 @@ __all__ = [
     "as_path",
     "configure",
     "is_url",
+    "local_copy",
     "open_fs",
     "reset",
     "rmtree",
     "sorted_paths",
     "storage_options",
+    "user_cache_dir",
     "write_bytes_atomic",
     "write_file_atomic",
     "zarr_store",
@@ -416,6 +418,54 @@ def write_file_atomic(path: AnyPath, write: Any) -> None:
     tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
     write(tmp)
     os.replace(tmp, path)
+
+
+def user_cache_dir() -> Path:
+    """Return the per-user cache folder: ``$RAYPIPE_CACHE_DIR`` or ``~/.cache/raypipe``."""
+    return Path(os.environ.get("RAYPIPE_CACHE_DIR") or "~/.cache/raypipe").expanduser()
+
+
+def local_copy(path: str | os.PathLike[str] | ObjectPath) -> Path:
+    """Return a local path for ``path``: itself when local, else a cached download.
+
+    For inputs that libraries read only from local files (SQLite databases, checkpoint
+    folders for ``from_pretrained``, small tables): a URL of a file or folder is downloaded
+    once per machine into ``<user cache>/downloads/`` and downloaded again only when the
+    object's size or version tag changed. Every Ray worker calls this itself, so each node
+    has its own copy.
+    """
+    p = as_path(path)
+    if isinstance(p, Path):
+        return p
+    import hashlib
+
+    dest_root = user_cache_dir() / "downloads" / hashlib.sha256(str(p).encode()).hexdigest()[:16]
+    dest = dest_root / (p.name or "object")
+    stamp = dest_root / "source.json"
+    if p.is_dir():
+        files = p._call("list", p.fs.find, p.key, detail=True)
+        version = {k: [v.get("size"), v.get("ETag") or v.get("etag")] for k, v in files.items()}
+    else:
+        st = p.stat()
+        version = {p.key: [st.st_size, st.st_mtime]}
+    want = json.dumps({"url": str(p), "version": version}, sort_keys=True, default=str)
+    if dest.exists() and stamp.is_file() and stamp.read_text() == want:
+        return dest
+    tmp = dest_root / f".download-{uuid.uuid4().hex[:8]}"
+    tmp.mkdir(parents=True, exist_ok=True)
+    try:
+        target = tmp / dest.name
+        if p.is_dir():
+            p._call("read", p.fs.get, p.key + "/", str(target) + "/", recursive=True)
+        else:
+            p._call("read", p.fs.get_file, p.key, str(target))
+        if dest.exists():
+            shutil.rmtree(dest) if dest.is_dir() else dest.unlink()
+        os.replace(target, dest)
+        write_bytes_atomic(stamp, want.encode())
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return dest
 
 
 def zarr_store(path: str | AnyPath, *, read_only: bool = True) -> Any:

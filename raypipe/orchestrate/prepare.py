@@ -56,7 +56,7 @@ def _ingested(job: JobConfig, src: AnyPath, out_dir: AnyPath) -> AtlasInfo | Non
 
 
 def _check_paths(job: JobConfig) -> None:
-    """Files and folders the config names must exist (URLs and hub ids are checked later)."""
+    """Files and folders the config names must exist (paths and URLs; hub ids are checked later)."""
     named = {
         "genes.table": job.genes.table if job.genes.text_source == "table" else None,
         "genes.orgdb": job.genes.orgdb,
@@ -65,7 +65,7 @@ def _check_paths(job: JobConfig) -> None:
         "annotate.ontology": job.annotate.ontology if job.annotate.enabled else None,
     }
     for key, value in named.items():
-        if value and "://" not in value and not Path(value).expanduser().exists():
+        if value and not as_path(value if "://" in value else Path(value).expanduser()).exists():
             raise InputError(f"{key} {value} does not exist", fix=f"check {key} in the config")
 
 
