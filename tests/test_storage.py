@@ -413,3 +413,31 @@ def test_files_the_config_names_can_be_urls(s3, tmp_path, monkeypatch):
     fs.pipe_file("shared/tables/genes.tsv", b"symbol\ttext\nCD3E\tchanged\n")
     assert "changed" in local_copy("s3://shared/tables/genes.tsv").read_text()
     assert local_copy(str(tmp_path)) == tmp_path  # local paths stay as they are
+
+
+def test_a_missing_extra_names_the_extra(monkeypatch):
+    import importlib
+
+    from raypipe.core import storage
+    from raypipe.errors import InputError
+
+    loaded = importlib.import_module("fsspec.registry")._registry  # imported implementations
+    monkeypatch.setitem(sys.modules, "gcsfs", None)  # as if raypipe[gcs] were not installed
+    for name in ("gs", "gcs"):
+        monkeypatch.delitem(loaded, name, raising=False)
+    storage.reset()
+    with pytest.raises(InputError, match=r"pip install 'raypipe\[gcs\]'"):
+        storage.as_path("gs://some-bucket/atlas.zarr").exists()
+    storage.reset()
+
+
+def test_local_paths_and_file_urls_stay_pathlib(tmp_path):
+    from raypipe.core.storage import ObjectPath, as_path, is_url
+
+    assert as_path(str(tmp_path)) == tmp_path
+    assert as_path(f"file://{tmp_path}") == tmp_path
+    assert not is_url("builtin:pbmc68k_reduced")
+    p = as_path("s3://bucket/runs/x/part-00001.parquet")
+    assert isinstance(p, ObjectPath)
+    assert (p.name, p.stem, p.suffix) == ("part-00001.parquet", "part-00001", ".parquet")
+    assert str(p.parent / "y.json") == "s3://bucket/runs/x/y.json"

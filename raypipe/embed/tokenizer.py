@@ -18,6 +18,7 @@ with a shard-wide ``np.lexsort`` engine and a per-cell numpy loop (all three agr
 from __future__ import annotations
 
 import math
+import tempfile
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,6 +26,7 @@ from typing import Any, Literal, cast
 
 import numpy as np
 
+from raypipe.core.storage import ObjectPath, as_path, zarr_store
 from raypipe.embed.dictionaries import (
     GeneformerDictionaries,
     TokenPlan,
@@ -313,7 +315,7 @@ def write_tokens(
     import pyarrow.parquet as pq
     import scipy.sparse as sp
 
-    src, out = Path(input_path), Path(out_path)
+    src, out = as_path(input_path), as_path(out_path)  # paths or URLs (s3://, gs://)
     dicts = GeneformerDictionaries.load(dictionary)
     table = load_dict(gene_name_id) if gene_name_id else dicts.gene_name_id
     group: Any
@@ -322,11 +324,11 @@ def write_tokens(
         if src.suffix == ".zarr" or src.is_dir():
             import zarr
 
-            group = zarr.open_group(str(src), mode="r")
+            group = zarr.open_group(zarr_store(src), mode="r")
         else:
             import h5py
 
-            group = h5py.File(src, "r")
+            group = h5py.File(src.open("rb") if isinstance(src, ObjectPath) else src, "r")
         obs = ad.io.read_elem(group["obs"])
         var = ad.io.read_elem(group["var"])
         xel = group["X"]
@@ -346,7 +348,11 @@ def write_tokens(
             f"{dicts.name} dictionary via {how}; unknown e.g. {', '.join(map(str, unknown))}",
             fix="add var['ensembl_id'], pass --gene-name-id, or lower min_coverage",
         )
-    tmp = out.with_name(out.name + ".tmp")
+    tmp = (
+        Path(tempfile.mkdtemp()) / out.name
+        if isinstance(out, ObjectPath)
+        else out.with_name(out.name + ".tmp")
+    )
     n_empty, n_rows = 0, int(obs.shape[0])
     schema = pa.schema(
         [("obs_name", pa.string()), ("input_ids", pa.list_(pa.int32())), ("length", pa.int32())]
@@ -371,7 +377,11 @@ def write_tokens(
             )
     if hasattr(group, "close"):
         group.close()
-    tmp.replace(out)
+    if isinstance(out, ObjectPath):  # one upload: the object appears whole when it completes
+        out.fs.put_file(str(tmp), out.key)
+        tmp.unlink()
+    else:
+        tmp.replace(out)
     return {"n_cells": n_rows, "n_empty": n_empty, "coverage": plan.coverage,
             "x_kind": x_kind, "id_source": how, "out": str(out)}  # fmt: skip
 
