@@ -25,62 +25,19 @@ from pathlib import Path
 import pytest
 import yaml
 from cluster_utils import kill_pids, tree
+from servers.s3 import MOTO, MotoServer, s3_env
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(600)]
 
 ROOT = Path(__file__).resolve().parents[1]
-MOTO = Path(sys.executable).with_name("moto_server")
 SECRET = "sEcReT-raypipe-test-0123456789"  # must never appear in logs, manifests or outputs
 KEY_ID = "AKIARAYPIPETEST"
 INPUT = "s3://atlases/kang1k5.h5ad"
 N_SHARDS = 13  # 1,556 cells in shards of 128 rows
 
 
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-class MotoServer:
-    """``moto_server`` on a free loopback port, as a subprocess this test owns."""
-
-    def __init__(self) -> None:
-        self.port = _free_port()
-        self.endpoint = f"http://127.0.0.1:{self.port}"
-        self.proc = subprocess.Popen(
-            [str(MOTO), "-H", "127.0.0.1", "-p", str(self.port)],
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-        )
-        deadline = time.time() + 60
-        import urllib.request
-
-        while True:
-            try:
-                urllib.request.urlopen(self.endpoint, timeout=1)
-                return
-            except OSError:
-                if time.time() > deadline or self.proc.poll() is not None:
-                    self.stop()
-                    raise RuntimeError("moto_server did not start") from None
-                time.sleep(0.2)
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.kill()
-            self.proc.wait(timeout=30)
-
-
 def _env(endpoint: str) -> dict[str, str]:
-    return {
-        "AWS_ENDPOINT_URL": endpoint,
-        "AWS_ACCESS_KEY_ID": KEY_ID,
-        "AWS_SECRET_ACCESS_KEY": SECRET,
-        "AWS_DEFAULT_REGION": "us-east-1",
-    }
+    return s3_env(endpoint, secret=SECRET, key_id=KEY_ID)
 
 
 @pytest.fixture(scope="module")
