@@ -1,8 +1,10 @@
 """The gene space of a run: which gene each atlas column is, its text and text embedding.
 
-Runs on the driver before the per-shard stages. Gene embeddings are cached in
-``genes/gene_embeddings.parquet`` keyed by (text, model): a re-run, or a run whose source
-changed only for a few genes, embeds only texts it has not embedded before.
+Runs on the driver before the per-shard stages. Gene embeddings are cached keyed by (text,
+model) in the shared cache that outlives runs (:mod:`raypipe.genes.cache`, under
+``cache.path``) and, for this run, in ``genes/gene_embeddings.parquet``: a re-run, another
+atlas, or a run whose source changed only for a few genes, embeds only texts no run embedded
+before.
 """
 
 from __future__ import annotations
