@@ -398,3 +398,23 @@ def test_local_paths_and_file_urls_stay_pathlib(tmp_path):
     assert isinstance(p, ObjectPath)
     assert (p.name, p.stem, p.suffix) == ("part-00001.parquet", "part-00001", ".parquet")
     assert str(p.parent / "y.json") == "s3://bucket/runs/x/y.json"
+
+
+def test_ingest_from_bucket_to_bucket(s3, kang1k5):
+    """``raypipe ingest s3://… --out s3://…``: chunk by chunk; the metadata written last commits."""
+    import anndata as ad
+    import numpy as np
+
+    from raypipe.atlas.ingest import ingest
+    from raypipe.atlas.store import open_atlas, read_obs_names, read_shard
+    from raypipe.errors import InputError
+
+    res = ingest(INPUT, "s3://runs/ingested.zarr", rows_per_chunk=512, progress=False)
+    atlas = open_atlas("s3://runs/ingested.zarr")
+    assert (atlas.n_obs, len(atlas.chunk_hashes)) == (res.atlas.n_obs, 4)
+    ref = ad.read_h5ad(kang1k5)
+    x = read_shard("s3://runs/ingested.zarr", 512, 1024)
+    assert np.allclose(x.toarray(), ref.X[512:1024].toarray())
+    assert list(read_obs_names("s3://runs/ingested.zarr", 0, 3)) == list(ref.obs_names[:3])
+    with pytest.raises(InputError, match="already exists"):
+        ingest(INPUT, "s3://runs/ingested.zarr", progress=False)
