@@ -418,3 +418,16 @@ def test_ingest_from_bucket_to_bucket(s3, kang1k5):
     assert list(read_obs_names("s3://runs/ingested.zarr", 0, 3)) == list(ref.obs_names[:3])
     with pytest.raises(InputError, match="already exists"):
         ingest(INPUT, "s3://runs/ingested.zarr", progress=False)
+
+
+def test_storage_section_sets_the_endpoint_when_the_environment_cannot(s3, monkeypatch):
+    from raypipe.core import storage
+
+    monkeypatch.delenv("AWS_ENDPOINT_URL")
+    storage.configure(endpoint=s3.endpoint, region="us-east-1", anonymous=False)
+    try:
+        assert storage.as_path(INPUT).is_file()
+        assert SECRET not in os.environ[storage.OPTIONS_ENV]  # what reaches the Ray workers
+    finally:
+        storage.configure(endpoint=None, region=None, anonymous=False)
+    assert storage.OPTIONS_ENV not in os.environ
