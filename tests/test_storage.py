@@ -76,7 +76,8 @@ def _config(tmp_path: Path, **sets: object) -> Path:
         "cache": {"path": "s3://shared/raypipe-cache"},
         "shards": {"rows": 128},
         "genes": {"text_source": "symbol"},
-        "embed": {"methods": ["genept_w"]},
+        # test only: no HVG pre-pass (one Ray Data stage less per run), for speed
+        "embed": {"methods": ["genept_w"], "genept_w": {"hvg": None}},
         "annotate": {"enabled": True},
         "evaluate": {"enabled": True, "sample_size": 600},
         "ray": {"num_cpus": 2, "actors": 1, "actor_cpus": 0.5},
