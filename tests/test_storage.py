@@ -432,3 +432,50 @@ def test_storage_section_sets_the_endpoint_when_the_environment_cannot(s3, monke
     finally:
         storage.configure(endpoint=None, region=None, anonymous=False)
     assert storage.OPTIONS_ENV not in os.environ
+
+
+def test_an_interrupted_gene_embedding_keeps_finished_batches(kang1k5, tmp_path, monkeypatch):
+    """Issue #10 item 8: batches finished before an interruption are kept; the re-run embeds the rest."""
+    import anndata as ad
+    import numpy as np
+    import pandas as pd
+
+    from raypipe.atlas.ingest import ingest
+    from raypipe.config import load_config
+    from raypipe.genes.space import prepare_gene_space
+    from raypipe.llm import text_stage
+
+    small = tmp_path / "small.h5ad"
+    ad.read_h5ad(kang1k5)[:64, :300].copy().write_h5ad(small)
+    atlas = ingest(small, tmp_path / "atlas.zarr", progress=False).atlas
+    job = load_config(
+        {
+            "input": {"path": str(small)},
+            "output_dir": str(tmp_path / "run"),
+            "cache": {"path": str(tmp_path / "cache")},
+            "genes": {"text_source": "symbol", "min_coverage": 0.1},
+        }
+    )
+    asked: list[list[str]] = []
+
+    def interrupted(texts, job, *, on_batch=None, **kw):
+        asked.append(list(texts))
+        half = texts[: len(texts) // 2]
+        emb = [np.full(4, i, dtype=np.float32) for i in range(len(half))]
+        on_batch(pd.DataFrame({"i": range(len(half)), "text": half, "embedding": emb, "error": ""}))
+        raise KeyboardInterrupt  # the run stops here
+
+    monkeypatch.setattr(text_stage, "embed_texts", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        prepare_gene_space(job, atlas, tmp_path / "run")
+
+    def rest(texts, job, *, on_batch=None, **kw):
+        asked.append(list(texts))
+        return np.ones((len(texts), 4), np.float32), [""] * len(texts), {}
+
+    monkeypatch.setattr(text_stage, "embed_texts", rest)
+    genes = prepare_gene_space(job, atlas, tmp_path / "run")
+    first, second = asked
+    assert second == first[len(first) // 2 :]  # only what the interrupted run had not finished
+    assert genes.cache["hits"] == len(first) // 2
+    assert genes.cache["embedded"] == len(second)
