@@ -86,7 +86,7 @@ def _cmd_report(args: argparse.Namespace) -> int:
     if args.open:
         import webbrowser
 
-        webbrowser.open(index.resolve().as_uri())
+        webbrowser.open(index.resolve().as_uri() if isinstance(index, Path) else str(index))
     return 0
 
 

@@ -26,6 +26,7 @@ from raypipe.atlas.reader import AtlasSource, open_source, resolve_input_path
 from raypipe.atlas.store import ATLAS_ATTR, AtlasInfo, open_atlas
 from raypipe.core.faults import fault_point
 from raypipe.core.outputs import disk_full_error, is_disk_full
+from raypipe.core.storage import AnyPath, ObjectPath, as_path, zarr_store
 from raypipe.errors import InputError
 
 __all__ = [
@@ -62,7 +63,7 @@ def detect_x_kind(nonint_values: int, max_value: float) -> str:
     return "unknown"
 
 
-def _check_chunk(x: sp.csr_matrix, start: int, path: Path, var_names: pd.Index) -> None:
+def _check_chunk(x: sp.csr_matrix, start: int, path: AnyPath, var_names: pd.Index) -> None:
     data = x.data
     bad = ~np.isfinite(data)
     if bad.any() or (data < 0).any():
@@ -120,7 +121,7 @@ def chunk_hash(x: sp.csr_matrix) -> str:
     return h.hexdigest()
 
 
-def check_unique_obs_names(names: pd.Index, where: str | Path) -> None:
+def check_unique_obs_names(names: pd.Index, where: str | AnyPath) -> None:
     """Refuse duplicated cell names: every output joins back to the AnnData by ``obs_name``.
 
     Raises
@@ -160,8 +161,8 @@ def _chunks(src: AtlasSource, rows_per_chunk: int) -> Iterator[tuple[int, sp.csr
 
 
 def ingest(
-    input_path: str | Path,
-    out: str | Path,
+    input_path: str | AnyPath,
+    out: str | AnyPath,
     *,
     rows_per_chunk: int = 1024,
     x_kind: str = "auto",
@@ -176,7 +177,10 @@ def ingest(
     input_path
         ``.h5ad``, AnnData ``.zarr``, a 10x ``matrix.mtx(.gz)`` folder, or ``builtin:NAME``.
     out
-        Destination ``.zarr`` folder.
+        Destination ``.zarr`` folder or URL. Locally the store is written under a temporary
+        name and renamed; in a bucket (no rename there) it is written in place and its
+        raypipe metadata, written last, is the commit point (:func:`open_atlas` refuses a
+        store without it).
     rows_per_chunk
         Rows per Zarr chunk (the unit of sharding).
     x_kind
@@ -197,7 +201,7 @@ def ingest(
     if rows_per_chunk <= 0:
         raise InputError(f"--rows-per-chunk must be > 0 (got {rows_per_chunk})", fix="e.g. 1024")
     src_path = resolve_input_path(str(input_path))
-    out = Path(out)
+    out = as_path(out)
     if out.exists() and not overwrite:
         raise InputError(
             f"{out} already exists", fix="pass --overwrite to replace it, or choose another --out"
@@ -224,11 +228,10 @@ def ingest(
             obs = src.obs.copy()
             obs.index = obs.index.astype(str)
             check_unique_obs_names(obs.index, src_path)
-            _remove_stale_temps(out)
-            tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
-            if tmp.exists():
-                shutil.rmtree(tmp)
-            group = zarr.open_group(str(tmp), mode="w", zarr_format=3)
+            if isinstance(out, Path):
+                _remove_stale_temps(out)
+            tmp = _staging(out)
+            group = zarr.open_group(zarr_store(tmp, read_only=False), mode="w", zarr_format=3)
             write_elem(group, "obs", obs)
             write_elem(group, "var", var)
             hashes: list[str] = []
@@ -285,12 +288,35 @@ def ingest(
                 zero_count_cells=zero_cells,
             )
     except BaseException as exc:
-        if "tmp" in locals() and Path(tmp).exists():
-            shutil.rmtree(tmp, ignore_errors=True)
+        if "tmp" in locals():
+            _remove(tmp)
         if is_disk_full(exc):
             raise disk_full_error(out) from None
         raise
-    if out.exists():
-        shutil.rmtree(out)
-    tmp.rename(out)
+    if isinstance(out, Path):
+        if out.exists():
+            shutil.rmtree(out)
+        tmp.rename(out)  # type: ignore[union-attr]
     return IngestResult(open_atlas(out), time.perf_counter() - t0, zero_cells, dup)
+
+
+def _staging(out: AnyPath) -> AnyPath:
+    """Where ingest writes: a temporary sibling locally; ``out`` itself (emptied) in a bucket."""
+    if isinstance(out, ObjectPath):
+        out.rmtree()  # no rename on object stores: the metadata written last commits
+        return out
+    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    return tmp
+
+
+def _remove(path: AnyPath) -> None:
+    """Delete a store that failed half-way (a bucket's has no raypipe metadata yet)."""
+    if isinstance(path, ObjectPath):
+        try:
+            path.rmtree()
+        except (OSError, InputError):
+            log.warning("could not remove the partial atlas %s", path)
+    elif path.exists():
+        shutil.rmtree(path, ignore_errors=True)

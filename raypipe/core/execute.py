@@ -51,7 +51,17 @@ def init_ray(cfg: RayConfig) -> str:
             _start_reaper()
         else:
             address = None if cfg.address == "local" else cfg.address
-            ray.init(address=address, configure_logging=False, log_to_driver=False)
+            from raypipe.core.storage import OPTIONS_ENV
+
+            # the job's storage: section reaches every worker (never a credential: those come
+            # from each node's own environment: instance profile, IRSA, workload identity)
+            env = {OPTIONS_ENV: os.environ[OPTIONS_ENV]} if os.environ.get(OPTIONS_ENV) else {}
+            ray.init(
+                address=address,
+                configure_logging=False,
+                log_to_driver=False,
+                runtime_env={"env_vars": env} if env else None,
+            )
             res = ray.cluster_resources()
             desc = f"Ray cluster {address or os.environ.get('RAY_ADDRESS')} ({int(res.get('CPU', 0))} CPUs, {int(res.get('GPU', 0))} GPUs)"
     _configure_ray_data(quiet)

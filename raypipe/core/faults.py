@@ -21,13 +21,15 @@ import os
 import time
 from pathlib import Path
 
+from raypipe.core.storage import AnyPath
+
 __all__ = ["FAULT_ENV", "READY_ENV", "fault_point"]
 
 FAULT_ENV = "RAYPIPE_FAULT"
 READY_ENV = "RAYPIPE_FAULT_READY"
 
 
-def fault_point(name: str, path: str | Path | None = None) -> None:
+def fault_point(name: str, path: str | AnyPath | None = None) -> None:
     """Inject the fault ``RAYPIPE_FAULT`` asks for at point ``name`` (no-op when unset).
 
     Parameters

@@ -8,6 +8,7 @@ counted as done, so a crash leaves nothing that looks complete.
 from __future__ import annotations
 
 import errno
+import io
 import json
 import os
 import uuid
@@ -18,6 +19,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from raypipe.core.storage import AnyPath, ObjectPath, as_path, sorted_paths, write_bytes_atomic
 from raypipe.errors import RaypipeError
 
 if TYPE_CHECKING:
@@ -31,7 +33,9 @@ __all__ = [
     "is_disk_full",
     "marker_path",
     "part_path",
+    "read_frame",
     "read_marker",
+    "read_parquet",
     "read_parts",
     "write_parquet_atomic",
 ]
@@ -44,7 +48,7 @@ def is_disk_full(exc: BaseException) -> bool:
     return isinstance(exc, OSError) and ("[Errno 28]" in str(exc) or "No space left" in str(exc))
 
 
-def disk_full_error(path: str | Path) -> RaypipeError:
+def disk_full_error(path: str | AnyPath) -> RaypipeError:
     """Return the error a full disk gives: the path written and the fix."""
     return RaypipeError(
         f"disk full while writing {path} (No space left on device)",
@@ -69,8 +73,11 @@ def _disk_full_named(path: Path, tmp: Path) -> Iterator[None]:
         raise
 
 
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` via a temporary file and an atomic rename."""
+def atomic_write_bytes(path: AnyPath, data: bytes) -> None:
+    """Write ``data`` to ``path`` via a temporary file and an atomic rename (one PUT on a bucket)."""
+    if isinstance(path, ObjectPath):
+        write_bytes_atomic(path, data)
+        return
     tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
     with _disk_full_named(path, tmp):
         with tmp.open("wb") as fh:
@@ -80,32 +87,55 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
         os.replace(tmp, path)
 
 
-def atomic_write_json(path: Path, obj: Any) -> None:
+def atomic_write_json(path: AnyPath, obj: Any) -> None:
     """Write ``obj`` as indented JSON, atomically."""
     atomic_write_bytes(path, json.dumps(obj, indent=2, sort_keys=True, default=str).encode())
 
 
-def write_parquet_atomic(path: Path, table: Any) -> None:
-    """Write a pyarrow table to ``path`` atomically."""
+def write_parquet_atomic(path: AnyPath, table: Any) -> None:
+    """Write a pyarrow table to ``path`` atomically (on a bucket: one PUT of the whole file)."""
     import pyarrow.parquet as pq
 
+    if isinstance(path, ObjectPath):
+        buf = io.BytesIO()
+        pq.write_table(table, buf, use_dictionary=False)
+        path.write_bytes(buf.getvalue())
+        return
     tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
     with _disk_full_named(path, tmp):
         pq.write_table(table, tmp, use_dictionary=False)  # embeddings and cell names never repeat
         os.replace(tmp, path)
 
 
-def part_path(out_dir: str | Path, kind: str, method: str, shard: int) -> Path:
+def part_path(out_dir: str | AnyPath, kind: str, method: str, shard: int) -> AnyPath:
     """Return ``<out>/<kind>/<method>/part-<shard>.parquet``."""
-    return Path(out_dir) / kind / method / f"part-{shard:05d}.parquet"
+    return as_path(out_dir) / kind / method / f"part-{shard:05d}.parquet"
 
 
-def marker_path(out_dir: str | Path, stage: str, shard: int) -> Path:
+def marker_path(out_dir: str | AnyPath, stage: str, shard: int) -> AnyPath:
     """Return the completion marker of ``stage`` for ``shard``."""
-    return Path(out_dir) / "state" / stage / f"shard-{shard:05d}.json"
+    return as_path(out_dir) / "state" / stage / f"shard-{shard:05d}.json"
 
 
-def read_marker(path: Path) -> dict[str, Any] | None:
+def read_parquet(path: AnyPath, columns: list[str] | None = None) -> Any:
+    """Read a parquet file (local or in a bucket) as a pyarrow table."""
+    import pyarrow.parquet as pq
+
+    if isinstance(path, ObjectPath):
+        return pq.read_table(io.BytesIO(path.read_bytes()), columns=columns)
+    return pq.read_table(path, columns=columns)
+
+
+def read_frame(path: AnyPath, columns: list[str] | None = None) -> pd.DataFrame:
+    """Read a parquet file (local or in a bucket) as a pandas DataFrame."""
+    import pandas as pd
+
+    if isinstance(path, ObjectPath):
+        return pd.read_parquet(io.BytesIO(path.read_bytes()), columns=columns)
+    return pd.read_parquet(path, columns=columns)
+
+
+def read_marker(path: AnyPath) -> dict[str, Any] | None:
     """Read a completion marker (None when absent or unreadable)."""
     try:
         return json.loads(path.read_text())  # type: ignore[no-any-return]
@@ -157,17 +187,23 @@ def embedding_table(
 
 
 def read_parts(
-    out_dir: str | Path, kind: str, method: str, columns: list[str] | None = None
+    out_dir: str | AnyPath, kind: str, method: str, columns: list[str] | None = None
 ) -> pd.DataFrame:
     """Read every part of an output, sorted by atlas row (``columns`` absent from a part are skipped)."""
     import pandas as pd
     import pyarrow.parquet as pq
 
-    files = sorted((Path(out_dir) / kind / method).glob("part-*.parquet"))
+    files = sorted_paths((as_path(out_dir) / kind / method).glob("part-*.parquet"))
     if not files:
         return pd.DataFrame(columns=columns or [])
 
-    def read(f: Path) -> pd.DataFrame:
+    def read(f: AnyPath) -> pd.DataFrame:
+        if isinstance(f, ObjectPath):
+            t = pq.read_table(io.BytesIO(f.read_bytes()))
+            keep = (
+                t.column_names if columns is None else [c for c in columns if c in t.column_names]
+            )
+            return t.select(keep).to_pandas()
         names = pq.read_schema(f).names
         cols = None if columns is None else [c for c in columns if c in names]
         return pq.read_table(f, columns=cols).to_pandas()

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from raypipe.core.outputs import atomic_write_json, read_marker
+from raypipe.core.storage import AnyPath, as_path, zarr_store
 from raypipe.errors import ConfigError, InputError
 
 if TYPE_CHECKING:
@@ -29,27 +30,27 @@ log = logging.getLogger(__name__)
 STAMP = Path("state") / "atlas_source.json"
 
 
-def _is_atlas(src: Path) -> bool:
+def _is_atlas(src: AnyPath) -> bool:
     from raypipe.atlas.store import ATLAS_ATTR
 
     if not (src.is_dir() and ((src / "zarr.json").exists() or (src / ".zgroup").exists())):
         return False
     import zarr
 
-    return ATLAS_ATTR in dict(zarr.open_group(str(src), mode="r").attrs)
+    return ATLAS_ATTR in dict(zarr.open_group(zarr_store(src), mode="r").attrs)
 
 
-def _stamp(src: Path, layer: str | None) -> dict[str, Any]:
+def _stamp(src: AnyPath, layer: str | None) -> dict[str, Any]:
     stat = src.stat()
     return {
-        "source": str(src.resolve()),
+        "source": str(src.resolve()) if isinstance(src, Path) else str(src),
         "size": stat.st_size,
         "mtime": stat.st_mtime,
         "layer": layer,
     }
 
 
-def _ingested(job: JobConfig, src: Path, out_dir: Path) -> AtlasInfo | None:
+def _ingested(job: JobConfig, src: AnyPath, out_dir: AnyPath) -> AtlasInfo | None:
     """Return the atlas already ingested from ``src`` into ``out_dir`` while still current."""
     from raypipe.atlas.store import open_atlas
 
@@ -62,7 +63,7 @@ def _ingested(job: JobConfig, src: Path, out_dir: Path) -> AtlasInfo | None:
 
 
 def _check_paths(job: JobConfig) -> None:
-    """Files and folders the config names must exist (URLs and hub ids are checked later)."""
+    """Files and folders the config names must exist (paths and URLs; hub ids are checked later)."""
     named = {
         "genes.table": job.genes.table if job.genes.text_source == "table" else None,
         "genes.orgdb": job.genes.orgdb,
@@ -71,7 +72,7 @@ def _check_paths(job: JobConfig) -> None:
         "annotate.ontology": job.annotate.ontology if job.annotate.enabled else None,
     }
     for key, value in named.items():
-        if value and "://" not in value and not Path(value).expanduser().exists():
+        if value and not as_path(value if "://" in value else Path(value).expanduser()).exists():
             raise InputError(f"{key} {value} does not exist", fix=f"check {key} in the config")
 
 
@@ -140,7 +141,7 @@ def validate_job(job: JobConfig, *, force: bool = False) -> list[str]:
     if not src.exists():
         raise InputError(f"input file {src} does not exist", fix="check input.path in the config")
     keys = [k for k in (job.input.label_key, job.input.batch_key) if k]
-    atlas = open_atlas(src) if _is_atlas(src) else _ingested(job, src, Path(job.output_dir))
+    atlas = open_atlas(src) if _is_atlas(src) else _ingested(job, src, as_path(job.output_dir))
     if atlas is not None:
         if _is_atlas(src) and job.input.x_kind not in ("auto", atlas.x_kind):
             raise InputError(
@@ -160,7 +161,7 @@ def validate_job(job: JobConfig, *, force: bool = False) -> list[str]:
     return []
 
 
-def ensure_atlas(job: JobConfig, out_dir: Path, *, progress: bool = True) -> AtlasInfo:
+def ensure_atlas(job: JobConfig, out_dir: AnyPath, *, progress: bool = True) -> AtlasInfo:
     """Open ``input.path`` as an atlas, ingesting it into ``<out>/atlas.zarr`` when needed."""
     from raypipe.atlas.ingest import ingest
     from raypipe.atlas.reader import resolve_input_path
