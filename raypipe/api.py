@@ -17,6 +17,8 @@ from functools import cached_property
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from raypipe.core.outputs import read_frame
+from raypipe.core.storage import AnyPath, as_path
 from raypipe.errors import InputError
 
 if TYPE_CHECKING:
@@ -49,7 +51,7 @@ class Run:
     """
 
     def __init__(
-        self, output_dir: Path, manifest: dict[str, Any], summary: RunSummary | None = None
+        self, output_dir: AnyPath, manifest: dict[str, Any], summary: RunSummary | None = None
     ) -> None:
         self.output_dir = output_dir
         self.manifest = manifest
@@ -93,7 +95,7 @@ class Run:
         if local.is_dir():
             return str(local)
         path = (self.manifest.get("atlas") or {}).get("path")
-        if path and Path(path).is_dir():
+        if path and as_path(path).is_dir():
             return str(path)
         raise InputError(
             f"the atlas of run {self.output_dir} is gone ({path or 'no path in the manifest'})",
@@ -164,8 +166,6 @@ class Run:
         The PCA baseline is method ``pca``. ``.pivot_table(index="metric", columns="method",
         values="value")`` gives the table the summary prints.
         """
-        import pandas as pd
-
         path = self.output_dir / "metrics.parquet"
         if not path.is_file():
             raise InputError(
@@ -174,7 +174,7 @@ class Run:
                 fix="re-run with --set evaluate.enabled=true --set input.label_key=COLUMN "
                 "(embeddings are reused)",
             )
-        return pd.read_parquet(path)
+        return read_frame(path)
 
     def _select(self, methods: Sequence[str] | None) -> tuple[list[str], list[str]]:
         if methods is None:
@@ -236,7 +236,7 @@ class Run:
         )
 
 
-def open_run(output_dir: str | Path) -> Run:
+def open_run(output_dir: str | AnyPath) -> Run:
     """Open a finished run folder.
 
     Raises
@@ -245,7 +245,7 @@ def open_run(output_dir: str | Path) -> Run:
         When the folder does not exist, is not a raypipe run (no ``manifest.json``), or its
         run has not finished (status ``running``) or failed.
     """
-    out = Path(output_dir)
+    out = as_path(output_dir)
     manifest_path = out / MANIFEST
     if not out.is_dir():
         raise InputError(
@@ -297,6 +297,7 @@ def run(
     overrides: Sequence[str] | None = None,
     overwrite: bool = False,
     progress: bool = True,
+    force: bool = False,
 ) -> Run:
     """Run a job (what ``raypipe run`` does) and return the finished :class:`Run`.
 
@@ -310,11 +311,14 @@ def run(
         Start fresh: delete the previous run in ``output_dir``.
     progress
         Show one progress bar per stage.
+    force
+        Use a suspicious label column (numeric, one class per few cells) with a warning
+        instead of refusing it (``raypipe run --force``).
     """
     from raypipe.orchestrate.runner import run_job
 
     job = _load(config, overrides)
-    summary = run_job(job, overwrite=overwrite, progress=progress)
+    summary = run_job(job, overwrite=overwrite, progress=progress, force=force)
     done = open_run(job.output_dir)
     done.summary = summary
     return done

@@ -51,7 +51,9 @@ def _cmd_run(args: argparse.Namespace) -> int:
 
         print(dry_run(job))
         return 0
-    summary = run_job(job, overwrite=args.overwrite, progress=not args.no_progress)
+    summary = run_job(
+        job, overwrite=args.overwrite, progress=not args.no_progress, force=args.force
+    )
     print(summary.render())
     return 0
 
@@ -84,7 +86,7 @@ def _cmd_report(args: argparse.Namespace) -> int:
     if args.open:
         import webbrowser
 
-        webbrowser.open(index.resolve().as_uri())
+        webbrowser.open(index.resolve().as_uri() if isinstance(index, Path) else str(index))
     return 0
 
 
@@ -211,6 +213,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--dry-run", action="store_true", help="print the plan and cost estimate; call nothing"
     )
     run.add_argument("--no-progress", action="store_true", help="no progress bars")
+    run.add_argument(
+        "--force",
+        action="store_true",
+        help="use a suspicious label column (numeric, or nearly one class per cell) anyway",
+    )
     run.set_defaults(func=_cmd_run)
 
     exp = sub.add_parser(

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 __all__ = ["ConfigError", "InputError", "RaypipeError", "StageContractError"]
 
 
@@ -20,6 +22,14 @@ class RaypipeError(Exception):
         self.message = message
         self.fix = fix
         super().__init__(f"{message}\n  fix: {fix}" if fix else message)
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        """Pickle with message and fix (errors raised in Ray workers travel to the driver)."""
+        return _rebuild, (type(self), self.message, self.fix)
+
+
+def _rebuild(cls: type[RaypipeError], message: str, fix: str | None) -> RaypipeError:
+    return cls(message, fix=fix)
 
 
 class InputError(RaypipeError):

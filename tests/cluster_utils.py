@@ -310,11 +310,18 @@ class LocalCluster:
             self._client = JobSubmissionClient(self.dashboard)
         return self._client
 
-    def submit_job(self, job_id: str, entrypoint: list[str], timeout: float = 120) -> None:
+    def submit_job(
+        self,
+        job_id: str,
+        entrypoint: list[str],
+        timeout: float = 120,
+        env_vars: dict[str, str] | None = None,
+    ) -> None:
         """Submit ``entrypoint`` with this repo as working dir through the SDK (no CLI start-up).
 
-        Same request as ``ray job submit --no-wait --working-dir .``; retried while the head's
-        job agent is still starting.
+        Same request as ``ray job submit --no-wait --working-dir .`` (plus ``env_vars`` in the
+        runtime env, e.g. a test S3 endpoint); retried while the head's job agent is still
+        starting.
         """
         import shlex
 
@@ -324,7 +331,7 @@ class LocalCluster:
                 self.client().submit_job(
                     entrypoint=shlex.join(entrypoint),
                     submission_id=job_id,
-                    runtime_env={"working_dir": str(ROOT)},
+                    runtime_env={"working_dir": str(ROOT), "env_vars": dict(env_vars or {})},
                 )
                 return
             except RuntimeError as exc:

@@ -16,6 +16,20 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _module_user_cache(tmp_path_factory):
+    """Each test module gets its own per-user cache (gene-text embeddings), never ~/.cache."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("RAYPIPE_CACHE_DIR", str(tmp_path_factory.mktemp("user-cache")))
+        yield
+
+
+@pytest.fixture(autouse=True)
+def _user_cache(tmp_path_factory, monkeypatch):
+    """... and each test its own, so embedding-call counts never see another test's cache."""
+    monkeypatch.setenv("RAYPIPE_CACHE_DIR", str(tmp_path_factory.mktemp("user-cache")))
+
+
 @pytest.fixture(scope="session")
 def shared_data() -> Path:
     """The shared real-data folder; tests that need it skip with a reason when it is absent."""

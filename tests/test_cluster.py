@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import collections
 import gzip
+import io
 import json
 import shutil
 import time
@@ -137,10 +138,12 @@ def _overrides(
     return args
 
 
-def _submit(cluster: LocalCluster, job_id: str, sets: list[str]) -> None:
+def _submit(
+    cluster: LocalCluster, job_id: str, sets: list[str], env_vars: dict[str, str] | None = None
+) -> None:
     """``ray job submit --no-wait --working-dir . -- python jobs/run.py ...``, through the SDK."""
     entry = ["python", "jobs/run.py", "--config", "configs/cluster-demo.yaml", *sets]
-    cluster.submit_job(job_id, entry)
+    cluster.submit_job(job_id, entry, env_vars=env_vars)
 
 
 def _markers(out: Path) -> int:
@@ -228,6 +231,52 @@ class TestOnACluster:
         assert manifest["status"] == "complete"
         assert (ROOT / "configs" / "cluster-demo.yaml").is_file()
         _check_exact(out, kang)
+
+    def test_job_reads_and_writes_an_s3_bucket(
+        self, cluster, kang1k5, gene_table, gene_cache, tmp_path
+    ):
+        """Input, gene table and output on a real S3 server (moto); workers write the bucket.
+
+        The endpoint and (test) credentials reach the job the standard way: AWS_* variables in
+        its runtime env, as a platform would provide them (IRSA, instance profile).
+        """
+        from servers.s3 import MotoServer, s3_env
+
+        from raypipe.core import storage
+
+        server = MotoServer()
+        env = s3_env(server.endpoint)
+        try:
+            with pytest.MonkeyPatch.context() as mp:
+                for k, v in env.items():
+                    mp.setenv(k, v)
+                storage.reset()
+                fs = storage.open_fs("s3")
+                for bucket in ("atlases", "runs"):
+                    fs.mkdir(bucket)
+                fs.put_file(str(kang1k5), "atlases/kang1k5.h5ad")
+                fs.put_file(str(gene_table), "atlases/gene_text.tsv")
+                # the warm gene-embedding cache, where a run in that output_dir looks for it
+                fs.put_file(str(gene_cache), "runs/cluster/genes/gene_embeddings.parquet")
+                sets = _overrides(
+                    "s3://atlases/kang1k5.h5ad", "s3://runs/cluster", "s3://atlases/gene_text.tsv"
+                )
+                _submit(cluster, "s3job", sets, env_vars=env)
+                status = cluster.wait_job("s3job", timeout=300)
+                assert status == "SUCCEEDED", cluster.job_logs("s3job")[-4000:]
+                manifest = json.loads(fs.cat_file("runs/cluster/manifest.json"))
+                assert manifest["status"] == "complete"
+                import anndata as ad
+
+                got: collections.Counter[str] = collections.Counter()
+                for f in fs.glob("runs/cluster/embeddings/genept_w/part-*.parquet"):
+                    t = pq.read_table(io.BytesIO(fs.cat_file(f)), columns=["obs_name"])
+                    got.update(t.column("obs_name").to_pylist())
+                names = [str(n) for n in ad.read_h5ad(kang1k5, backed="r").obs_names]
+                assert got == collections.Counter(names)
+        finally:
+            storage.reset()
+            server.stop()
 
     def test_killed_job_resumes_from_finished_shards(
         self, cluster, kang8k, gene_table, gene_cache, tmp_path

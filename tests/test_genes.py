@@ -104,7 +104,7 @@ def test_resolve_ensembl_names_with_versions(small_table: GeneTable) -> None:
 def test_alias_rules(small_table: GeneTable) -> None:
     res = resolve_genes(["IL8", "CD8", "cd3e", "CD16", "T3E", "FOXP3", "XYZ1"], small_table)
     assert res.symbols == ("CXCL8", "CD8A", "CD3E", None, "CD3E", "Foxp3", None)
-    assert res.how == ("alias", "alias", "exact", "unmatched", "alias", "exact", "unmatched")
+    assert res.how == ("alias", "alias", "casefold", "unmatched", "alias", "casefold", "unmatched")
     # ambiguous aliases are never guessed, and their candidates are reported
     assert res.ambiguous == {"CD16": ("FCGR3A", "FCGR3B")}
     assert any("CD16 → FCGR3A/FCGR3B" in w for w in res.warnings)

@@ -511,11 +511,34 @@ def test_configmap_holds_a_valid_cluster_job_config() -> None:
     from raypipe.config import load_config
 
     data = _one("ConfigMap")["data"]
-    assert set(data) == {"atlas.yaml"}
+    assert set(data) == {"atlas.yaml", "atlas-pvc.yaml"}
+    # the default: object storage, reached with the pods' own identity (no keys in config)
     cfg = load_config(yaml.safe_load(data["atlas.yaml"]))
     assert cfg.ray.address == "auto", "inside a cluster the job must join it, not start Ray"
     for path in (cfg.input.path, cfg.output_dir, str(cfg.cache_dir())):
+        assert path.startswith("s3://"), f"{path} is not in a bucket"
+    assert "secret" not in data["atlas.yaml"].lower()
+    assert "AWS_" not in data["atlas.yaml"]
+    # the alternative: the shared ReadWriteMany volume
+    pvc = load_config(yaml.safe_load(data["atlas-pvc.yaml"]))
+    assert pvc.ray.address == "auto"
+    for path in (pvc.input.path, pvc.output_dir, str(pvc.cache_dir())):
         assert path.startswith("/data/"), f"{path} is not on the shared volume"
+    assert pvc.model_dump(exclude={"input", "output_dir", "cache", "genes"}) == cfg.model_dump(
+        exclude={"input", "output_dir", "cache", "genes"}
+    )
+
+
+def test_ray_pods_get_bucket_access_from_the_platform() -> None:
+    """Every Ray pod runs as the ServiceAccount annotated for IRSA / GKE workload identity."""
+    (sa,) = [d for d in _docs("ServiceAccount") if d["metadata"]["name"] == "raypipe"]
+    notes = sa["metadata"]["annotations"]
+    assert "eks.amazonaws.com/role-arn" in notes
+    assert "iam.gke.io/gcp-service-account" in notes
+    for where, spec in _cluster_specs().items():
+        for name, group, _container in _groups(spec):
+            pod = group["template"]["spec"]
+            assert pod.get("serviceAccountName") == sa["metadata"]["name"], f"{where}/{name}"
 
 
 def _entrypoints() -> dict[str, str]:

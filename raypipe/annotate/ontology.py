@@ -38,6 +38,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from raypipe.core.storage import local_copy
 from raypipe.errors import InputError
 
 __all__ = [
@@ -283,4 +284,4 @@ def load_ontology(path: str | Path | None = None) -> Ontology:
     path
         A CL JSON(.gz) file (``annotate.ontology``); None uses the package's bundled release.
     """
-    return Ontology.from_file(path) if path else Ontology.from_package()
+    return Ontology.from_file(local_copy(path)) if path else Ontology.from_package()

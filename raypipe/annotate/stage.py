@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
 
 import numpy as np
@@ -19,8 +18,9 @@ import pandas as pd
 
 from raypipe.atlas.store import AtlasShardStage
 from raypipe.config import config_hash
-from raypipe.core.outputs import part_path, write_parquet_atomic
+from raypipe.core.outputs import part_path, read_parquet, write_parquet_atomic
 from raypipe.core.plan import StagePlan, StageSpec, resolve, stage_hash
+from raypipe.core.storage import AnyPath, as_path, sorted_paths
 from raypipe.errors import ConfigError
 
 if TYPE_CHECKING:
@@ -54,14 +54,12 @@ class Candidates:
     warnings: list[str] | None = None
 
 
-def embedding_mean(out_dir: Path, method: str) -> np.ndarray:
+def embedding_mean(out_dir: AnyPath, method: str) -> np.ndarray:
     """Mean cell embedding of a method over the whole atlas, streamed part by part."""
-    import pyarrow.parquet as pq
-
     total: Any = None
     n = 0
-    for f in sorted((out_dir / "embeddings" / method).glob("part-*.parquet")):
-        col = pq.read_table(f, columns=["embedding"]).column("embedding").combine_chunks()
+    for f in sorted_paths((out_dir / "embeddings" / method).glob("part-*.parquet")):
+        col = read_parquet(f, columns=["embedding"]).column("embedding").combine_chunks()
         x = col.values.to_numpy().reshape(len(col), -1)
         total = x.sum(axis=0) if total is None else total + x.sum(axis=0)
         n += len(col)
@@ -112,7 +110,7 @@ def check_annotate_config(job: JobConfig) -> None:
 
 
 def prepare_candidates(
-    job: JobConfig, atlas: AtlasInfo, genes: GeneSpace, out_dir: Path
+    job: JobConfig, atlas: AtlasInfo, genes: GeneSpace, out_dir: AnyPath
 ) -> Candidates:
     """Map, describe, embed and write the candidates (``annotations/label_mapping.parquet``).
 
@@ -286,12 +284,11 @@ class AnnotateShards(AtlasShardStage):
     def output_table(self, batch: dict[str, np.ndarray], i: int) -> tuple[Any, int]:
         """Score and assign the shard's cells."""
         import pyarrow as pa
-        import pyarrow.parquet as pq
 
         from raypipe.annotate.scorers import assign
 
         shard, start, stop = int(batch["shard"][i]), int(batch["start"][i]), int(batch["stop"][i])
-        table = pq.read_table(part_path(Path(self.out_dir), "embeddings", self.method, shard))
+        table = read_parquet(part_path(as_path(self.out_dir), "embeddings", self.method, shard))
         self._langcell = self._langcell_scores(table, shard) if "langcell" in self.weights else None
         part = table.to_pandas()
         emb_all = np.stack(part["embedding"].to_numpy())
@@ -386,7 +383,7 @@ def build_annotation(
         "fingerprint": fp,
         "labels": cand.labels,
         "text_emb": ray.put(cand.text_emb),
-        "cell_mean": ray.put(embedding_mean(Path(job.output_dir), method)),
+        "cell_mean": ray.put(embedding_mean(as_path(job.output_dir), method)),
         "marker_idx": cand.marker_idx,
         "marker_weights": cand.marker_weights,
         "weights": weights,

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 from collections.abc import Mapping
-from pathlib import Path
 
 import pandas as pd
+
+from raypipe.core.outputs import read_frame
+from raypipe.core.storage import AnyPath, as_path
 
 __all__ = ["candidate_rows", "read_candidate_table", "summary_lines"]
 
@@ -19,10 +21,10 @@ def _as_list(v: object) -> list:
         return []
 
 
-def read_candidate_table(out_dir: str | Path) -> pd.DataFrame | None:
+def read_candidate_table(out_dir: str | AnyPath) -> pd.DataFrame | None:
     """``annotations/label_mapping.parquet`` of a run, or None when there is none."""
-    path = Path(out_dir) / "annotations" / "label_mapping.parquet"
-    return pd.read_parquet(path) if path.exists() else None
+    path = as_path(out_dir) / "annotations" / "label_mapping.parquet"
+    return read_frame(path) if path.exists() else None
 
 
 def candidate_rows(

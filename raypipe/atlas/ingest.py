@@ -24,10 +24,14 @@ import scipy.sparse as sp
 
 from raypipe.atlas.reader import AtlasSource, open_source, resolve_input_path
 from raypipe.atlas.store import ATLAS_ATTR, AtlasInfo, open_atlas
+from raypipe.core.faults import fault_point
+from raypipe.core.outputs import disk_full_error, is_disk_full
+from raypipe.core.storage import AnyPath, ObjectPath, as_path, zarr_store
 from raypipe.errors import InputError
 
 __all__ = [
     "IngestResult",
+    "check_unique_obs_names",
     "chunk_hash",
     "detect_x_kind",
     "ingest",
@@ -59,7 +63,7 @@ def detect_x_kind(nonint_values: int, max_value: float) -> str:
     return "unknown"
 
 
-def _check_chunk(x: sp.csr_matrix, start: int, path: Path, var_names: pd.Index) -> None:
+def _check_chunk(x: sp.csr_matrix, start: int, path: AnyPath, var_names: pd.Index) -> None:
     data = x.data
     bad = ~np.isfinite(data)
     if bad.any() or (data < 0).any():
@@ -117,14 +121,48 @@ def chunk_hash(x: sp.csr_matrix) -> str:
     return h.hexdigest()
 
 
+def check_unique_obs_names(names: pd.Index, where: str | AnyPath) -> None:
+    """Refuse duplicated cell names: every output joins back to the AnnData by ``obs_name``.
+
+    Raises
+    ------
+    InputError
+        Listing the duplicated names (up to 10) and how many there are.
+    """
+    dup = names[names.duplicated()].unique()
+    if len(dup):
+        raise InputError(
+            f"{where}: {len(dup):,} cell names (obs_names) occur more than once, e.g. "
+            f"{', '.join(map(repr, dup[:10].astype(str)))}; outputs are joined back to the "
+            "AnnData by name, so every name must be unique",
+            fix="make them unique and write the file again: adata.obs_names_make_unique(); "
+            "adata.write_h5ad(...)",
+        )
+
+
+def _remove_stale_temps(out: Path) -> None:
+    """Remove temporary stores of earlier ingests into ``out`` whose process is gone."""
+    for tmp in out.parent.glob(f".{out.name}.tmp-*"):
+        pid = tmp.name.rsplit("-", 1)[-1]
+        if not pid.isdigit() or int(pid) == os.getpid():
+            continue
+        try:
+            os.kill(int(pid), 0)
+        except ProcessLookupError:  # the ingest that wrote it died (e.g. killed): a leftover
+            log.info("removing %s, left by an ingest that did not finish", tmp)
+            shutil.rmtree(tmp, ignore_errors=True)
+        except OSError:
+            pass
+
+
 def _chunks(src: AtlasSource, rows_per_chunk: int) -> Iterator[tuple[int, sp.csr_matrix]]:
     for start in range(0, src.n_obs, rows_per_chunk):
         yield start, src.rows(start, min(start + rows_per_chunk, src.n_obs))
 
 
 def ingest(
-    input_path: str | Path,
-    out: str | Path,
+    input_path: str | AnyPath,
+    out: str | AnyPath,
     *,
     rows_per_chunk: int = 1024,
     x_kind: str = "auto",
@@ -139,7 +177,10 @@ def ingest(
     input_path
         ``.h5ad``, AnnData ``.zarr``, a 10x ``matrix.mtx(.gz)`` folder, or ``builtin:NAME``.
     out
-        Destination ``.zarr`` folder.
+        Destination ``.zarr`` folder or URL. Locally the store is written under a temporary
+        name and renamed; in a bucket (no rename there) it is written in place and its
+        raypipe metadata, written last, is the commit point (:func:`open_atlas` refuses a
+        store without it).
     rows_per_chunk
         Rows per Zarr chunk (the unit of sharding).
     x_kind
@@ -160,7 +201,7 @@ def ingest(
     if rows_per_chunk <= 0:
         raise InputError(f"--rows-per-chunk must be > 0 (got {rows_per_chunk})", fix="e.g. 1024")
     src_path = resolve_input_path(str(input_path))
-    out = Path(out)
+    out = as_path(out)
     if out.exists() and not overwrite:
         raise InputError(
             f"{out} already exists", fix="pass --overwrite to replace it, or choose another --out"
@@ -186,10 +227,11 @@ def ingest(
                 )
             obs = src.obs.copy()
             obs.index = obs.index.astype(str)
-            tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
-            if tmp.exists():
-                shutil.rmtree(tmp)
-            group = zarr.open_group(str(tmp), mode="w", zarr_format=3)
+            check_unique_obs_names(obs.index, src_path)
+            if isinstance(out, Path):
+                _remove_stale_temps(out)
+            tmp = _staging(out)
+            group = zarr.open_group(zarr_store(tmp, read_only=False), mode="w", zarr_format=3)
             write_elem(group, "obs", obs)
             write_elem(group, "var", var)
             hashes: list[str] = []
@@ -214,6 +256,7 @@ def ingest(
                     xds = sparse_dataset(group["X"])
                 else:
                     xds.append(x)
+                fault_point("ingest_chunk", tmp)
                 bar.update(x.shape[0])
             bar.close()
             detected = detect_x_kind(nonint, max_value)
@@ -222,8 +265,9 @@ def ingest(
                 raise InputError(
                     f"{src_path}: X is neither raw counts (it has {nonint} non-integer values) nor "
                     f"log-normalised (max {max_value:.4g} > {LOGNORM_MAX})",
-                    fix="pass --x-kind counts (e.g. ambient-corrected counts) or --x-kind lognorm, or "
-                    "ingest the raw counts layer (--layer)",
+                    fix="set input.x_kind: counts in the config (raypipe ingest: --x-kind counts) "
+                    "when X holds counts (e.g. ambient-corrected), or lognorm; or use the raw "
+                    "counts layer (input.layer / --layer)",
                 )
             if zero_cells:
                 log.warning(
@@ -243,11 +287,36 @@ def ingest(
                 layer=layer,
                 zero_count_cells=zero_cells,
             )
-    except BaseException:
-        if "tmp" in locals() and Path(tmp).exists():
-            shutil.rmtree(tmp, ignore_errors=True)
+    except BaseException as exc:
+        if "tmp" in locals():
+            _remove(tmp)
+        if is_disk_full(exc):
+            raise disk_full_error(out) from None
         raise
-    if out.exists():
-        shutil.rmtree(out)
-    tmp.rename(out)
+    if isinstance(out, Path):
+        if out.exists():
+            shutil.rmtree(out)
+        tmp.rename(out)  # type: ignore[union-attr]
     return IngestResult(open_atlas(out), time.perf_counter() - t0, zero_cells, dup)
+
+
+def _staging(out: AnyPath) -> AnyPath:
+    """Where ingest writes: a temporary sibling locally; ``out`` itself (emptied) in a bucket."""
+    if isinstance(out, ObjectPath):
+        out.rmtree()  # no rename on object stores: the metadata written last commits
+        return out
+    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    return tmp
+
+
+def _remove(path: AnyPath) -> None:
+    """Delete a store that failed half-way (a bucket's has no raypipe metadata yet)."""
+    if isinstance(path, ObjectPath):
+        try:
+            path.rmtree()
+        except (OSError, InputError):
+            log.warning("could not remove the partial atlas %s", path)
+    elif path.exists():
+        shutil.rmtree(path, ignore_errors=True)

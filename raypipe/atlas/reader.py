@@ -14,6 +14,7 @@ from typing import Any
 import numpy as np
 import scipy.sparse as sp
 
+from raypipe.core.storage import AnyPath, ObjectPath, as_path, zarr_store
 from raypipe.errors import InputError
 
 __all__ = ["BUILTINS", "AtlasSource", "open_source", "resolve_input_path"]
@@ -23,8 +24,8 @@ log = logging.getLogger(__name__)
 BUILTINS = {"pbmc68k_reduced"}
 
 
-def resolve_input_path(path: str) -> Path:
-    """Resolve ``builtin:NAME`` (data shipped inside an installed package) or a plain path."""
+def resolve_input_path(path: str) -> AnyPath:
+    """Resolve ``builtin:NAME`` (data shipped inside an installed package), a path or a URL."""
     if path.startswith("builtin:"):
         name = path.split(":", 1)[1]
         if name not in BUILTINS:
@@ -40,7 +41,7 @@ def resolve_input_path(path: str) -> Path:
                 f"scanpy does not ship {name}.h5ad in this version", fix="pass a file path instead"
             )
         return found[0]
-    return Path(path)
+    return as_path(path)
 
 
 class AtlasSource:
@@ -58,9 +59,10 @@ class AtlasSource:
         Shape of the chosen matrix.
     """
 
-    def __init__(self, path: Path, layer: str | None) -> None:
+    def __init__(self, path: AnyPath, layer: str | None) -> None:
         self.path = path
         self._handle: Any = None
+        self._fileobj: Any = None  # a bucket's .h5ad: h5py reads it through ranged GETs
         if not path.exists():
             raise InputError(
                 f"input {path} does not exist", fix="check the path (input.path / INPUT)"
@@ -77,7 +79,12 @@ class AtlasSource:
                 fix="convert it to .h5ad (e.g. with scanpy) or pass a 10x matrix.mtx(.gz) folder",
             )
 
-    def _open_10x(self, path: Path) -> None:
+    def _open_10x(self, path: AnyPath) -> None:
+        if isinstance(path, ObjectPath):
+            raise InputError(
+                f"{path}: 10x folders are read from local paths only",
+                fix="ingest it locally, or convert it to .h5ad and upload that",
+            )
         mtx = [p for p in path.iterdir() if p.name.startswith("matrix.mtx")]
         if not mtx:
             raise InputError(
@@ -95,19 +102,21 @@ class AtlasSource:
         self.var = adata.var
         self.n_obs, self.n_vars = self._matrix.shape
 
-    def _open_anndata_group(self, path: Path, kind: str, layer: str | None) -> None:
+    def _open_anndata_group(self, path: AnyPath, kind: str, layer: str | None) -> None:
         from anndata.io import read_elem, sparse_dataset
 
         try:
             if kind == "h5":
                 import h5py
 
-                self._handle = h5py.File(path, "r")
+                if isinstance(path, ObjectPath):
+                    self._fileobj = path.open("rb")
+                self._handle = h5py.File(self._fileobj or path, "r")
                 group = self._handle
             else:
                 import zarr
 
-                group = zarr.open_group(str(path), mode="r")
+                group = zarr.open_group(zarr_store(path), mode="r")
         except Exception as exc:
             raise InputError(f"{path} cannot be opened as {kind}: {exc}") from None
         if kind == "h5" and "encoding-type" not in dict(group.attrs):
@@ -133,8 +142,14 @@ class AtlasSource:
                     fix="set input.layer to one of them",
                 )
             x_elem = group["layers"][layer]
-        self.obs = read_elem(group["obs"])
-        self.var = read_elem(var_elem)
+        try:
+            self.obs = read_elem(group["obs"])
+            self.var = read_elem(var_elem)
+        except Exception as exc:  # damaged bytes in obs/var
+            raise InputError(
+                f"{path} is damaged: obs/var cannot be read ({type(exc).__name__}: {exc})",
+                fix="copy or download the file again, or write it again from its source",
+            ) from None
         enc = dict(x_elem.attrs).get("encoding-type", "array")
         if enc == "csr_matrix":
             self._x = sparse_dataset(x_elem)
@@ -148,7 +163,7 @@ class AtlasSource:
         self.n_obs, self.n_vars = int(self._x.shape[0]), int(self._x.shape[1])
         self._matrix = None
 
-    def _open_in_memory(self, path: Path, layer: str | None) -> None:
+    def _open_in_memory(self, path: AnyPath, layer: str | None) -> None:
         import warnings
 
         import anndata as ad
@@ -162,7 +177,7 @@ class AtlasSource:
                 # (FutureWarning "Moving element from .uns[...]"); harmless here: only X/raw,
                 # obs and var are used, and the warning above already names the old layout.
                 warnings.filterwarnings("ignore", "Moving element from", FutureWarning)
-            adata = ad.read_h5ad(path)
+            adata = ad.read_h5ad(self._fileobj or path)
         if layer == "raw":
             if adata.raw is None:
                 raise InputError(
@@ -181,23 +196,33 @@ class AtlasSource:
         """Rows ``[start, stop)`` of the chosen matrix as float32 CSR (only those are read)."""
         if self._matrix is not None:
             return self._matrix[start:stop]
-        block = self._x[start:stop]
-        return sp.csr_matrix(block, dtype=np.float32)
+        try:
+            block = self._x[start:stop]
+            return sp.csr_matrix(block, dtype=np.float32)
+        except Exception as exc:  # h5py/zarr/numcodecs errors on damaged bytes
+            raise InputError(
+                f"{self.path} is damaged: cells {start}–{stop - 1} of X cannot be read "
+                f"({type(exc).__name__}: {exc})",
+                fix="copy or download the file again, or write it again from its source",
+            ) from None
 
     def close(self) -> None:
         """Close the underlying file (idempotent)."""
         if self._handle is not None:
             self._handle.close()
             self._handle = None
+        if self._fileobj is not None:
+            self._fileobj.close()
+            self._fileobj = None
 
 
-def _is_hdf5(path: Path) -> bool:
+def _is_hdf5(path: AnyPath) -> bool:
     with path.open("rb") as fh:
         return fh.read(8) == b"\x89HDF\r\n\x1a\n"
 
 
 @contextmanager
-def open_source(path: str | Path, layer: str | None = None) -> Iterator[AtlasSource]:
+def open_source(path: str | AnyPath, layer: str | None = None) -> Iterator[AtlasSource]:
     """Open an input atlas for reading rows; the file is closed on exit.
 
     Parameters

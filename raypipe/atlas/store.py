@@ -9,13 +9,13 @@ from __future__ import annotations
 
 import hashlib
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from raypipe.core.plan import Shard
 from raypipe.core.stage import ShardStage
+from raypipe.core.storage import AnyPath, as_path, zarr_store
 from raypipe.errors import InputError
 
 if TYPE_CHECKING:
@@ -73,16 +73,16 @@ class AtlasInfo:
     extra: dict[str, Any] = field(default_factory=dict, compare=False)
 
 
-def _open_group(path: str | Path) -> Any:
+def _open_group(path: str | AnyPath) -> Any:
     import zarr
 
-    p = Path(path)
+    p = as_path(path)
     if not p.exists():
         raise InputError(
             f"atlas {p} does not exist", fix=f"run `raypipe ingest INPUT --out {p}` first"
         )
     try:
-        return zarr.open_group(str(p), mode="r")
+        return zarr.open_group(zarr_store(p), mode="r")
     except Exception as exc:
         raise InputError(
             f"{p} is not a Zarr store ({type(exc).__name__}: {exc})",
@@ -90,7 +90,7 @@ def _open_group(path: str | Path) -> Any:
         ) from None
 
 
-def open_atlas(path: str | Path) -> AtlasInfo:
+def open_atlas(path: str | AnyPath) -> AtlasInfo:
     """Read the atlas metadata written by ``raypipe ingest``.
 
     Raises
@@ -147,7 +147,7 @@ def plan_shards(atlas: AtlasInfo, rows: int) -> list[Shard]:
     return shards
 
 
-def read_shard(path: str | Path, start: int, stop: int) -> sp.csr_matrix:
+def read_shard(path: str | AnyPath, start: int, stop: int) -> sp.csr_matrix:
     """Read rows ``[start, stop)`` of X as a float32 CSR matrix (only those rows are read)."""
     from anndata.io import sparse_dataset
 
@@ -156,7 +156,7 @@ def read_shard(path: str | Path, start: int, stop: int) -> sp.csr_matrix:
     return x.astype(np.float32, copy=False).tocsr()
 
 
-def read_obs_names(path: str | Path, start: int = 0, stop: int | None = None) -> np.ndarray:
+def read_obs_names(path: str | AnyPath, start: int = 0, stop: int | None = None) -> np.ndarray:
     """Return obs names of rows ``[start, stop)`` (reads only the chunks it needs)."""
     group = _open_group(path)
     obs = group["obs"]
@@ -166,7 +166,7 @@ def read_obs_names(path: str | Path, start: int = 0, stop: int | None = None) ->
     return np.array([str(v) for v in np.asarray(values).tolist()], dtype=object)
 
 
-def read_obs_columns(path: str | Path, columns: list[str]) -> pd.DataFrame:
+def read_obs_columns(path: str | AnyPath, columns: list[str]) -> pd.DataFrame:
     """Read whole obs columns (labels, batches); a missing column names the ones present."""
     import pandas as pd
     from anndata.io import read_elem
@@ -184,14 +184,14 @@ def read_obs_columns(path: str | Path, columns: list[str]) -> pd.DataFrame:
     return pd.DataFrame(data, index=read_obs_names(path))
 
 
-def read_obs(path: str | Path) -> pd.DataFrame:
+def read_obs(path: str | AnyPath) -> pd.DataFrame:
     """Read the whole obs table (cell names in the index)."""
     from anndata.io import read_elem
 
     return read_elem(_open_group(path)["obs"])
 
 
-def read_var(path: str | Path) -> pd.DataFrame:
+def read_var(path: str | AnyPath) -> pd.DataFrame:
     """Read the var table (gene names in the index)."""
     from anndata.io import read_elem
 

@@ -36,7 +36,7 @@ def lexsort_rank(
 ):  # fmt: skip
     """Rank kernel as one stable ``np.lexsort`` over (row, -value) for the whole shard.
 
-    Same contract as ``raypipe.embed.tokenizer._rank_kernel_py`` (pass it as ``engine=``).
+    Same contract as ``raypipe.embed.rank_kernel.rank_kernel_py`` (pass it as ``engine=``).
     """
     status = np.zeros(3, dtype=np.int64)
     data = data.astype(np.float64, copy=False)

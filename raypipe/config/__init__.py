@@ -31,6 +31,7 @@ from raypipe.config.models import (
     RayConfig,
     ScorerName,
     ShardsConfig,
+    StorageConfig,
     TextModelConfig,
     TextSourceName,
 )
@@ -55,6 +56,7 @@ __all__ = [
     "RayConfig",
     "ScorerName",
     "ShardsConfig",
+    "StorageConfig",
     "TextModelConfig",
     "TextSourceName",
     "apply_overrides",

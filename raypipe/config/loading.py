@@ -78,7 +78,14 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
             if not isinstance(nxt, dict):
                 raise ConfigError(f"--set {key}: {p!r} is not a section")
             cur = nxt
-        cur[parts[-1]] = _parse_value(value)
+        try:
+            cur[parts[-1]] = _parse_value(value)
+        except yaml.YAMLError as exc:
+            problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+            raise ConfigError(
+                f"--set {item!r}: the value {value!r} is not valid YAML ({problem})",
+                fix="close brackets and quotes, e.g. --set 'embed.methods=[genept_w,genept_s]'",
+            ) from None
     return data
 
 

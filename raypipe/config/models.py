@@ -5,6 +5,7 @@ Validation never touches hardware, network or heavy libraries (no torch, no vllm
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Literal
 
@@ -46,6 +47,12 @@ class InputConfig(_Section):
     )
     name: str | None = Field(
         None, description="Dataset name used in metrics.parquet (default: the file stem)."
+    )
+    gene_symbol_column: str | None = Field(
+        None,
+        description="var column of gene symbols, matched before the Ensembl ids in var_names "
+        "(default: `feature_name`, `gene_symbols`, `gene_symbol`, `symbol` or `gene_name` when "
+        "var_names are Ensembl ids).",
     )
 
     @model_validator(mode="after")
@@ -95,6 +102,11 @@ class GenesConfig(_Section):
     ncbi_batch_size: int = Field(1000, gt=0, le=1000, description="Genes per MyGene.info POST.")
     min_coverage: float = Field(
         0.5, ge=0.0, le=1.0, description="Stop when fewer atlas genes than this share have text."
+    )
+    cross_species: bool = Field(
+        False,
+        description="Accept non-human gene names (mouse `Cd3e`, `ENSMUSG…`): matched to human "
+        "symbols case-insensitively and reported as `casefold`, never `exact`.",
     )
     fallback: Literal["none", "symbol"] = Field(
         "none",
@@ -168,11 +180,27 @@ class LimitsConfig(_Section):
 
 
 class CacheConfig(_Section):
-    """Durable content-addressed cache of every paid LLM result."""
+    """Durable caches that outlive runs: LLM results and gene-text embeddings."""
 
     path: str | None = Field(
-        None, description="Cache folder (default: <output_dir>/cache); shareable across runs."
+        None,
+        description="Shared cache folder or URL (`s3://…`) for LLM results and gene-text embeddings "
+        "(default: LLM results in <output_dir>/cache, gene-text embeddings in "
+        "$RAYPIPE_CACHE_DIR or ~/.cache/raypipe).",
     )
+
+
+class StorageConfig(_Section):
+    """Object storage settings the environment cannot give (credentials never go here)."""
+
+    endpoint: str | None = Field(
+        None,
+        description="S3-compatible endpoint URL (MinIO, Ceph, a test server); default: AWS_ENDPOINT_URL or AWS.",
+    )
+    region: str | None = Field(
+        None, description="Bucket region (default: the AWS config/env chain)."
+    )
+    anonymous: bool = Field(False, description="Read public buckets without credentials.")
 
 
 class Price(_Section):
@@ -358,6 +386,7 @@ class JobConfig(_Section):
     llm: LLMConfig = Field(default_factory=LLMConfig)
     limits: LimitsConfig = Field(default_factory=LimitsConfig)
     cache: CacheConfig = Field(default_factory=CacheConfig)
+    storage: StorageConfig = Field(default_factory=StorageConfig)
     prices: dict[str, Price] = Field(
         default_factory=dict, description="Model id → USD per 1M tokens."
     )
@@ -366,6 +395,17 @@ class JobConfig(_Section):
     evaluate: EvaluateConfig = Field(default_factory=EvaluateConfig)
     ray: RayConfig = Field(default_factory=RayConfig)
 
-    def cache_dir(self) -> Path:
-        """Return the LLM cache folder."""
-        return Path(self.cache.path) if self.cache.path else Path(self.output_dir) / "cache"
+    def cache_dir(self) -> str:
+        """Return the LLM cache folder (a path or URL)."""
+        if self.cache.path:
+            return self.cache.path
+        if "://" in self.output_dir:
+            return self.output_dir.rstrip("/") + "/cache"
+        return str(Path(self.output_dir) / "cache")
+
+    def gene_cache_dir(self) -> str:
+        """Return the folder (or URL) of the shared gene-text embedding cache."""
+        if self.cache.path:
+            return self.cache.path.rstrip("/") + "/gene_embeddings"
+        root = os.environ.get("RAYPIPE_CACHE_DIR") or str(Path.home() / ".cache" / "raypipe")
+        return str(Path(root).expanduser() / "gene_embeddings")

@@ -16,7 +16,7 @@ if TYPE_CHECKING:
     from raypipe.config import RayConfig
     from raypipe.core.plan import Shard, StagePlan
 
-__all__ = ["StageSpec", "init_ray", "map_shards", "run_plan"]
+__all__ = ["StageSpec", "init_ray", "map_shards", "run_plan", "worker_error"]
 
 log = logging.getLogger(__name__)
 
@@ -48,13 +48,66 @@ def init_ray(cfg: RayConfig) -> str:
                 log_to_driver=False,
             )
             desc = f"embedded Ray ({int(ray.cluster_resources().get('CPU', 0))} CPUs)"
+            _start_reaper()
         else:
             address = None if cfg.address == "local" else cfg.address
-            ray.init(address=address, configure_logging=False, log_to_driver=False)
+            from raypipe.core.storage import OPTIONS_ENV
+
+            # the job's storage: section reaches every worker (never a credential: those come
+            # from each node's own environment: instance profile, IRSA, workload identity)
+            env = {OPTIONS_ENV: os.environ[OPTIONS_ENV]} if os.environ.get(OPTIONS_ENV) else {}
+            ray.init(
+                address=address,
+                configure_logging=False,
+                log_to_driver=False,
+                runtime_env={"env_vars": env} if env else None,
+            )
             res = ray.cluster_resources()
             desc = f"Ray cluster {address or os.environ.get('RAY_ADDRESS')} ({int(res.get('CPU', 0))} CPUs, {int(res.get('GPU', 0))} GPUs)"
     _configure_ray_data(quiet)
     return desc
+
+
+_REAPER: list[Any] = []  # the embedded Ray's watcher process (kept referenced while it runs)
+
+
+def _start_reaper() -> None:
+    """Have a watcher kill the embedded Ray's processes if this driver dies (even by SIGKILL)."""
+    from raypipe.core.reaper import start_reaper
+
+    if not any(p.poll() is None for p in _REAPER):
+        proc = start_reaper()
+        if proc is not None:
+            _REAPER.append(proc)
+
+
+def worker_error(exc: BaseException) -> BaseException | None:
+    """Return the raypipe error a Ray task or actor raised, unwrapped from Ray's wrappers.
+
+    Ray wraps an exception raised in a worker (``RayTaskError``, Ray Data's
+    ``UserCodeException``) with its own traceback text; the user should read raypipe's
+    message. A full disk (``ENOSPC``, ``EDQUOT``) becomes a :class:`RaypipeError` naming the
+    path. None when the chain holds neither.
+    """
+    from raypipe.core.outputs import disk_full_error, is_disk_full
+    from raypipe.errors import RaypipeError
+
+    seen: list[BaseException] = []
+    todo: list[BaseException | None] = [exc]
+    while todo:
+        e = todo.pop(0)
+        if e is None or any(e is s for s in seen):
+            continue
+        seen.append(e)
+        todo += [getattr(e, "cause", None), e.__cause__, e.__context__]
+    seen = [e for e in seen if not type(e).__module__.startswith("ray.")]  # Ray's wrappers
+    for e in seen:
+        if isinstance(e, RaypipeError):
+            return e
+    for e in seen:
+        if is_disk_full(e):
+            return disk_full_error(getattr(e, "filename", None) or "the output folder")
+    return None
 
 
 def _configure_ray_data(quiet: bool) -> None:
@@ -63,6 +116,9 @@ def _configure_ray_data(quiet: bool) -> None:
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars = False  # raypipe draws one bar per stage itself
     ctx.print_on_execution_start = False
+    # a stage's own error (raypipe's message, or OSError ENOSPC with its path) reaches the
+    # driver as itself, not as Ray Data's "UDF failed to process a data block" wrapper
+    ctx.raise_original_map_exception = True
     if quiet:
         _quiet_ray_data()
 
@@ -124,6 +180,21 @@ class _DropRecord(logging.Filter):
         return not record.getMessage().startswith(self.prefix)
 
 
+class _DropReportedWorkerError(logging.Filter):
+    """Keep Ray Data's console lines about an error raypipe itself reports off the terminal.
+
+    A stage's own error (a :class:`~raypipe.errors.RaypipeError`, a full disk) is raised
+    again by :func:`map_shards` as raypipe's one message; Ray Data would first log it at
+    ERROR with its stack trace, and call it an internal error, since it is not its own
+    ``UserCodeException``. Records logged while handling such an error are dropped from
+    the console (Ray Data's log file keeps them); every other error still prints.
+    """
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        exc = record.exc_info[1] if record.exc_info else sys.exc_info()[1]
+        return exc is None or worker_error(exc) is None
+
+
 def _quiet_ray_data() -> None:
     """Keep Ray Data's per-dataset INFO chatter on its log file, off the terminal.
 
@@ -138,6 +209,8 @@ def _quiet_ray_data() -> None:
     for handler in logger.handlers:
         if handler.get_name() == "console":
             handler.setLevel(logging.WARNING)
+            if not any(isinstance(f, _DropReportedWorkerError) for f in handler.filters):
+                handler.addFilter(_DropReportedWorkerError())
     progress = logging.getLogger("ray.data._internal.progress")
     if not any(isinstance(f, _DropRecord) for f in progress.filters):
         progress.addFilter(_DropRecord("Progress bars disabled"))
@@ -199,10 +272,16 @@ def map_shards(
             # lost with a node are recreated and their shards retried.
         )
     done = []
-    for row in ds.iter_rows():
-        done.append(row)
-        if on_done is not None:
-            on_done(row)
+    try:
+        for row in ds.iter_rows():
+            done.append(row)
+            if on_done is not None:
+                on_done(row)
+    except Exception as exc:
+        ours = worker_error(exc)
+        if ours is None:
+            raise
+        raise ours from None
     return done
 
 

@@ -12,7 +12,6 @@ hash and its row range equal the plan's, its part exists, and it does not ask fo
 from __future__ import annotations
 
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 from raypipe.core.outputs import (
@@ -23,6 +22,7 @@ from raypipe.core.outputs import (
     write_parquet_atomic,
 )
 from raypipe.core.plan import Shard
+from raypipe.core.storage import AnyPath, as_path
 
 __all__ = ["Ledger", "stage_name"]
 
@@ -58,11 +58,11 @@ class Ledger:
         """Name of the marker folder."""
         return stage_name(self.kind, self.method)
 
-    def part(self, shard: int) -> Path:
+    def part(self, shard: int) -> AnyPath:
         """Path of a shard's part."""
         return part_path(self.out_dir, self.kind, self.method, shard)
 
-    def marker(self, shard: int) -> Path:
+    def marker(self, shard: int) -> AnyPath:
         """Path of a shard's completion marker."""
         return marker_path(self.out_dir, self.stage, shard)
 
@@ -94,8 +94,13 @@ class Ledger:
         fingerprint: str,
         summary: dict[str, Any],
         extra: dict[str, Any] | None = None,
-    ) -> Path:
-        """Write a shard's part, then (the commit point) its marker; return the part's path."""
+    ) -> AnyPath:
+        """Write a shard's part, then (the commit point) its marker; return the part's path.
+
+        On a bucket each is one PUT (write-once objects: visible whole or not at all); the
+        marker is written only after the part's PUT returned, so it is the commit point there
+        too.
+        """
         path = self.part(shard.index)
         write_parquet_atomic(path, table)
         atomic_write_json(
@@ -114,12 +119,12 @@ class Ledger:
 
     def drop_stale(self, n_shards: int) -> None:
         """Remove parts and markers of shard indices beyond the plan (the atlas shrank)."""
-        base = Path(self.out_dir)
+        base = as_path(self.out_dir)
         for folder, pattern in (
             (base / self.kind / self.method, "part-*.parquet"),
             (base / "state" / self.stage, "shard-*.json"),
         ):
-            for p in folder.glob(pattern) if folder.is_dir() else []:
+            for p in folder.glob(pattern):
                 if int(p.stem.split("-")[1]) >= n_shards:
                     p.unlink()
 

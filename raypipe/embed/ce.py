@@ -30,6 +30,7 @@ from raypipe.atlas.store import AtlasShardStage
 from raypipe.config import config_hash
 from raypipe.core.plan import StagePlan, StageSpec, stage_hash
 from raypipe.core.stage import SHARD_COLUMNS, check_contract
+from raypipe.core.storage import is_url, local_copy
 from raypipe.errors import ConfigError, InputError
 
 if TYPE_CHECKING:
@@ -146,6 +147,8 @@ class CEEncode(AtlasShardStage):
         from raypipe.embed.ce_model import CellEncoder
 
         super().__init__(**kwargs)
+        if is_url(model):  # a checkpoint folder in a bucket: each node downloads it once
+            model = str(local_copy(model))
         tok = _tokenizer(dictionary, variant, max_length)
         self.zero_shot: Any = None
         if candidate_names is not None:

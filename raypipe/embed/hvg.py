@@ -10,11 +10,11 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any, ClassVar
 
 import numpy as np
-import pyarrow.parquet as pq
 import scipy.sparse as sp
 
 from raypipe.atlas.store import AtlasShardStage
 from raypipe.core.expression import log_normalize
+from raypipe.core.outputs import read_parquet
 from raypipe.core.plan import StagePlan, StageSpec, resolve, stage_hash
 
 if TYPE_CHECKING:
@@ -147,7 +147,7 @@ def hvg_mask(
     total = np.zeros(collapse.shape[1])
     total_sq = np.zeros(collapse.shape[1])
     for s in shards:  # in shard order: the same sums, bit for bit, on every run
-        part = pq.read_table(ledger.part(s.index))
+        part = read_parquet(ledger.part(s.index))
         total += part.column("sum").to_numpy()
         total_sq += part.column("sum_sq").to_numpy()
     # rank only genes that have text: a variable gene without text adds nothing

@@ -17,7 +17,7 @@ with a shard-wide ``np.lexsort`` engine and a per-cell numpy loop (all three agr
 
 from __future__ import annotations
 
-import math
+import tempfile
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,12 +25,14 @@ from typing import Any, Literal, cast
 
 import numpy as np
 
+from raypipe.core.storage import ObjectPath, as_path, zarr_store
 from raypipe.embed.dictionaries import (
     GeneformerDictionaries,
     TokenPlan,
     load_dict,
     resolve_ensembl_ids,
 )
+from raypipe.embed.rank_kernel import rank_kernel
 from raypipe.errors import ConfigError, InputError
 
 __all__ = [
@@ -184,8 +186,9 @@ class RankValueTokenizer:
         plan
             Column plan (default: the one from the last :meth:`plan` call).
         engine
-            A rank kernel with the contract of ``_rank_kernel_py`` (default: that kernel,
-            compiled by numba; ``raypipe.bench.ce`` passes a lexsort one to compare).
+            A rank kernel with the contract of ``raypipe.embed.rank_kernel.rank_kernel_py``
+            (default: that kernel, compiled by numba; ``raypipe.bench.ce`` passes a lexsort one
+            to compare).
 
         Returns
         -------
@@ -216,14 +219,23 @@ class RankValueTokenizer:
         if not X.has_sorted_indices:
             X = X.sorted_indices()
         data = X.data
-        if x_kind == "auto":
+        detected = x_kind == "auto"
+        if detected:
             x_kind = detect_x_kind(data)
         if x_kind not in ("counts", "lognorm"):
             raise ConfigError(f"x_kind {x_kind!r} is not counts, lognorm or auto")
         lognorm = x_kind == "lognorm"
         if lognorm and data.size and float(np.nanmax(data)) > _LOGNORM_MAX:
+            peak = f"{float(np.nanmax(data)):.4g}"
+            if detected:
+                raise InputError(
+                    f"X holds non-integer values up to {peak} (x_kind auto): neither raw counts "
+                    "nor log1p-normalised values (CPM or scaled data?)",
+                    fix="tokenize the raw counts (e.g. adata.raw or a counts layer), or pass "
+                    "--x-kind counts if these are counts (e.g. ambient-corrected)",
+                )
             raise InputError(
-                f"x_kind=lognorm but the shard holds values up to {float(np.nanmax(data)):.4g}, "
+                f"x_kind=lognorm but the shard holds values up to {peak}, "
                 "too large for log1p-normalised data",
                 fix="pass x_kind='counts' for raw counts",
             )
@@ -236,7 +248,7 @@ class RankValueTokenizer:
             totals = np.asarray(n_counts, dtype=np.float64).reshape(-1)
             if totals.shape[0] != n:
                 raise InputError(f"n_counts has {totals.shape[0]} values for {n} cells")
-        rank = engine or _kernels()
+        rank = engine or rank_kernel()
         pre = np.asarray(self.prefix, dtype=np.int32)
         suf = np.asarray(self.suffix, dtype=np.int32)
         bound = np.minimum(np.diff(indptr), self.max_body) + pre.size + suf.size
@@ -313,7 +325,7 @@ def write_tokens(
     import pyarrow.parquet as pq
     import scipy.sparse as sp
 
-    src, out = Path(input_path), Path(out_path)
+    src, out = as_path(input_path), as_path(out_path)  # paths or URLs (s3://, gs://)
     dicts = GeneformerDictionaries.load(dictionary)
     table = load_dict(gene_name_id) if gene_name_id else dicts.gene_name_id
     group: Any
@@ -322,11 +334,11 @@ def write_tokens(
         if src.suffix == ".zarr" or src.is_dir():
             import zarr
 
-            group = zarr.open_group(str(src), mode="r")
+            group = zarr.open_group(zarr_store(src), mode="r")
         else:
             import h5py
 
-            group = h5py.File(src, "r")
+            group = h5py.File(src.open("rb") if isinstance(src, ObjectPath) else src, "r")
         obs = ad.io.read_elem(group["obs"])
         var = ad.io.read_elem(group["var"])
         xel = group["X"]
@@ -346,7 +358,11 @@ def write_tokens(
             f"{dicts.name} dictionary via {how}; unknown e.g. {', '.join(map(str, unknown))}",
             fix="add var['ensembl_id'], pass --gene-name-id, or lower min_coverage",
         )
-    tmp = out.with_name(out.name + ".tmp")
+    tmp = (
+        Path(tempfile.mkdtemp()) / out.name
+        if isinstance(out, ObjectPath)
+        else out.with_name(out.name + ".tmp")
+    )
     n_empty, n_rows = 0, int(obs.shape[0])
     schema = pa.schema(
         [("obs_name", pa.string()), ("input_ids", pa.list_(pa.int32())), ("length", pa.int32())]
@@ -371,118 +387,10 @@ def write_tokens(
             )
     if hasattr(group, "close"):
         group.close()
-    tmp.replace(out)
+    if isinstance(out, ObjectPath):  # one upload: the object appears whole when it completes
+        out.fs.put_file(str(tmp), out.key)
+        tmp.unlink()
+    else:
+        tmp.replace(out)
     return {"n_cells": n_rows, "n_empty": n_empty, "coverage": plan.coverage,
             "x_kind": x_kind, "id_source": how, "out": str(out)}  # fmt: skip
-
-
-_KERNEL: list[object] = []
-
-
-def _kernels():
-    """Compile (once per process, cached on disk) and return the numba rank kernel."""
-    if _KERNEL:
-        return _KERNEL[0]
-    try:
-        import numba
-    except ImportError as e:  # pragma: no cover - numba ships with scanpy
-        raise ConfigError("the rank tokenizer needs numba", fix="pip install numba") from e
-    _KERNEL.append(numba.njit(cache=True, nogil=True)(_rank_kernel_py))
-    return _KERNEL[0]
-
-
-def _rank_kernel_py(
-    indptr, indices, data, col_gene, gene_median, gene_token, prefix, suffix, lognorm,
-    own_total, totals, max_body, has_dups, starts, out, lens,
-):  # fmt: skip
-    """Per-row stable radix sort of each row's data segment (compiled by numba)."""
-    n = indptr.shape[0] - 1
-    n_genes = gene_median.shape[0]
-    acc = np.zeros(n_genes, dtype=np.float64)
-    width = 0
-    for r in range(n):
-        width = max(width, indptr[r + 1] - indptr[r])
-    gbuf = np.empty(width, dtype=np.int32)
-    vbuf = np.empty(width, dtype=np.float64)
-    bits = vbuf.view(np.uint64)
-    keys = np.empty(width, dtype=np.uint64)
-    tkeys = np.empty(width, dtype=np.uint64)
-    idx = np.empty(width, dtype=np.int64)
-    tidx = np.empty(width, dtype=np.int64)
-    cnt = np.zeros(257, dtype=np.int64)
-    mask = np.uint64(255)
-    status = np.zeros(3, dtype=np.int64)
-    for r in range(n):
-        lo, hi = indptr[r], indptr[r + 1]
-        total = 0.0
-        for j in range(lo, hi):
-            x = np.float64(data[j])
-            if not math.isfinite(x):
-                status[0], status[1], status[2] = 1, r, j
-                return status
-            if x < 0:
-                status[0], status[1], status[2] = 2, r, j
-                return status
-            total += x
-        if not (own_total or lognorm):
-            total = totals[r]
-        k = 0
-        for j in range(lo, hi):
-            g = col_gene[indices[j]]
-            x = np.float64(data[j])
-            if g < 0 or x == 0:
-                continue
-            if lognorm:
-                x = math.expm1(x)
-            if has_dups:
-                if acc[g] == 0.0:
-                    gbuf[k] = g
-                    k += 1
-                acc[g] += x
-            else:
-                gbuf[k] = g
-                vbuf[k] = x
-                k += 1
-        for t in range(k):
-            g = gbuf[t]
-            if has_dups:
-                vbuf[t] = acc[g]
-                acc[g] = 0.0
-            if lognorm:
-                vbuf[t] = vbuf[t] / gene_median[g]
-            else:
-                vbuf[t] = vbuf[t] / total * 10_000.0 / gene_median[g]
-            keys[t] = ~bits[t]  # scores are > 0: their bits ascend with the value
-            idx[t] = t
-        # stable LSD radix sort (8 passes of 8 bits) of the keys: descending score, ties in
-        # column order; a pass whose byte is the same for every key is skipped
-        for p in range(8):
-            shift = np.uint64(8 * p)
-            cnt[:] = 0
-            for t in range(k):
-                cnt[((keys[t] >> shift) & mask) + 1] += 1
-            if k == 0 or cnt[((keys[0] >> shift) & mask) + 1] == k:
-                continue
-            for b in range(256):
-                cnt[b + 1] += cnt[b]
-            for t in range(k):
-                b = (keys[t] >> shift) & mask
-                d = cnt[b]
-                cnt[b] = d + 1
-                tkeys[d] = keys[t]
-                tidx[d] = idx[t]
-            keys, tkeys = tkeys, keys
-            idx, tidx = tidx, idx
-        m = min(k, max_body)
-        if m == 0:
-            continue
-        s = starts[r]
-        for t in range(prefix.shape[0]):
-            out[s + t] = prefix[t]
-        s += prefix.shape[0]
-        for t in range(m):
-            out[s + t] = gene_token[gbuf[idx[t]]]
-        for t in range(suffix.shape[0]):
-            out[s + m + t] = suffix[t]
-        lens[r] = m
-    return status

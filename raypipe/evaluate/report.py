@@ -18,6 +18,14 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from raypipe.core.outputs import read_frame
+from raypipe.core.storage import (
+    AnyPath,
+    as_path,
+    sorted_paths,
+    write_bytes_atomic,
+    write_file_atomic,
+)
 from raypipe.errors import InputError
 from raypipe.evaluate.baseline import BASELINE_METHOD
 from raypipe.evaluate.metrics import subsample_indices
@@ -85,7 +93,7 @@ def umap_2d(
 
 
 def _umap_png(
-    path: Path,
+    path: AnyPath,
     method: str,
     xy: np.ndarray,
     truth: np.ndarray,
@@ -100,11 +108,11 @@ def _umap_png(
     if pred is not None:
         _scatter(axes[0, 1], xy, pred, f"{method} map: prediction of {pred_name}")
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    write_file_atomic(path, lambda target: fig.savefig(target, dpi=110, format="png"))
     plt.close(fig)
 
 
-def _confusion_png(path: Path, method: str, table: pd.DataFrame) -> None:
+def _confusion_png(path: AnyPath, method: str, table: pd.DataFrame) -> None:
     import matplotlib.pyplot as plt
 
     counts = table.to_numpy(dtype=float)
@@ -133,7 +141,7 @@ def _confusion_png(path: Path, method: str, table: pd.DataFrame) -> None:
     )
     fig.colorbar(im, ax=ax, fraction=0.046)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    write_file_atomic(path, lambda target: fig.savefig(target, dpi=110, format="png"))
     plt.close(fig)
 
 
@@ -152,7 +160,7 @@ def _metric_table(metrics: pd.DataFrame) -> str:
     return f"<table><tr>{head}</tr>{''.join(body)}</table>"
 
 
-def _candidate_section(out_dir: Path) -> list[str]:
+def _candidate_section(out_dir: AnyPath) -> list[str]:
     """Per candidate: CL term, how it was found, markers and their source, per-class F1."""
     from raypipe.annotate.summary import candidate_rows, read_candidate_table
 
@@ -160,8 +168,8 @@ def _candidate_section(out_dir: Path) -> list[str]:
     if table is None or table.empty:
         return []
     per_class = {
-        f.stem.removeprefix("per_class_"): pd.read_parquet(f)
-        for f in sorted((out_dir / "evaluation").glob("per_class_*.parquet"))
+        f.stem.removeprefix("per_class_"): read_frame(f)
+        for f in sorted_paths((out_dir / "evaluation").glob("per_class_*.parquet"))
     }
     rows = candidate_rows(table, per_class)
     body = rows.to_html(index=False, escape=True, float_format=lambda v: f"{v:.3f}", na_rep="–")
@@ -187,7 +195,7 @@ table.summary th{text-align:left;background:#f4f4f4;vertical-align:top}"""
 
 
 def write_report(
-    out_dir: str | Path,
+    out_dir: str | AnyPath,
     metrics_df: pd.DataFrame,
     embeddings: Mapping[str, np.ndarray],
     labels: Sequence[Any],
@@ -201,7 +209,7 @@ def write_report(
     title: str = "raypipe report",
     projector: Callable[..., np.ndarray] | None = None,
     neighbors: Mapping[str, Neighbors] | None = None,
-) -> Path:
+) -> AnyPath:
     """Write ``<out_dir>/report/index.html`` and its PNGs.
 
     Parameters
@@ -244,7 +252,7 @@ def write_report(
     from raypipe.core.outputs import atomic_write_json
 
     matplotlib.use("Agg")
-    report = Path(out_dir) / "report"
+    report = as_path(out_dir) / "report"
     report.mkdir(parents=True, exist_ok=True)
     truth = np.array(["NA" if pd.isna(v) else str(v) for v in np.asarray(labels, dtype=object)])
     predictions = dict(predictions or {})
@@ -276,10 +284,10 @@ def write_report(
         _confusion_png(report / f"confusion_{method}.png", method, table)
         figures["confusion"].append(method)
     atomic_write_json(report / FIGURES_FILE, figures)
-    return _write_page(Path(out_dir), figures, metrics_df, skipped)
+    return _write_page(as_path(out_dir), figures, metrics_df, skipped)
 
 
-def rerender_report(out_dir: str | Path) -> Path:
+def rerender_report(out_dir: str | AnyPath) -> AnyPath:
     """Re-render ``<out_dir>/report/index.html`` from the run's files; return its path.
 
     Reads ``manifest.json`` (the summary at the top), ``metrics.parquet``,
@@ -292,7 +300,7 @@ def rerender_report(out_dir: str | Path) -> Path:
     InputError
         When ``out_dir`` holds no ``manifest.json`` (not a raypipe run).
     """
-    out = Path(out_dir)
+    out = as_path(out_dir)
     manifest = _read_manifest(out)
     if manifest is None:
         raise InputError(
@@ -321,12 +329,12 @@ def rerender_report(out_dir: str | Path) -> Path:
     return _write_page(
         out,
         figures,
-        pd.read_parquet(metrics) if metrics.is_file() else pd.DataFrame(),
-        pd.read_parquet(skipped) if skipped.is_file() else None,
+        read_frame(metrics) if metrics.is_file() else pd.DataFrame(),
+        read_frame(skipped) if skipped.is_file() else None,
     )
 
 
-def _read_manifest(out: Path) -> dict[str, Any] | None:
+def _read_manifest(out: AnyPath) -> dict[str, Any] | None:
     try:
         data = json.loads((out / MANIFEST_FILE).read_text())
     except (OSError, ValueError):
@@ -335,8 +343,8 @@ def _read_manifest(out: Path) -> dict[str, Any] | None:
 
 
 def _write_page(
-    out: Path, figures: Mapping[str, Any], metrics_df: pd.DataFrame, skipped: pd.DataFrame | None
-) -> Path:
+    out: AnyPath, figures: Mapping[str, Any], metrics_df: pd.DataFrame, skipped: pd.DataFrame | None
+) -> AnyPath:
     """Assemble ``index.html``: run summary, notes, metrics beside the baseline, figures."""
     title = str(figures.get("title", "raypipe report"))
     parts = [f"<h1>{html.escape(title)}</h1>"]
@@ -375,9 +383,7 @@ def _write_page(
         f"<style>{_CSS}</style></head><body>{''.join(parts)}</body></html>"
     )
     index = out / "report" / "index.html"
-    tmp = index.with_suffix(".html.tmp")
-    tmp.write_text(page, encoding="utf-8")
-    tmp.replace(index)
+    write_bytes_atomic(index, page.encode("utf-8"))
     return index
 
 

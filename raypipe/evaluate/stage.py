@@ -14,6 +14,9 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import pandas as pd
 
+from raypipe.core.outputs import read_parquet
+from raypipe.core.storage import AnyPath, sorted_paths
+
 if TYPE_CHECKING:
     from raypipe.annotate.stage import Candidates
     from raypipe.atlas.store import AtlasInfo
@@ -24,17 +27,15 @@ __all__ = ["load_embedding_rows", "run_evaluation"]
 log = logging.getLogger(__name__)
 
 
-def load_embedding_rows(out_dir: Path, method: str, rows: np.ndarray) -> np.ndarray:
+def load_embedding_rows(out_dir: AnyPath, method: str, rows: np.ndarray) -> np.ndarray:
     """(len(rows), d) float32 embeddings of ``method`` for the atlas rows ``rows`` (sorted).
 
     Reads one part at a time, so memory is bounded by the sample, not the atlas.
     """
-    import pyarrow.parquet as pq
-
     pos = {int(r): i for i, r in enumerate(rows)}
     out: np.ndarray | None = None
-    for f in sorted((out_dir / "embeddings" / method).glob("part-*.parquet")):
-        t = pq.read_table(f, columns=["row", "embedding"])
+    for f in sorted_paths((out_dir / "embeddings" / method).glob("part-*.parquet")):
+        t = read_parquet(f, columns=["row", "embedding"])
         part_rows = t.column("row").to_numpy()
         hit = np.flatnonzero(np.isin(part_rows, rows))
         if hit.size == 0:
@@ -69,7 +70,7 @@ def _sample_counts(atlas: AtlasInfo, rows: np.ndarray) -> Any:
 def run_evaluation(
     job: JobConfig,
     atlas: AtlasInfo,
-    out_dir: Path,
+    out_dir: AnyPath,
     methods: list[str],
     candidates: Candidates | None,
 ) -> dict[str, Any]:

@@ -7,7 +7,9 @@ that sums columns that turn out to be the same gene.
 
 Matching rule, per column (first rule that applies wins):
 
-1. ``exact``: the name is an official symbol (case-insensitive when unambiguous). Symbols
+1. ``exact``: the name is an official symbol, spelled exactly; ``casefold``: it is one only
+   case-insensitively (``Cd3e`` → CD3E: a mouse name on a human table is never "exact";
+   :func:`check_species` refuses mouse-style names unless ``genes.cross_species``). Symbols
    win over a conflicting Ensembl id (annotations move Ensembl ids between loci, e.g. an old
    ``TAF9`` id now belongs to ``AK6``); the conflict is listed in the warnings.
 2. ``ensembl``: the name is not an official symbol, but the column's Ensembl id (from
@@ -21,9 +23,10 @@ Matching rule, per column (first rule that applies wins):
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 import numpy as np
 import pandas as pd
@@ -32,18 +35,25 @@ import scipy.sparse as sp
 from raypipe.errors import InputError
 from raypipe.genes.table import GeneTable, detect_id_space, is_ensembl, strip_version
 
+if TYPE_CHECKING:
+    from raypipe.config import GenesConfig
+
 __all__ = [
     "CoverageReport",
     "GeneResolution",
     "GeneTable",
     "check_coverage",
+    "check_species",
     "detect_id_space",
+    "detect_species",
+    "gene_names_from_var",
     "resolve_genes",
     "strip_version",
     "text_coverage",
 ]
 
-MatchHow = Literal["exact", "alias", "ensembl", "unmatched"]
+MatchHow = Literal["exact", "casefold", "alias", "ensembl", "unmatched"]
+MATCH_KINDS: tuple[MatchHow, ...] = ("exact", "casefold", "alias", "ensembl", "unmatched")
 
 
 @dataclass(frozen=True, eq=False)
@@ -93,9 +103,16 @@ def check_coverage(report: CoverageReport, min_coverage: float) -> None:
 
     The message lists examples of uncovered genes and how to fix it.
     """
+    examples = ", ".join(report.unmatched) or "(none listed)"
+    if report.n_covered == 0:  # whatever min_coverage says: there is nothing to embed
+        raise InputError(
+            f"none of the {report.n_genes:,} {report.what.split(':')[0]}: no atlas gene "
+            f"matches a gene of the text source (e.g. {examples})",
+            fix="check the gene names (symbols or Ensembl ids; input.gene_symbol_column), "
+            "the species (genes.cross_species) and genes.id_table/genes.aliases",
+        )
     if report.share >= min_coverage:
         return
-    examples = ", ".join(report.unmatched) or "(none listed)"
     raise InputError(
         f"only {report.share:.1%} of {report.what.split(':')[0]} are covered "
         f"({report.n_covered:,} of {report.n_genes:,}; required {min_coverage:.0%}); "
@@ -147,7 +164,7 @@ class GeneResolution:
 
     def by_how(self) -> dict[str, int]:
         """Count columns per match kind."""
-        return {k: self.how.count(k) for k in ("exact", "alias", "ensembl", "unmatched")}
+        return {k: self.how.count(k) for k in MATCH_KINDS}
 
     def coverage(self, what: str = "atlas genes matched to a known gene") -> CoverageReport:
         """Return the mapping coverage (columns matched to a gene)."""
@@ -175,7 +192,7 @@ def _match_one(
     if sym is not None:
         agrees = by_ens is None or by_ens == sym or ens in table.symbol_to_ensembl.get(sym, ())
         conflict = None if agrees else f"{name!r}: its Ensembl id {ens} is {by_ens} in the table"
-        return sym, "exact", (), conflict
+        return sym, "exact" if sym == name else "casefold", (), conflict
     if by_ens is not None:
         return by_ens, "ensembl", (), None
     cands = table.lookup_alias(name) if name else ()
@@ -310,3 +327,98 @@ def text_coverage(
     have = set(symbols_with_text)
     covered = np.array([s is not None and s in have for s in resolution.symbols], dtype=bool)
     return _report(what, resolution.names, covered, resolution.by_how())
+
+
+#: var columns that hold gene symbols when var_names are Ensembl ids (CELLxGENE: feature_name)
+SYMBOL_COLUMNS = ("feature_name", "gene_symbols", "gene_symbol", "symbol", "gene_name")
+_MOUSE_CASE = re.compile(r"[A-Z][a-z][A-Za-z0-9.-]*")
+
+
+def gene_names_from_var(
+    var: pd.DataFrame, column: str | None = None
+) -> tuple[list[str], list[str] | None, str | None]:
+    """Return (names to match, per-column Ensembl ids or None, a note on where names came from).
+
+    When ``var_names`` are Ensembl ids and ``var`` has a symbol column (``column``, else the
+    first of :data:`SYMBOL_COLUMNS` present), the symbols are matched first and the Ensembl
+    ids second (a gene whose id is unknown to the table keeps its text through its symbol).
+    Otherwise the names are ``var_names`` and the Ensembl ids come from an ``ensembl_id``-like
+    column.
+
+    Raises
+    ------
+    InputError
+        When ``column`` is given but absent from ``var``.
+    """
+    names = [str(n) for n in var.index]
+    if column is not None and column not in var.columns:
+        raise InputError(
+            f"var has no column {column!r} (input.gene_symbol_column); columns: "
+            f"{', '.join(map(str, var.columns)) or '(none)'}",
+            fix="set input.gene_symbol_column to a var column of gene symbols, or drop it",
+        )
+    ens_col = next(
+        (c for c in ("ensembl_id", "gene_ids", "gene_id", "feature_id") if c in var.columns), None
+    )
+    ens_ids = [str(v) for v in var[ens_col]] if ens_col else None
+    found = column or next((c for c in SYMBOL_COLUMNS if c in var.columns), None)
+    if found is None or (column is None and detect_id_space(names) != "ensembl"):
+        return names, ens_ids, None
+    symbols = [str(v).strip() if _present(v) else "" for v in var[found]]
+    if any(is_ensembl(n) for n in names):
+        ens_ids = [n if is_ensembl(n) else "" for n in names]
+    note = (
+        f"gene names: symbols from var[{found!r}] ({sum(bool(s) for s in symbols):,} of "
+        f"{len(names):,} genes have one), matched before Ensembl ids"
+    )
+    return [s or n for s, n in zip(symbols, names, strict=True)], ens_ids, note
+
+
+def detect_species(names: Iterable[str]) -> tuple[str, float]:
+    """Guess the species of gene names: ``human``, ``mouse`` or ``other``, and the evidence share.
+
+    Ensembl ids decide by prefix (``ENSG`` human, ``ENSMUSG`` mouse, another ``ENS…G``
+    other); symbols by case: mouse symbols are capitalised (``Cd3e``, ``Actb``), human ones
+    upper case (``CD3E``; ``C1orf56`` is not counted as mouse-style).
+    """
+    ens = sym = mouse = other = 0
+    for raw in names:
+        n = str(raw).strip()
+        if not n:
+            continue
+        if is_ensembl(n):
+            ens += 1
+            mouse += n.startswith("ENSMUSG")
+            other += not (n.startswith("ENSMUSG") or n[4:5].isdigit())  # ENSG<digits>: human
+        else:
+            sym += 1
+            mouse += bool(_MOUSE_CASE.fullmatch(n)) and "orf" not in n
+    total = ens + sym
+    if not total:
+        return "human", 0.0
+    if mouse * 2 > total:
+        return "mouse", mouse / total
+    if other * 2 > total:
+        return "other", other / total
+    return "human", 1 - (mouse + other) / total
+
+
+def check_species(names: Sequence[str], cfg: GenesConfig, where: str) -> str:
+    """Refuse non-human gene names unless ``genes.cross_species`` is on; return the species.
+
+    Raises
+    ------
+    InputError
+        Naming the species, the evidence and examples.
+    """
+    species, share = detect_species(names)
+    if species == "human" or cfg.cross_species:
+        return species
+    ex = ", ".join(str(n) for n in list(names)[:5])
+    raise InputError(
+        f"{where}: the gene names look like {species} genes ({share:.0%} of them in {species} "
+        f"style, e.g. {ex}); gene texts and tables are human, and matching them anyway would "
+        "only fold letter case (Cd3e → CD3E)",
+        fix="use a human atlas, or set genes.cross_species: true to match names to human "
+        "symbols case-insensitively (reported as `casefold`, never `exact`)",
+    )

@@ -13,12 +13,12 @@ import hashlib
 import json
 import os
 import re
-import time
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import pandas as pd
 
+from raypipe.core.storage import as_path, write_file_atomic
 from raypipe.errors import ConfigError
 from raypipe.genes.sources import TextSource
 
@@ -134,7 +134,7 @@ class LLMTextSource(TextSource):
         render_prompt(self.version, "X")  # fail early on an unknown version
         self._generator = generator
         self._full_names = full_names
-        self.out_dir = Path(job.output_dir) / "genes"
+        self.out_dir = as_path(job.output_dir) / "genes"
 
     @property
     def generator(self) -> Generator:
@@ -247,11 +247,7 @@ class LLMTextSource(TextSource):
         return out
 
     def _write(self, df: pd.DataFrame, name: str) -> None:
-        self.out_dir.mkdir(parents=True, exist_ok=True)
-        dest = self.out_dir / name
-        tmp = dest.with_name(f".{name}.{os.getpid()}.{int(time.time() * 1e6)}.tmp")
-        df.to_parquet(tmp, index=False)
-        os.replace(tmp, dest)
+        write_file_atomic(self.out_dir / name, lambda target: df.to_parquet(target, index=False))
 
     def close(self) -> None:
         """Release the generator."""

@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, Literal
 
 import pandas as pd
 
+from raypipe.core.storage import local_copy
 from raypipe.errors import InputError, RaypipeError
 from raypipe.genes.identity import GeneTable
 from raypipe.genes.sources import TEXT_COLUMNS, TextSource
@@ -106,7 +107,7 @@ def locate_orgdb(setting: str | Path | None = None, *, cwd: Path | None = None) 
         Nothing found (the message lists where it looked and how to fetch the files).
     """
     if setting is not None:
-        path = Path(setting).expanduser()
+        path = local_copy(setting).expanduser()  # a URL (file or folder): downloaded once
         found = _files_in(path) if path.is_dir() else (_tsv_files(path) if path.is_file() else None)
         if found is None:
             raise InputError(

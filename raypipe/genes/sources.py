@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 
 import pandas as pd
 
+from raypipe.core.storage import local_copy
 from raypipe.errors import InputError, RaypipeError
 from raypipe.genes.identity import GeneTable, detect_id_space, strip_version
 from raypipe.registry import Registry
@@ -219,7 +220,7 @@ class TableTextSource(TextSource):
                 "genes.text_source is 'table' but genes.table is not set",
                 fix="set genes.table to a TSV/CSV/parquet/JSON gene→text file",
             )
-        self.path = Path(genes_cfg.table).expanduser()
+        self.path = local_copy(genes_cfg.table).expanduser()  # a URL: downloaded once
         if not self.path.is_file():
             raise InputError(
                 f"gene text table {self.path} not found",

@@ -1,8 +1,10 @@
 """The gene space of a run: which gene each atlas column is, its text and text embedding.
 
-Runs on the driver before the per-shard stages. Gene embeddings are cached in
-``genes/gene_embeddings.parquet`` keyed by (text, model): a re-run, or a run whose source
-changed only for a few genes, embeds only texts it has not embedded before.
+Runs on the driver before the per-shard stages. Gene embeddings are cached keyed by (text,
+model) in the shared cache that outlives runs (:mod:`raypipe.genes.cache`, under
+``cache.path``) and, for this run, in ``genes/gene_embeddings.parquet``: a re-run, another
+atlas, or a run whose source changed only for a few genes, embeds only texts no run embedded
+before.
 """
 
 from __future__ import annotations
@@ -16,7 +18,10 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import pandas as pd
 
+from raypipe.core.outputs import read_frame
+from raypipe.core.storage import AnyPath
 from raypipe.errors import InputError
+from raypipe.genes.cache import GeneEmbeddingCache
 
 if TYPE_CHECKING:
     import scipy.sparse as sp
@@ -58,6 +63,8 @@ class GeneSpace:
         Atlas genes with text, as a report.
     fingerprint
         Hash of source, texts, model and gene order (keys the downstream results).
+    cache
+        Shared gene-text embedding cache: ``path``, ``texts`` needed, ``hits``, ``embedded``.
     warnings
         Loud notes for the summary (fallbacks, ambiguous aliases, failures).
     """
@@ -73,6 +80,7 @@ class GeneSpace:
     warnings: list[str] = field(default_factory=list)
     table: Any = None
     usage: dict[str, Any] = field(default_factory=dict)
+    cache: dict[str, Any] = field(default_factory=dict)
 
     @property
     def collapse(self) -> sp.csr_matrix:
@@ -86,18 +94,18 @@ def _build_source(job: JobConfig) -> TextSource:
     return TEXT_SOURCES.get(job.genes.text_source)(job.genes, job)
 
 
-def load_cached_embeddings(path: Path, model: str) -> dict[str, np.ndarray]:
+def load_cached_embeddings(path: AnyPath, model: str) -> dict[str, np.ndarray]:
     """Return text → embedding for rows of ``path`` embedded with ``model``."""
     if not path.exists():
         return {}
-    df = pd.read_parquet(path, columns=["text", "model", "embedding"])
+    df = read_frame(path, columns=["text", "model", "embedding"])
     df = df[df["model"] == model]
     return {
         t: np.asarray(e, dtype=np.float32) for t, e in zip(df["text"], df["embedding"], strict=True)
     }
 
 
-def _write_cache(path: Path, texts: pd.DataFrame, emb: np.ndarray, model: str) -> None:
+def _write_cache(path: AnyPath, texts: pd.DataFrame, emb: np.ndarray, model: str) -> None:
     import pyarrow as pa
 
     from raypipe.core.outputs import write_parquet_atomic
@@ -122,7 +130,7 @@ def _merge_usage(a: dict[str, Any], b: dict[str, Any]) -> dict[str, Any]:
     return CostMeter().merge(a).merge(b).to_dict()
 
 
-def write_failures(out_dir: Path, stage: str, rows: list[dict[str, Any]]) -> Path:
+def write_failures(out_dir: AnyPath, stage: str, rows: list[dict[str, Any]]) -> AnyPath:
     """Write a stage's failed items to ``state/failures/<stage>.parquet`` (merged at the end)."""
     import pyarrow as pa
 
@@ -134,7 +142,7 @@ def write_failures(out_dir: Path, stage: str, rows: list[dict[str, Any]]) -> Pat
     return path
 
 
-def prepare_gene_space(job: JobConfig, atlas: AtlasInfo, out_dir: Path) -> GeneSpace:
+def prepare_gene_space(job: JobConfig, atlas: AtlasInfo, out_dir: AnyPath) -> GeneSpace:
     """Resolve atlas genes, fetch their texts, embed them (cached) and check coverage.
 
     Raises
@@ -143,15 +151,16 @@ def prepare_gene_space(job: JobConfig, atlas: AtlasInfo, out_dir: Path) -> GeneS
         When fewer than ``genes.min_coverage`` of atlas genes get a text (with examples).
     """
     from raypipe.atlas.store import read_var
-    from raypipe.genes.identity import check_coverage, resolve_genes, text_coverage
+    from raypipe.genes.identity import (
+        check_coverage,
+        gene_names_from_var,
+        resolve_genes,
+        text_coverage,
+    )
     from raypipe.llm.text_stage import embed_texts
 
     var = read_var(atlas.path)
-    names = [str(n) for n in var.index]
-    ens_col = next(
-        (c for c in ("ensembl_id", "gene_ids", "gene_id", "feature_id") if c in var.columns), None
-    )
-    ensembl_ids = [str(v) for v in var[ens_col]] if ens_col else None
+    names, ensembl_ids, names_note = gene_names_from_var(var, job.input.gene_symbol_column)
     fallback_note = None
     try:
         source = _build_source(job)
@@ -169,6 +178,8 @@ def prepare_gene_space(job: JobConfig, atlas: AtlasInfo, out_dir: Path) -> GeneS
     table = gene_table_for(job.genes, source)
     resolution = resolve_genes(names, table, ensembl_ids=ensembl_ids)
     warnings = list(resolution.warnings[:5]) + ([fallback_note] if fallback_note else [])
+    if names_note:
+        warnings.append(f"{names_note}: {resolution.coverage().summary()}")
     symbols = list(resolution.unique_symbols)
     texts = source.texts(symbols, list(resolution.unique_ensembl))
     texts = texts.drop_duplicates("symbol").reset_index(drop=True)
@@ -184,12 +195,28 @@ def prepare_gene_space(job: JobConfig, atlas: AtlasInfo, out_dir: Path) -> GeneS
         )
     model = job.text_model.model
     cache_path = out_dir / CACHE_FILE
-    cached = load_cached_embeddings(cache_path, model)
-    todo = sorted({t for t in texts["text"] if t not in cached})
+    shared = GeneEmbeddingCache(job.gene_cache_dir(), model)
+    cached = {**shared.load(), **load_cached_embeddings(cache_path, model)}
+    needed = set(texts["text"])
+    todo = sorted(t for t in needed if t not in cached)
+    cache_stats = {
+        "path": str(shared.path),
+        "texts": len(needed),
+        "hits": len(needed) - len(todo),
+        "embedded": len(todo),
+    }
     usage: dict[str, Any] = dict(source.usage())
     failures: list[dict[str, Any]] = list(source.failures)
     if todo:
-        emb, errors, embed_usage = embed_texts(todo, job)
+
+        def keep(batch: pd.DataFrame) -> None:  # finished batches survive an interruption
+            ok = batch["error"].fillna("") == ""
+            shared.add([str(t) for t in batch["text"][ok]], list(batch["embedding"][ok]))
+
+        try:
+            emb, errors, embed_usage = embed_texts(todo, job, on_batch=keep)
+        finally:
+            shared.flush()
         usage = _merge_usage(usage, embed_usage)
         by_text = dict(zip(texts["text"], texts["symbol"], strict=False))
         for t, e, err in zip(todo, emb, errors, strict=True):
@@ -238,6 +265,7 @@ def prepare_gene_space(job: JobConfig, atlas: AtlasInfo, out_dir: Path) -> GeneS
         warnings=warnings,
         table=table,
         usage=usage,
+        cache=cache_stats,
     )
 
 

@@ -11,6 +11,7 @@ from typing import Literal
 import numpy as np
 import pandas as pd
 
+from raypipe.core.storage import local_copy
 from raypipe.errors import InputError
 
 __all__ = ["GeneTable", "detect_id_space", "is_ensembl", "strip_version"]
@@ -208,8 +209,8 @@ class GeneTable:
             TSV/CSV(.gz) with columns ``alias`` and ``symbol`` (orgdb's alias table), or a
             headerless two-column ``alias, symbol`` table.
         """
-        ids = _read_id_table(Path(id_table)) if id_table else None
-        al = _read_alias_table(Path(aliases)) if aliases else None
+        ids = _read_id_table(local_copy(id_table)) if id_table else None
+        al = _read_alias_table(local_copy(aliases)) if aliases else None
         src = ", ".join(str(p) for p in (id_table, aliases) if p)
         return cls.from_frames(ids, al, source=src)
 

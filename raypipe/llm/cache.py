@@ -17,6 +17,7 @@ Key: ``sha256(backend, model, kind, version, params, input text)`` (:func:`cache
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import os
 import socket
@@ -25,12 +26,13 @@ import time
 import uuid
 from collections import OrderedDict
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
+
+from raypipe.core.storage import AnyPath, ObjectPath, as_path, sorted_paths
 
 __all__ = ["CacheEntry", "LLMCache", "cache_key", "compact", "prune", "stats"]
 
@@ -86,11 +88,23 @@ class CacheEntry:
     tokens_out: int
 
 
-def _files(path: Path) -> list[Path]:
-    return sorted(p for p in path.glob("*.parquet") if not p.name.startswith("."))
+def _files(path: AnyPath) -> list[AnyPath]:
+    return sorted_paths([p for p in path.glob("*.parquet") if not p.name.startswith(".")])
 
 
-def _write_atomic(table: pa.Table, dest: Path) -> None:
+def _parquet(f: AnyPath) -> pq.ParquetFile:
+    """Open a segment (a bucket's is fetched whole: segments are small and written once)."""
+    if isinstance(f, ObjectPath):
+        return pq.ParquetFile(io.BytesIO(f.read_bytes()))
+    return pq.ParquetFile(f)
+
+
+def _write_atomic(table: pa.Table, dest: AnyPath) -> None:
+    if isinstance(dest, ObjectPath):  # one PUT: visible whole or not at all
+        buf = io.BytesIO()
+        pq.write_table(table, buf, row_group_size=ROW_GROUP, compression="zstd")
+        dest.write_bytes(buf.getvalue())
+        return
     tmp = dest.with_name(f".{dest.name}.{uuid.uuid4().hex[:8]}.tmp")
     pq.write_table(table, tmp, row_group_size=ROW_GROUP, compression="zstd")
     fd = os.open(tmp, os.O_RDONLY)
@@ -114,8 +128,8 @@ class LLMCache:
         A crash loses at most the unflushed results.
     """
 
-    def __init__(self, path: str | Path, *, flush_rows: int = 4096, flush_every_s: float = 5.0):
-        self.path = Path(path)
+    def __init__(self, path: str | AnyPath, *, flush_rows: int = 4096, flush_every_s: float = 5.0):
+        self.path = as_path(path)
         self.path.mkdir(parents=True, exist_ok=True)
         self.flush_rows, self.flush_every_s = flush_rows, flush_every_s
         self.writer = f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
@@ -130,8 +144,8 @@ class LLMCache:
         self.refresh()
 
     # ------------------------------------------------------------------ index
-    def _index_file(self, f: Path) -> None:
-        pf = pq.ParquetFile(f)
+    def _index_file(self, f: AnyPath) -> None:
+        pf = _parquet(f)
         for rg in range(pf.num_row_groups):
             keys = pf.read_row_group(rg, columns=["key"]).column(0).to_pylist()
             for i, k in enumerate(keys):
@@ -165,7 +179,7 @@ class LLMCache:
             self._groups.move_to_end(k)
             return self._groups[k]
         cols = ["text", "vec", "tokens_in", "tokens_out"]
-        t = pq.ParquetFile(self.path / name).read_row_group(rg, columns=cols)
+        t = _parquet(self.path / name).read_row_group(rg, columns=cols)
         self._groups[k] = t
         while len(self._groups) > 8:
             self._groups.popitem(last=False)
@@ -243,7 +257,7 @@ class LLMCache:
             if len(self._pending) >= self.flush_rows or due:
                 self.flush()
 
-    def flush(self) -> Path | None:
+    def flush(self) -> AnyPath | None:
         """Write buffered results as a new segment; return its path (None if nothing)."""
         with self._lock:
             self._last_flush = time.monotonic()
@@ -265,11 +279,15 @@ class LLMCache:
         self.flush()
 
 
-def _read_all(files: list[Path]) -> pa.Table:
+def _read_all(files: list[AnyPath]) -> pa.Table:
     tables = []
     for f in files:
         try:
-            tables.append(pq.read_table(f, schema=SCHEMA))
+            tables.append(
+                _parquet(f).read(schema=SCHEMA)
+                if isinstance(f, ObjectPath)
+                else pq.read_table(f, schema=SCHEMA)
+            )
         except FileNotFoundError:
             continue
     return pa.concat_tables(tables) if tables else SCHEMA.empty_table()
@@ -283,7 +301,7 @@ def _dedup(table: pa.Table) -> pa.Table:
     return table.take(np.sort(table.num_rows - 1 - first))
 
 
-def compact(path: str | Path, *, drop: Any = None) -> dict[str, int]:
+def compact(path: str | AnyPath, *, drop: Any = None) -> dict[str, int]:
     """Merge every segment of the cache at ``path`` into one file, then delete the inputs.
 
     Parameters
@@ -299,7 +317,7 @@ def compact(path: str | Path, *, drop: Any = None) -> dict[str, int]:
     dict
         ``files_in``, ``rows_in``, ``rows_out``.
     """
-    path = Path(path)
+    path = as_path(path)
     files = _files(path)
     table = _dedup(_read_all(files))
     rows_in = table.num_rows
@@ -313,7 +331,7 @@ def compact(path: str | Path, *, drop: Any = None) -> dict[str, int]:
 
 
 def prune(
-    path: str | Path,
+    path: str | AnyPath,
     *,
     model: str | None = None,
     kind: str | None = None,
@@ -343,15 +361,15 @@ def prune(
     return out
 
 
-def stats(path: str | Path) -> dict[str, Any]:
+def stats(path: str | AnyPath) -> dict[str, Any]:
     """Summarise a cache folder: entries, files, bytes, tokens, counts by model and kind."""
-    path = Path(path)
+    path = as_path(path)
     files = _files(path)
     cols = ["key", "model", "kind", "tokens_in", "tokens_out"]
     tables = []
     for f in files:
         try:
-            tables.append(pq.read_table(f, columns=cols))
+            tables.append(_parquet(f).read(columns=cols))
         except FileNotFoundError:
             continue
     empty = pa.schema([SCHEMA.field(c) for c in cols]).empty_table()

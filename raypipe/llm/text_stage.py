@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -71,7 +72,12 @@ def usage_delta(client: Any, seen: dict[str, dict[str, int]]) -> dict[str, dict[
 
 
 def embed_texts(
-    texts: list[str], job: JobConfig, *, actors: int | None = None, batch_size: int | None = None
+    texts: list[str],
+    job: JobConfig,
+    *,
+    actors: int | None = None,
+    batch_size: int | None = None,
+    on_batch: Callable[[pd.DataFrame], None] | None = None,
 ) -> tuple[np.ndarray, list[str], dict[str, Any]]:
     """Embed unique ``texts`` through an actor pool; return ``(embeddings, errors, usage)`` in order.
 
@@ -87,6 +93,9 @@ def embed_texts(
     batch_size
         Texts per Ray Data batch (default: 8 × ``text_model.batch_size``; a local CPU model
         gets one actor on the free CPUs and :data:`LOCAL_BATCH`-text batches).
+    on_batch
+        Called with each finished batch (columns ``i``, ``text``, ``embedding``, ``error``) as
+        it arrives, e.g. to persist it so an interrupted run keeps what was done.
     """
     import ray
 
@@ -117,8 +126,13 @@ def embed_texts(
         compute=ray.data.ActorPoolStrategy(min_size=1, max_size=n_actors),
         num_cpus=job.ray.actor_cpus,
         num_gpus=gpus or None,
-    ).to_pandas()
-    out = out.sort_values("i")
+    )
+    batches = []
+    for batch in out.iter_batches(batch_format="pandas", batch_size=None):
+        batches.append(batch)
+        if on_batch is not None:
+            on_batch(batch)
+    out = pd.concat(batches, ignore_index=True).sort_values("i")
     emb = np.stack([np.asarray(e, dtype=np.float32) for e in out["embedding"]])
     meter = CostMeter()
     for u in out["usage"]:

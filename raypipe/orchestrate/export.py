@@ -21,6 +21,8 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import pandas as pd
 
+from raypipe.core.outputs import read_frame, read_parquet
+from raypipe.core.storage import AnyPath, as_path, sorted_paths
 from raypipe.errors import InputError
 
 if TYPE_CHECKING:
@@ -61,12 +63,12 @@ class RunResults:
     uns: dict[str, Any] = field(default_factory=dict)
 
 
-def _parts(out_dir: Path, kind: str, method: str) -> list[Path]:
-    return sorted((out_dir / kind / method).glob("part-*.parquet"))
+def _parts(out_dir: AnyPath, kind: str, method: str) -> list[AnyPath]:
+    return sorted_paths((out_dir / kind / method).glob("part-*.parquet"))
 
 
 def _check_rows(
-    rows: np.ndarray, names: np.ndarray, obs_names: np.ndarray, where: Path, n: int
+    rows: np.ndarray, names: np.ndarray, obs_names: np.ndarray, where: AnyPath, n: int
 ) -> None:
     if rows.size and (rows.min() < 0 or rows.max() >= n):
         raise InputError(
@@ -83,7 +85,7 @@ def _check_rows(
         )
 
 
-def _check_complete(seen: np.ndarray, out_dir: Path, kind: str, method: str) -> None:
+def _check_complete(seen: np.ndarray, out_dir: AnyPath, kind: str, method: str) -> None:
     if (seen == 1).all():
         return
     missing = int((seen == 0).sum())
@@ -96,7 +98,7 @@ def _check_complete(seen: np.ndarray, out_dir: Path, kind: str, method: str) -> 
 
 
 def read_embedding_matrix(
-    out_dir: str | Path, method: str, obs_names: np.ndarray
+    out_dir: str | AnyPath, method: str, obs_names: np.ndarray
 ) -> tuple[np.ndarray, np.ndarray]:
     """Read ``embeddings/<method>`` into one (n, d) float32 array in atlas row order.
 
@@ -117,15 +119,13 @@ def read_embedding_matrix(
     tuple
         ``(X, empty)``: (n, d) float32 and (n,) bool.
     """
-    import pyarrow.parquet as pq
-
-    out = Path(out_dir)
+    out = as_path(out_dir)
     n = len(obs_names)
     x: np.ndarray | None = None
     empty = np.zeros(n, dtype=bool)
     seen = np.zeros(n, dtype=np.int32)
     for f in _parts(out, "embeddings", method):
-        t = pq.read_table(f, columns=["obs_name", "row", "embedding", "empty"])
+        t = read_parquet(f, columns=["obs_name", "row", "embedding", "empty"])
         rows = t.column("row").to_numpy().astype(np.int64)
         _check_rows(
             rows, np.asarray(t.column("obs_name").to_pylist(), dtype=object), obs_names, f, n
@@ -143,17 +143,15 @@ def read_embedding_matrix(
 
 
 def read_annotation_columns(
-    out_dir: str | Path, method: str, obs_names: np.ndarray
+    out_dir: str | AnyPath, method: str, obs_names: np.ndarray
 ) -> dict[str, np.ndarray]:
     """Read ``label``, ``score``, ``margin`` of ``annotations/<method>`` in atlas row order."""
-    import pyarrow.parquet as pq
-
-    out = Path(out_dir)
+    out = as_path(out_dir)
     n = len(obs_names)
     cols: dict[str, np.ndarray] = {}
     seen = np.zeros(n, dtype=np.int32)
     for f in _parts(out, "annotations", method):
-        t = pq.read_table(f, columns=["obs_name", "row", *ANNOTATION_COLUMNS])
+        t = read_parquet(f, columns=["obs_name", "row", *ANNOTATION_COLUMNS])
         rows = t.column("row").to_numpy().astype(np.int64)
         _check_rows(
             rows, np.asarray(t.column("obs_name").to_pylist(), dtype=object), obs_names, f, n
@@ -224,14 +222,14 @@ def uns_payload(manifest: dict[str, Any], metrics: pd.DataFrame | None) -> dict[
 
 
 def collect_results(
-    out_dir: str | Path,
+    out_dir: str | AnyPath,
     manifest: dict[str, Any],
     obs_names: np.ndarray,
     embeddings: list[str],
     annotations: list[str],
 ) -> RunResults:
     """Read the chosen methods' results into arrays in atlas order (see module docstring)."""
-    out = Path(out_dir)
+    out = as_path(out_dir)
     index = pd.Index(obs_names, name=None)
     res = RunResults(obs_names=index, obs=pd.DataFrame(index=index))
     for m in embeddings:
@@ -244,7 +242,7 @@ def collect_results(
         res.obs[f"raypipe_{m}_score"] = cols["score"]
         res.obs[f"raypipe_{m}_margin"] = cols["margin"]
     metrics_path = out / "metrics.parquet"
-    metrics = pd.read_parquet(metrics_path) if metrics_path.is_file() else None
+    metrics = read_frame(metrics_path) if metrics_path.is_file() else None
     res.uns = uns_payload(manifest, metrics)
     return res
 
@@ -326,7 +324,7 @@ def export_anndata(
 
     from raypipe.atlas.store import read_obs, read_var
 
-    out = Path(out_path)
+    out = Path(str(out_path))  # written locally (read the run from anywhere)
     kind = {".h5ad": "h5ad", ".zarr": "zarr"}.get(out.suffix)
     if kind is None:
         raise InputError(f"--out {out} must end in .h5ad or .zarr", fix="e.g. --out results.h5ad")

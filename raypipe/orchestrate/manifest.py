@@ -13,11 +13,11 @@ import json
 import sys
 import time
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
 from typing import Any, Literal
 
 from raypipe import __version__
 from raypipe.core.outputs import atomic_write_json
+from raypipe.core.storage import AnyPath, as_path
 
 __all__ = ["FORMAT", "MANIFEST", "Manifest", "is_raypipe_manifest", "read_manifest", "versions"]
 
@@ -88,19 +88,19 @@ class Manifest:
         """Return the JSON object (sections not reached are left out)."""
         return {k: v for k, v in asdict(self).items() if v is not None}
 
-    def write(self, out_dir: str | Path) -> None:
+    def write(self, out_dir: str | AnyPath) -> None:
         """Write ``<out_dir>/manifest.json`` atomically."""
-        atomic_write_json(Path(out_dir) / MANIFEST, self.to_dict())
+        atomic_write_json(as_path(out_dir) / MANIFEST, self.to_dict())
 
     def finish(self, status: Status, *, error: str | None = None) -> None:
         """Mark the run ``complete`` or ``failed`` (with the reason) and stamp the time."""
         self.status, self.error, self.finished = status, error, _now()
 
 
-def read_manifest(out_dir: str | Path) -> dict[str, Any] | None:
+def read_manifest(out_dir: str | AnyPath) -> dict[str, Any] | None:
     """Return the manifest of ``out_dir`` as a dict (None when absent or not JSON)."""
     try:
-        data = json.loads((Path(out_dir) / MANIFEST).read_text())
+        data = json.loads((as_path(out_dir) / MANIFEST).read_text())
     except (OSError, ValueError):
         return None
     return data if isinstance(data, dict) else None

@@ -8,10 +8,10 @@ is touched (:func:`clear_run`, :func:`make_output_dir`) only after the whole job
 
 from __future__ import annotations
 
-import shutil
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from raypipe.core.storage import AnyPath, rmtree, sorted_paths
 from raypipe.errors import InputError
 from raypipe.orchestrate.manifest import MANIFEST, is_raypipe_manifest, read_manifest
 
@@ -55,7 +55,7 @@ def same_input(a: str | None, b: str) -> bool:
     return Path(a).expanduser().resolve() == Path(b).expanduser().resolve()
 
 
-def check_output_dir(out_dir: Path, job: JobConfig, overwrite: bool) -> dict[str, Any] | None:
+def check_output_dir(out_dir: AnyPath, job: JobConfig, overwrite: bool) -> dict[str, Any] | None:
     """Check ``output_dir`` can take this run, touching nothing; return its previous manifest.
 
     Raises
@@ -100,7 +100,7 @@ def check_output_dir(out_dir: Path, job: JobConfig, overwrite: bool) -> dict[str
     return old
 
 
-def clear_run(out_dir: Path) -> list[str]:
+def clear_run(out_dir: AnyPath) -> list[str]:
     """Delete raypipe's own entries of a run folder (``--overwrite``); return what was kept.
 
     Call only after :func:`check_output_dir` accepted the folder. The LLM cache and any file
@@ -109,17 +109,15 @@ def clear_run(out_dir: Path) -> list[str]:
     if not out_dir.is_dir():
         return []
     kept = []
-    for p in sorted(out_dir.iterdir()):
+    for p in sorted_paths(out_dir.iterdir()):
         if p.name in KEPT or not _ours(p.name):
             kept.append(p.name)
-        elif p.is_dir() and not p.is_symlink():
-            shutil.rmtree(p)
         else:
-            p.unlink()
+            rmtree(p)
     return kept
 
 
-def make_output_dir(out_dir: Path) -> None:
+def make_output_dir(out_dir: AnyPath) -> None:
     """Create ``out_dir`` (and its parents), with a clear error when that is impossible."""
     try:
         out_dir.mkdir(parents=True, exist_ok=True)

@@ -14,9 +14,12 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from raypipe.core.outputs import atomic_write_json, read_marker
+from raypipe.core.storage import AnyPath, as_path, zarr_store
 from raypipe.errors import ConfigError, InputError
 
 if TYPE_CHECKING:
+    import pandas as pd
+
     from raypipe.atlas.store import AtlasInfo
     from raypipe.config import JobConfig
 
@@ -27,22 +30,27 @@ log = logging.getLogger(__name__)
 STAMP = Path("state") / "atlas_source.json"
 
 
-def _is_atlas(src: Path) -> bool:
+def _is_atlas(src: AnyPath) -> bool:
     from raypipe.atlas.store import ATLAS_ATTR
 
     if not (src.is_dir() and ((src / "zarr.json").exists() or (src / ".zgroup").exists())):
         return False
     import zarr
 
-    return ATLAS_ATTR in dict(zarr.open_group(str(src), mode="r").attrs)
+    return ATLAS_ATTR in dict(zarr.open_group(zarr_store(src), mode="r").attrs)
 
 
-def _stamp(src: Path, layer: str | None) -> dict[str, Any]:
+def _stamp(src: AnyPath, layer: str | None) -> dict[str, Any]:
     stat = src.stat()
-    return {"source": str(src), "size": stat.st_size, "mtime": stat.st_mtime, "layer": layer}
+    return {
+        "source": str(src.resolve()) if isinstance(src, Path) else str(src),
+        "size": stat.st_size,
+        "mtime": stat.st_mtime,
+        "layer": layer,
+    }
 
 
-def _ingested(job: JobConfig, src: Path, out_dir: Path) -> AtlasInfo | None:
+def _ingested(job: JobConfig, src: AnyPath, out_dir: AnyPath) -> AtlasInfo | None:
     """Return the atlas already ingested from ``src`` into ``out_dir`` while still current."""
     from raypipe.atlas.store import open_atlas
 
@@ -55,7 +63,7 @@ def _ingested(job: JobConfig, src: Path, out_dir: Path) -> AtlasInfo | None:
 
 
 def _check_paths(job: JobConfig) -> None:
-    """Files and folders the config names must exist (URLs and hub ids are checked later)."""
+    """Files and folders the config names must exist (paths and URLs; hub ids are checked later)."""
     named = {
         "genes.table": job.genes.table if job.genes.text_source == "table" else None,
         "genes.orgdb": job.genes.orgdb,
@@ -64,7 +72,7 @@ def _check_paths(job: JobConfig) -> None:
         "annotate.ontology": job.annotate.ontology if job.annotate.enabled else None,
     }
     for key, value in named.items():
-        if value and "://" not in value and not Path(value).expanduser().exists():
+        if value and not as_path(value if "://" in value else Path(value).expanduser()).exists():
             raise InputError(f"{key} {value} does not exist", fix=f"check {key} in the config")
 
 
@@ -78,8 +86,30 @@ def _check_columns(present: list[str], keys: list[str], where: str) -> None:
         )
 
 
-def validate_job(job: JobConfig) -> None:
-    """Check the job end to end without writing anything.
+def _check_cells_and_genes(
+    job: JobConfig, obs: pd.DataFrame | None, var_names: list[str], where: str, force: bool
+) -> list[str]:
+    """Check unique cell names, human gene names (or cross_species), a sane label column."""
+    from raypipe.atlas.ingest import check_unique_obs_names
+    from raypipe.genes.identity import check_species
+    from raypipe.orchestrate.input_checks import check_labels
+
+    check_species(var_names, job.genes, where)
+    if obs is None:
+        return []
+    check_unique_obs_names(obs.index.astype(str), where)
+    return check_labels(job, obs, where, force=force)
+
+
+def validate_job(job: JobConfig, *, force: bool = False) -> list[str]:
+    """Check the job end to end without writing anything; return warnings for the summary.
+
+    Parameters
+    ----------
+    job
+        The job.
+    force
+        Use a suspicious label column (numeric, too many classes) with a warning.
 
     Raises
     ------
@@ -88,7 +118,7 @@ def validate_job(job: JobConfig) -> None:
     """
     from raypipe.annotate.stage import check_annotate_config
     from raypipe.atlas.reader import open_source, resolve_input_path
-    from raypipe.atlas.store import open_atlas, read_obs_columns
+    from raypipe.atlas.store import open_atlas, read_obs_columns, read_var
     from raypipe.embed.methods import METHODS
 
     for name in job.embed.methods:
@@ -111,28 +141,27 @@ def validate_job(job: JobConfig) -> None:
     if not src.exists():
         raise InputError(f"input file {src} does not exist", fix="check input.path in the config")
     keys = [k for k in (job.input.label_key, job.input.batch_key) if k]
-    if _is_atlas(src):
-        atlas = open_atlas(src)
-        if job.input.x_kind not in ("auto", atlas.x_kind):
+    atlas = open_atlas(src) if _is_atlas(src) else _ingested(job, src, as_path(job.output_dir))
+    if atlas is not None:
+        if _is_atlas(src) and job.input.x_kind not in ("auto", atlas.x_kind):
             raise InputError(
                 f"atlas {src} holds {atlas.x_kind} but input.x_kind is {job.input.x_kind}",
-                fix=f"re-ingest with --x-kind {job.input.x_kind}, or set input.x_kind: auto",
+                fix=f"set input.x_kind: {atlas.x_kind} (or auto), or ingest the input again "
+                f"with raypipe ingest --x-kind {job.input.x_kind}",
             )
-        if keys:
-            read_obs_columns(atlas.path, keys)  # a missing column names those present
-        return
-    ingested = _ingested(job, src, Path(job.output_dir))
-    if ingested is not None:
-        if keys:
-            read_obs_columns(ingested.path, keys)
-        return
+        obs = read_obs_columns(atlas.path, keys) if keys else None
+        names = [str(n) for n in read_var(atlas.path).index]
+        return _check_cells_and_genes(job, obs, names, str(src), force)
     zarr_dir = (src / "zarr.json").exists() or (src / ".zgroup").exists()
     if keys or src.is_file() or zarr_dir:  # a 10x folder is read whole: only when needed
         with open_source(src, job.input.layer) as source:  # checks the file's layout too
             _check_columns([str(c) for c in source.obs.columns], keys, str(src))
+            names = [str(n) for n in source.var.index]
+            return _check_cells_and_genes(job, source.obs, names, str(src), force)
+    return []
 
 
-def ensure_atlas(job: JobConfig, out_dir: Path, *, progress: bool = True) -> AtlasInfo:
+def ensure_atlas(job: JobConfig, out_dir: AnyPath, *, progress: bool = True) -> AtlasInfo:
     """Open ``input.path`` as an atlas, ingesting it into ``<out>/atlas.zarr`` when needed."""
     from raypipe.atlas.ingest import ingest
     from raypipe.atlas.reader import resolve_input_path

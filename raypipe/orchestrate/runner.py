@@ -13,10 +13,12 @@ from __future__ import annotations
 
 import logging
 import time
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from raypipe.config import JobConfig, config_hash
+from raypipe.core.outputs import read_frame
+from raypipe.core.storage import as_path, sorted_paths
+from raypipe.core.storage import configure as configure_storage
 from raypipe.orchestrate.manifest import MANIFEST, Manifest
 from raypipe.orchestrate.outdir import check_output_dir, clear_run, make_output_dir
 from raypipe.orchestrate.prepare import ensure_atlas, validate_job
@@ -47,7 +49,7 @@ class _Run:
 
     def __init__(self, job: JobConfig, manifest: Manifest, progress: bool) -> None:
         self.job, self.manifest, self.progress = job, manifest, progress
-        self.out_dir = Path(job.output_dir)
+        self.out_dir = as_path(job.output_dir)
         self.summary = RunSummary(output_dir=str(self.out_dir))
         self.computed: dict[str, list[Shard]] = {}
 
@@ -78,9 +80,11 @@ class _Run:
         return atlas
 
     def genes(self, atlas: AtlasInfo) -> GeneSpace:
+        from raypipe.core.faults import fault_point
         from raypipe.genes.space import prepare_gene_space
 
         t = time.perf_counter()
+        fault_point("genes", self.out_dir)
         genes = prepare_gene_space(self.job, atlas, self.out_dir)
         self.summary.coverage = genes.coverage.summary()
         self.summary.warnings += genes.warnings
@@ -93,7 +97,9 @@ class _Run:
                 "n_covered": genes.coverage.n_covered,
                 "share": genes.coverage.share,
             },
+            "matched_by": genes.resolution.by_how(),
             "unmatched_examples": list(genes.coverage.unmatched),
+            "cache": genes.cache,
         }
         self._timed("genes", t)
         return genes
@@ -157,8 +163,6 @@ class _Run:
 
     def evaluate(self, atlas: AtlasInfo, candidates: Any, previous: dict[str, Any]) -> None:
         """Evaluate, unless the previous run evaluated exactly these outputs (then reuse)."""
-        import pandas as pd
-
         from raypipe.core.plan import stage_hash
         from raypipe.evaluate.stage import run_evaluation
 
@@ -178,7 +182,7 @@ class _Run:
         old = previous.get("evaluation") or {}
         if old.get("fingerprint") == fingerprint and metrics.exists():
             ev = dict(old, reused=True)
-            self.summary.metrics = pd.read_parquet(metrics)
+            self.summary.metrics = read_frame(metrics)
             self.summary.outputs += [p for p in (old.get("metrics"), old.get("report")) if p]
         else:
             ev = run_evaluation(
@@ -206,8 +210,8 @@ class _Run:
         if candidates is not None:
             meter.merge(candidates.usage or {})
         rows: list[dict[str, Any]] = []
-        for f in sorted((out_dir / "state" / "failures").glob("*.parquet")):
-            rows += pd.read_parquet(f).to_dict("records")
+        for f in sorted_paths((out_dir / "state" / "failures").glob("*.parquet")):
+            rows += read_frame(f).to_dict("records")
         exceeded = None
         for method in job.embed.methods:
             ledger = Ledger(job.output_dir, "embeddings", method)
@@ -269,24 +273,29 @@ class _Run:
         from raypipe.annotate.summary import summary_lines
 
         per_class: dict[str, pd.DataFrame] = {
-            str(m): pd.read_parquet(f)
+            str(m): read_frame(f)
             for m in self.job.embed.methods
             if (f := self.out_dir / "evaluation" / f"per_class_{m}.parquet").is_file()
         }
         return summary_lines(candidates.table, per_class or None)
 
 
-def run_job(job: JobConfig, *, overwrite: bool = False, progress: bool = True) -> RunSummary:
+def run_job(
+    job: JobConfig, *, overwrite: bool = False, progress: bool = True, force: bool = False
+) -> RunSummary:
     """Run every stage the config names; return the summary (also written to the manifest).
 
     Everything that can be checked is checked before the output folder is touched; from then
     on every failure leaves ``manifest.json`` with ``status: failed`` and the reason (finished
-    shards are kept and reused by the next run).
+    shards are kept and reused by the next run). ``force`` uses a suspicious label column
+    (numeric, one class per few cells) with a warning instead of refusing it.
     """
     t_start = time.perf_counter()
-    out_dir = Path(job.output_dir)
+    st = job.storage  # endpoint/region/anonymous for this process and the Ray workers it starts
+    configure_storage(endpoint=st.endpoint, region=st.region, anonymous=st.anonymous)
+    out_dir = as_path(job.output_dir)
     previous = check_output_dir(out_dir, job, overwrite)
-    validate_job(job)
+    notes = validate_job(job, force=force)
     kept = clear_run(out_dir) if overwrite else []
     make_output_dir(out_dir)
     manifest = Manifest(config=job.model_dump(mode="json"), config_hash=config_hash(job))
@@ -294,6 +303,7 @@ def run_job(job: JobConfig, *, overwrite: bool = False, progress: bool = True) -
         manifest.previous = {k: previous.get(k) for k in ("status", "config_hash", "finished")}
     manifest.write(out_dir)
     run = _Run(job, manifest, progress)
+    run.summary.warnings += notes
     if kept:
         run.summary.warnings.append(f"--overwrite kept what raypipe did not write: {kept}")
     try:
@@ -302,7 +312,12 @@ def run_job(job: JobConfig, *, overwrite: bool = False, progress: bool = True) -
         manifest.finish("failed", error=_reason(exc))
         manifest.wall_s = time.perf_counter() - t_start
         manifest.warnings = run.summary.warnings
-        manifest.write(out_dir)
+        try:
+            manifest.write(out_dir)
+        except (
+            Exception
+        ) as write_exc:  # storage down: the manifest stays `running`, never `complete`
+            log.error("could not record the failure in %s: %s", out_dir / MANIFEST, write_exc)
         raise
     summary = run.summary
     summary.wall_s = time.perf_counter() - t_start
