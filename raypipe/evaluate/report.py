@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import html
 import json
+import warnings
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -89,7 +90,11 @@ def umap_2d(
         n_epochs=n_epochs,
         precomputed_knn=(knn_i, knn_d, None),
     )
-    return np.asarray(reducer.fit_transform(x))
+    with warnings.catch_warnings():
+        # umap warns that without its NNDescent index the model cannot .transform() new
+        # data; the report only draws these cells, so that is expected and harmless
+        warnings.filterwarnings("ignore", message=r"precomputed_knn\[2\]", category=UserWarning)
+        return np.asarray(reducer.fit_transform(x))
 
 
 def _umap_png(
