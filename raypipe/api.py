@@ -217,9 +217,12 @@ class Run:
         return attach_results(out, res)
 
     def export(
-        self, path: str | Path, *, methods: Sequence[str] | None = None, overwrite: bool = False
-    ) -> Path:
-        """Write the atlas plus results as ``.h5ad`` or AnnData ``.zarr`` (streamed, atomic)."""
+        self, path: str | AnyPath, *, methods: Sequence[str] | None = None, overwrite: bool = False
+    ) -> AnyPath:
+        """Write the atlas plus results as ``.h5ad`` or AnnData ``.zarr`` (streamed, atomic).
+
+        ``path`` may be a bucket URL: the file is written locally, then uploaded.
+        """
         from raypipe.atlas.store import open_atlas
         from raypipe.orchestrate.export import collect_results, export_anndata
 

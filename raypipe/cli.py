@@ -224,7 +224,9 @@ def build_parser() -> argparse.ArgumentParser:
         "export", help="write a finished run's results (with the atlas) as .h5ad or AnnData .zarr"
     )
     exp.add_argument("run", metavar="RUN", help="the run's output_dir")
-    exp.add_argument("--out", required=True, help="destination .h5ad or .zarr")
+    exp.add_argument(
+        "--out", required=True, help="destination .h5ad or .zarr (a path or a bucket URL)"
+    )
     exp.add_argument(
         "--methods",
         nargs="+",

@@ -22,6 +22,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 import yaml
 from cluster_utils import kill_pids, tree
@@ -202,7 +203,18 @@ def test_killed_run_resumes_and_every_stage_writes_to_the_bucket(s3, kang1k5, tm
     exported = ad.read_h5ad(h5ad)
     assert exported.n_obs == len(names)
     assert exported.obsm["X_genept_w"].shape[0] == len(names)
-    _no_secret(prefix, [out, err, eout, eerr])
+    # ... and writes it to the bucket too (.zarr: uploaded, root metadata last)
+    exp2 = _raypipe(
+        "export", "s3://runs/kang1k5", "--out", "s3://runs/exports/kang.zarr", endpoint=s3.endpoint
+    )
+    e2out, e2err = exp2.communicate(timeout=300)
+    assert exp2.returncode == 0, e2err[-3000:]
+    fs.invalidate_cache()
+    fs.get("runs/exports/kang.zarr/", str(tmp_path / "kang.zarr") + "/", recursive=True)
+    from_bucket = ad.read_zarr(tmp_path / "kang.zarr")
+    assert list(from_bucket.obs_names) == list(exported.obs_names)
+    np.testing.assert_array_equal(from_bucket.obsm["X_genept_w"], exported.obsm["X_genept_w"])
+    _no_secret(prefix, [out, err, eout, eerr, e2out, e2err])
 
 
 def test_second_atlas_embeds_no_shared_gene_again(s3, kang1k5, tmp_path):

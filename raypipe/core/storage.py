@@ -352,6 +352,20 @@ class ObjectPath:
         mtime = info.get("LastModified") or info.get("mtime") or info.get("updated") or ""
         return SimpleNamespace(st_size=int(info.get("size") or 0), st_mtime=f"{mtime}|{tag}")
 
+    def upload(self, local: Path, *, last: str | None = None) -> None:
+        """Copy a local file (one PUT) or folder here; a folder's ``last`` file goes up last.
+
+        The file named ``last`` (e.g. a zarr store's root ``zarr.json``) is the commit point:
+        a reader that finds it finds everything else already uploaded.
+        """
+        if local.is_file():
+            self._call("write", self.fs.put_file, str(local), self.key)
+            return
+        files = sorted(f for f in local.rglob("*") if f.is_file())
+        for f in sorted(files, key=lambda f: f.relative_to(local).as_posix() == last):
+            dest = f"{self.key}/{f.relative_to(local).as_posix()}"
+            self._call("write", self.fs.put_file, str(f), dest)
+
     def invalidate(self) -> None:
         """Forget listings cached by the filesystem (after another process wrote here)."""
         self.fs.invalidate_cache(self.key)

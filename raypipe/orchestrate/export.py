@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -22,7 +23,7 @@ import numpy as np
 import pandas as pd
 
 from raypipe.core.outputs import read_frame, read_parquet
-from raypipe.core.storage import AnyPath, as_path, sorted_paths
+from raypipe.core.storage import AnyPath, ObjectPath, as_path, sorted_paths
 from raypipe.errors import InputError
 
 if TYPE_CHECKING:
@@ -300,14 +301,14 @@ def _write_x_streamed(group: Any, atlas_path: str, n_obs: int, rows_per_chunk: i
 
 
 def export_anndata(
-    out_path: str | Path,
+    out_path: str | AnyPath,
     *,
     atlas_path: str,
     n_obs: int,
     rows_per_chunk: int,
     results: RunResults,
     overwrite: bool = False,
-) -> Path:
+) -> AnyPath:
     """Write the atlas (X, obs, var) plus ``results`` as ``.h5ad`` or AnnData ``.zarr``.
 
     Streams X from the atlas; writes to a temporary path beside ``out_path`` and renames it
@@ -324,14 +325,20 @@ def export_anndata(
 
     from raypipe.atlas.store import read_obs, read_var
 
-    out = Path(str(out_path))  # written locally (read the run from anywhere)
-    kind = {".h5ad": "h5ad", ".zarr": "zarr"}.get(out.suffix)
+    dest = as_path(out_path)
+    kind = {".h5ad": "h5ad", ".zarr": "zarr"}.get(dest.suffix)
     if kind is None:
-        raise InputError(f"--out {out} must end in .h5ad or .zarr", fix="e.g. --out results.h5ad")
-    if out.exists() and not overwrite:
-        raise InputError(f"{out} already exists", fix="pass --overwrite, or choose another --out")
-    if not out.parent.is_dir():
-        raise InputError(f"folder {out.parent} does not exist", fix="create it first")
+        raise InputError(f"--out {dest} must end in .h5ad or .zarr", fix="e.g. --out results.h5ad")
+    if dest.exists() and not overwrite:
+        raise InputError(f"{dest} already exists", fix="pass --overwrite, or choose another --out")
+    if isinstance(dest, Path) and not dest.parent.is_dir():
+        raise InputError(f"folder {dest.parent} does not exist", fix="create it first")
+    # a bucket gets a local file written first, then uploaded (one PUT for .h5ad; a .zarr's
+    # root metadata last, so a reader never opens a half-uploaded store)
+    staging = (
+        Path(tempfile.mkdtemp(prefix="raypipe-export-")) if isinstance(dest, ObjectPath) else None
+    )
+    out = staging / dest.name if staging is not None else Path(str(dest))
 
     obs = read_obs(atlas_path)
     obs.index = obs.index.astype(str)
@@ -355,10 +362,17 @@ def export_anndata(
         if out.exists():
             _remove(out)
         os.replace(tmp, out)
+        if isinstance(dest, ObjectPath):
+            if dest.exists():
+                dest.rmtree()
+            dest.upload(out, last="zarr.json")
     except BaseException:
         _remove(tmp)
         raise
-    return out
+    finally:
+        if staging is not None:
+            shutil.rmtree(staging, ignore_errors=True)
+    return dest
 
 
 def _write_all(
