@@ -182,43 +182,45 @@ def build_synthetic(
     tmp_atlas = atlas.with_name(f".{atlas.name}.tmp")
     tmp_h5 = h5ad.with_name(f".{h5ad.name}.tmp")
     shutil.rmtree(tmp_atlas, ignore_errors=True)
-    group = zarr.open_group(str(tmp_atlas), mode="w", zarr_format=3)
-    write_elem(group, "obs", obs)
-    write_elem(group, "var", var)
-    hashes: list[str] = []
-    zero_cells = 0
-    zx: Any = None
-    hx: Any = None
-    with h5py.File(tmp_h5, "w") as fh:
-        write_elem(fh, "obs", obs)
-        write_elem(fh, "var", var)
-        for start in range(0, n_cells, ROWS_PER_CHUNK):
-            x = x_src[pick[start : start + ROWS_PER_CHUNK]]
-            x.sort_indices()
-            hashes.append(chunk_hash(x))
-            zero_cells += int(np.count_nonzero(np.diff(x.indptr) == 0))
-            if zx is None:
-                per_row = max(1, x.nnz // max(1, x.shape[0]))
-                chunk = int(min(max(ROWS_PER_CHUNK * per_row, 4096), 1 << 24))
-                write_elem(group, "X", x, dataset_kwargs={"chunks": (chunk,)})
-                write_elem(fh, "X", x, dataset_kwargs={"chunks": (chunk,)})
-                zx, hx = sparse_dataset(group["X"]), sparse_dataset(fh["X"])
-            else:
-                zx.append(x)
-                hx.append(x)
-        fh.attrs.update({"encoding-type": "anndata", "encoding-version": "0.1.0"})
-    write_atlas_metadata(
-        group,
-        n_obs=n_cells,
-        var_names=var.index,
-        x_kind="counts",
-        x_kind_detected="counts",
-        rows_per_chunk=ROWS_PER_CHUNK,
-        chunk_hashes=hashes,
-        source=f"resampled from {source} (seed {seed})",
-        layer=None,
-        zero_count_cells=zero_cells,
-    )
+    # plain row chunks, as ingest writes them (and no anndata warning about a future default)
+    with ad.settings.override(auto_shard_zarr_v3=False):
+        group = zarr.open_group(str(tmp_atlas), mode="w", zarr_format=3)
+        write_elem(group, "obs", obs)
+        write_elem(group, "var", var)
+        hashes: list[str] = []
+        zero_cells = 0
+        zx: Any = None
+        hx: Any = None
+        with h5py.File(tmp_h5, "w") as fh:
+            write_elem(fh, "obs", obs)
+            write_elem(fh, "var", var)
+            for start in range(0, n_cells, ROWS_PER_CHUNK):
+                x = x_src[pick[start : start + ROWS_PER_CHUNK]]
+                x.sort_indices()
+                hashes.append(chunk_hash(x))
+                zero_cells += int(np.count_nonzero(np.diff(x.indptr) == 0))
+                if zx is None:
+                    per_row = max(1, x.nnz // max(1, x.shape[0]))
+                    chunk = int(min(max(ROWS_PER_CHUNK * per_row, 4096), 1 << 24))
+                    write_elem(group, "X", x, dataset_kwargs={"chunks": (chunk,)})
+                    write_elem(fh, "X", x, dataset_kwargs={"chunks": (chunk,)})
+                    zx, hx = sparse_dataset(group["X"]), sparse_dataset(fh["X"])
+                else:
+                    zx.append(x)
+                    hx.append(x)
+            fh.attrs.update({"encoding-type": "anndata", "encoding-version": "0.1.0"})
+        write_atlas_metadata(
+            group,
+            n_obs=n_cells,
+            var_names=var.index,
+            x_kind="counts",
+            x_kind_detected="counts",
+            rows_per_chunk=ROWS_PER_CHUNK,
+            chunk_hashes=hashes,
+            source=f"resampled from {source} (seed {seed})",
+            layer=None,
+            zero_count_cells=zero_cells,
+        )
     tmp_atlas.rename(atlas)
     tmp_h5.rename(h5ad)
     stamp.write_text(json.dumps(recipe))
