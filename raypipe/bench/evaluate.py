@@ -25,6 +25,7 @@ from typing import Any
 import numpy as np
 
 from raypipe.bench.scale import SOURCE
+from raypipe.evaluate.neighbors import bisect_resolution, knn_igraph
 
 __all__ = ["main", "reference_metrics"]
 
@@ -37,7 +38,6 @@ def reference_metrics(x: np.ndarray, lab: np.ndarray, *, k: int = 15, seed: int 
     dict
         ``ari_leiden``, ``knn_accuracy``, ``asw_label`` and ``seconds`` per metric.
     """
-    import igraph as ig
     import leidenalg
     from sklearn.metrics import adjusted_rand_score, silhouette_samples
     from sklearn.model_selection import StratifiedKFold
@@ -55,42 +55,23 @@ def reference_metrics(x: np.ndarray, lab: np.ndarray, *, k: int = 15, seed: int 
 
     out: dict[str, Any] = {"seconds": {}}
     t = time.perf_counter()
-    n = x.shape[0]
     idx = (
         NearestNeighbors(n_neighbors=k + 1, metric="cosine")
         .fit(x)
         .kneighbors(return_distance=False)[:, :k]
     )
-    rows = np.repeat(np.arange(n), k)
-    pairs = np.unique(np.sort(np.stack([rows, idx.ravel()], axis=1), axis=1), axis=0)
-    pairs = pairs[pairs[:, 0] != pairs[:, 1]]
-    graph = ig.Graph(n=n, edges=pairs.tolist(), directed=False)
-    graph.es["weight"] = 1.0
-    n_lab, res, best = len(np.unique(lab)), 1.0, None
-    lo = hi = None
-    for _ in range(12):  # the same bisection as leiden_agreement
-        clusters = _leiden(graph, res, seed)
-        got = len(np.unique(clusters))
-        if best is None or abs(got - n_lab) < best[0]:
-            best = (abs(got - n_lab), clusters)
-        if got == n_lab:
-            break
-        hi, lo = (res, lo) if got > n_lab else (hi, res)
-        if lo is None and hi is not None:
-            res = hi / 2
-        elif hi is None and lo is not None:
-            res = lo * 2
-        elif lo is not None and hi is not None:
-            res = float(np.sqrt(lo * hi))
-    assert best is not None
-    out["ari_leiden"] = float(adjusted_rand_score(lab, best[1]))
+    graph = knn_igraph(idx)
+    _, clusters = bisect_resolution(  # the same bisection as leiden_agreement
+        lambda r: _leiden(graph, r, seed), len(np.unique(lab)), resolution=1.0, max_steps=12
+    )
+    out["ari_leiden"] = float(adjusted_rand_score(lab, clusters))
     out["seconds"]["leiden"] = time.perf_counter() - t
     t = time.perf_counter()
     correct = 0
     for train, test in StratifiedKFold(5, shuffle=True, random_state=seed).split(x, lab):
         clf = KNeighborsClassifier(n_neighbors=k, metric="cosine").fit(x[train], lab[train])
         correct += int(np.sum(clf.predict(x[test]) == lab[test]))
-    out["knn_accuracy"] = correct / n
+    out["knn_accuracy"] = correct / x.shape[0]
     out["seconds"]["knn_accuracy"] = time.perf_counter() - t
     t = time.perf_counter()
     out["asw_label"] = float((np.mean(silhouette_samples(x, lab, metric="cosine")) + 1) / 2)

@@ -21,7 +21,13 @@ import numpy as np
 import pandas as pd
 
 from raypipe.errors import RaypipeError
-from raypipe.evaluate.neighbors import Neighbors, cosine_neighbors, normalize_rows
+from raypipe.evaluate.neighbors import (
+    Neighbors,
+    bisect_resolution,
+    cosine_neighbors,
+    knn_igraph,
+    normalize_rows,
+)
 from raypipe.evaluate.silhouette import cosine_silhouette_samples
 
 __all__ = [
@@ -243,8 +249,6 @@ def leiden_agreement(
     dict
         ``{"ari", "ami", "nmi", "n_clusters", "resolution"}``.
     """
-    import igraph as ig
-
     lab, x = _clean(labels, X)
     k = _need_classes(lab, "leiden_agreement")
     n = x.shape[0]
@@ -252,35 +256,13 @@ def leiden_agreement(
         raise MetricSkipped(
             f"leiden_agreement: {n} cells, need more than k_neighbors={k_neighbors}"
         )
-    idx = _graph(neighbors, x, n, k_neighbors, seed).indices[:, :k_neighbors]
-    rows = np.repeat(np.arange(n), k_neighbors)
-    pairs = np.unique(np.sort(np.stack([rows, idx.ravel()], axis=1), axis=1), axis=0)
-    pairs = pairs[pairs[:, 0] != pairs[:, 1]]
-    graph = ig.Graph(n=n, edges=pairs.tolist(), directed=False)
-    graph.es["weight"] = 1.0
-    res = resolution
-    lo: float | None = None  # a resolution known to give too few clusters
-    hi: float | None = None  # ... too many
-    best: tuple[int, float, np.ndarray] | None = None
-    for _ in range(max_steps if match_n_labels else 1):
-        clusters = _leiden(graph, res, seed)
-        got = len(np.unique(clusters))
-        if best is None or abs(got - k) < best[0]:
-            best = (abs(got - k), res, clusters)
-        if got == k:
-            break
-        if got > k:
-            hi = res
-        else:
-            lo = res
-        if lo is None and hi is not None:
-            res = hi / 2
-        elif hi is None and lo is not None:
-            res = lo * 2
-        elif lo is not None and hi is not None:
-            res = float(np.sqrt(lo * hi))
-    assert best is not None
-    _, res, clusters = best
+    graph = knn_igraph(_graph(neighbors, x, n, k_neighbors, seed).indices[:, :k_neighbors])
+    res, clusters = bisect_resolution(
+        lambda r: _leiden(graph, r, seed),
+        k,
+        resolution=resolution,
+        max_steps=max_steps if match_n_labels else 1,
+    )
     out: dict[str, float] = _agreement(lab, clusters)
     out["n_clusters"] = float(len(np.unique(clusters)))
     out["resolution"] = float(res)

@@ -12,13 +12,22 @@ Self-matches are left out: row ``i`` of :attr:`Neighbors.indices` never contains
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
 from raypipe.errors import InputError
 
-__all__ = ["EXACT_MAX_CELLS", "Neighbors", "cosine_neighbors", "normalize_rows"]
+__all__ = [
+    "EXACT_MAX_CELLS",
+    "Neighbors",
+    "bisect_resolution",
+    "cosine_neighbors",
+    "knn_igraph",
+    "normalize_rows",
+]
 
 EXACT_MAX_CELLS = 50_000
 """Above this many cells :func:`cosine_neighbors` switches to pynndescent (measured in
@@ -130,3 +139,49 @@ def cosine_neighbors(
     if n <= exact_max:
         return Neighbors(*_exact(np.asarray(x), k, block), exact=True)
     return Neighbors(*_approx(np.asarray(x), k, seed), exact=False)
+
+
+def knn_igraph(indices: np.ndarray) -> Any:
+    """Undirected igraph graph (unit weights) joining each row to its ``(n, k)`` ``indices``."""
+    import igraph as ig
+
+    n, k = indices.shape
+    rows = np.repeat(np.arange(n), k)
+    pairs = np.unique(np.sort(np.stack([rows, indices.ravel()], axis=1), axis=1), axis=0)
+    pairs = pairs[pairs[:, 0] != pairs[:, 1]]
+    graph = ig.Graph(n=n, edges=pairs.tolist(), directed=False)
+    graph.es["weight"] = 1.0
+    return graph
+
+
+def bisect_resolution(
+    cluster: Callable[[float], np.ndarray], n_target: int, *, resolution: float, max_steps: int
+) -> tuple[float, np.ndarray]:
+    """Bisect a clustering resolution (geometrically) for ``n_target`` clusters.
+
+    ``cluster(resolution)`` returns (n,) cluster ids; at most ``max_steps`` tries starting at
+    ``resolution``; returns ``(resolution, clusters)`` of the closest cluster count found.
+    """
+    res = resolution
+    lo: float | None = None  # a resolution known to give too few clusters
+    hi: float | None = None  # ... too many
+    best: tuple[int, float, np.ndarray] | None = None
+    for _ in range(max(1, max_steps)):
+        clusters = cluster(res)
+        got = len(np.unique(clusters))
+        if best is None or abs(got - n_target) < best[0]:
+            best = (abs(got - n_target), res, clusters)
+        if got == n_target:
+            break
+        if got > n_target:
+            hi = res
+        else:
+            lo = res
+        if lo is None and hi is not None:
+            res = hi / 2
+        elif hi is None and lo is not None:
+            res = lo * 2
+        elif lo is not None and hi is not None:
+            res = float(np.sqrt(lo * hi))
+    assert best is not None
+    return best[1], best[2]
