@@ -222,6 +222,32 @@ def test_marker_scores_match_ucell_definition_and_ignore_depth():
     assert missing == [["nope"], []]
 
 
+def test_marker_kernel_matches_weighted_reference_on_ties_floats_and_unsorted_rows():
+    rng = np.random.default_rng(1)
+    counts = rng.poisson(0.7, size=(200, 120)).astype(float)
+    logs = np.log1p(counts * rng.uniform(0.5, 3.0, size=(200, 1)))  # non-integer values
+    sigs = [rng.choice(120, size=m, replace=False) for m in (1, 4, 9)] + [np.array([5, 5, 7])]
+    wts = [rng.uniform(0.2, 3.0, size=s.size) for s in sigs]
+    for dense in (counts, logs):
+        mat = sp.csr_matrix(dense)
+        shuffled = mat.copy()  # same matrix, indices stored out of order within rows
+        for r in range(shuffled.shape[0]):
+            a, b = shuffled.indptr[r], shuffled.indptr[r + 1]
+            perm = rng.permutation(b - a) + a
+            shuffled.indices[a:b] = shuffled.indices[perm]
+            shuffled.data[a:b] = shuffled.data[perm]
+        shuffled.has_sorted_indices = False
+        for cap in (5, 40, 1500):
+            got = marker_scores(shuffled, sigs, max_rank=cap, weights=wts)
+            for j, (sig, w) in enumerate(zip(sigs, wts, strict=True)):
+                ranks = np.minimum(np.apply_along_axis(rankdata, 1, -dense), cap + 1)
+                u = (ranks[:, sig] * w).sum(1) - w.sum() * (sig.size + 1) / 2
+                ref = np.clip(1 - u / (w.sum() * cap), 0, 1)
+                np.testing.assert_allclose(got[:, j], ref, atol=1e-6)
+    with pytest.raises(InputError, match="out of range"):
+        marker_scores(sp.csr_matrix(counts), [np.array([120])])
+
+
 def test_combine_assign_and_registry():
     text = np.array([[0.9, 0.1, 0.0], [0.2, 0.25, 0.3]], dtype=np.float32)
     mark = np.array([[0.1, 0.9, 0.0], [0.0, 0.0, 1.0]], dtype=np.float32)

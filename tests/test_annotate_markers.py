@@ -15,7 +15,12 @@ from raypipe.annotate.markers import (
 )
 from raypipe.annotate.ontology import load_ontology
 from raypipe.annotate.scorers import combine, marker_scores
-from raypipe.annotate.smoothing import expression_features, knn_graph, smooth_scores
+from raypipe.annotate.smoothing import (
+    block_knn_graph,
+    expression_features,
+    knn_graph,
+    smooth_scores,
+)
 from raypipe.errors import ConfigError
 
 
@@ -75,6 +80,35 @@ def test_smoothing_helps_noisy_clusters_and_leaves_tiny_shards():
     assert w.diagonal().sum() == 0
     feats = expression_features(sp.csr_matrix(rng.poisson(1.0, size=(60, 40)).astype(float)))
     assert feats.shape == (60, 30)
+
+
+def test_block_graphs_are_interleaved_samples_and_one_block_is_the_plain_graph():
+    rng = np.random.default_rng(3)
+    centres = rng.normal(size=(3, 20)) * 3
+    truth = np.repeat(np.arange(3), 300)  # sorted by type, as atlases often are
+    x = centres[truth] + rng.normal(size=(900, 20))
+    one = block_knn_graph(x, k=5, block=900)
+    assert (one != knn_graph(x, k=5)).nnz == 0
+    w = block_knn_graph(x, k=5, block=256)  # 4 blocks: rows 0, 4, 8, … / 1, 5, 9, … / …
+    r, c = w.nonzero()
+    assert r.size
+    assert (r % 4 == c % 4).all()
+    assert (w != w.T).nnz == 0
+    assert w.diagonal().sum() == 0
+    members = np.arange(1, 900, 4)
+    assert (w[members][:, members] != knn_graph(x[members], k=5)).nnz == 0
+    p0 = np.eye(3)[truth] + rng.normal(scale=1.2, size=(900, 3))
+    acc = (smooth_scores(p0, x, strength=5.0, block=256).argmax(1) == truth).mean()
+    assert acc > 0.9  # every block holds every type of the shard
+    counts = sp.csr_matrix(rng.poisson(np.exp(centres[truth] / 3)).astype(float))
+    whole = expression_features(counts, n_components=5, fit_rows=None)
+    np.testing.assert_allclose(expression_features(counts, n_components=5, fit_rows=900), whole)
+    sampled = expression_features(counts, n_components=5, fit_rows=200)  # axes from 180 rows
+    assert sampled.shape == whole.shape
+    assert not np.allclose(sampled, whole)  # the sample, not every cell, fitted the axes
+    for f in (whole, sampled):  # the same clusters come out: nearest neighbour shares the type
+        nn = block_knn_graph(f, k=1, block=900).tolil().rows
+        assert np.mean([truth[r[0]] == truth[i] for i, r in enumerate(nn)]) > 0.95
 
 
 def test_specificity_and_strict_llm_answer_parsing():

@@ -317,3 +317,30 @@ def test_builtin_dataset(tmp_path: Path):
     assert res.atlas.x_kind == "lognorm"
     with pytest.raises(InputError, match="unknown builtin dataset 'pbmc3k'"):
         ingest("builtin:pbmc3k", tmp_path / "q.zarr", progress=False)
+
+
+def test_csr_writer_writes_whole_chunks_that_read_back_exactly(tmp_path):
+    import zarr
+    from anndata.io import sparse_dataset
+
+    from raypipe.atlas.csr_writer import CsrWriter
+
+    rng = np.random.default_rng(0)
+    full = sp.random(503, 40, density=0.2, format="csr", random_state=1, dtype=np.float32)
+    full.data = np.round(full.data * 10) + 1
+    full.data[full.indptr[17] : full.indptr[18]] = 0  # an empty row
+    full.eliminate_zeros()
+    cuts = np.unique(np.r_[0, rng.choice(np.arange(1, 503), 30, replace=False), 503])
+    group = zarr.open_group(str(tmp_path / "x.zarr"), mode="w", zarr_format=3)
+    blocks = [full[a:b] for a, b in itertools.pairwise(cuts)]
+    with CsrWriter(group, "X", blocks[0], chunk=97) as w:  # chunks never align with blocks
+        for b in blocks[1:]:
+            w.append(b)
+        assert w.close() == 503
+    back = sparse_dataset(zarr.open_group(str(tmp_path / "x.zarr"), mode="r")["X"])
+    assert back.shape == (503, 40)
+    assert (back[:] != full).nnz == 0
+    assert (back[100:260] != full[100:260]).nnz == 0
+    group2 = zarr.open_group(str(tmp_path / "y.zarr"), mode="w", zarr_format=3)
+    with pytest.raises(ValueError, match="columns"), CsrWriter(group2, "X", blocks[0], 97) as w:
+        w.append(sp.csr_matrix((3, 41), dtype=np.float32))

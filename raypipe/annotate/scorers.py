@@ -198,46 +198,18 @@ def marker_scores(
         (n, k) float32 scores in [0, 1]; 1 = the markers are the cell's top genes. Candidates
         with no markers score NaN (the marker scorer has nothing to say about them).
     """
-    mat = sp.csr_matrix(expr, dtype=np.float64)
-    n, g = mat.shape
-    k = len(marker_idx)
-    out = np.zeros((n, k), dtype=np.float32)
-    empty = [j for j, i in enumerate(marker_idx) if np.asarray(i).size == 0]
-    out[:, empty] = np.nan
-    used = np.unique(
-        np.concatenate([np.asarray(i, np.int64) for i in marker_idx] or [np.zeros(0, np.int64)])
-    )
-    if used.size == 0 or n == 0:
-        return out
-    if used.min() < 0 or used.max() >= g:
+    from raypipe.annotate.marker_kernel import ucell_scores
+
+    mat = sp.csr_matrix(expr)
+    if mat.dtype not in (np.float32, np.float64):
+        mat = mat.astype(np.float64)
+    _n, g = mat.shape
+    idx = [np.asarray(i, np.int64) for i in marker_idx]
+    if any(i.size and (i.min() < 0 or i.max() >= g) for i in idx):
         raise InputError(f"marker column index out of range for a matrix with {g} genes")
-    sub = mat[:, used].toarray()
-    where = [np.searchsorted(used, np.asarray(i, np.int64)) for i in marker_idx]
-    if weights is None:
-        wts = [np.ones(w.size) for w in where]
-    else:
-        wts = [np.asarray(w, np.float64) for w in weights]
-    cap = float(max_rank + 1)
-    for r in range(n):
-        start, end = mat.indptr[r], mat.indptr[r + 1]
-        vals = -np.sort(mat.data[start:end][mat.data[start:end] > 0])[::-1]  # ascending of -x
-        nnz = vals.size
-        x = -sub[r]
-        gt = np.searchsorted(vals, x, side="left")  # genes strictly higher
-        ties = np.searchsorted(vals, x, side="right") - gt
-        ranks = gt + (ties + 1) / 2.0
-        zero_rank = nnz + (g - nnz + 1) / 2.0
-        ranks = np.where(sub[r] > 0, ranks, zero_rank)
-        ranks = np.minimum(ranks, cap)
-        for j, w in enumerate(where):
-            m = w.size
-            if m == 0:
-                continue
-            wt = wts[j]
-            total = wt.sum()
-            u = (wt * ranks[w]).sum() - total * (m + 1) / 2.0
-            out[r, j] = 1.0 - u / (total * max_rank)
-    return np.clip(out, 0.0, 1.0)  # NaN stays NaN
+    if weights is not None and [np.size(w) for w in weights] != [i.size for i in idx]:
+        raise InputError("marker weights must match the marker indices, candidate by candidate")
+    return ucell_scores(mat, idx, weights, max_rank=max_rank)
 
 
 @SCORERS.register("text")

@@ -8,9 +8,13 @@ weights): each cell's scores move towards its neighbours' while staying tied to 
 (``I + λL`` is symmetric positive definite).
 
 Graphs are built per shard inside the annotation stage (a shard of thousands of cells is a
-fine graph; the default 4,096-row shards are). A shard with fewer than ``min_cells`` cells is
-left unsmoothed (too few neighbours to say anything); with fewer than ``k + 1`` cells, ``k``
-shrinks to ``n − 1``.
+fine graph; the default 4,096-row shards are), on blocks of at most ``block`` cells: a larger
+shard is dealt into ``⌈n / block⌉`` interleaved blocks (rows ``b, b + B, b + 2B, …``, so each
+block is a sample of the whole shard) with one graph each. Exact kNN is quadratic in the cells
+of a graph, so blocks keep the cost linear in the shard size and the result independent of
+``shards.rows`` above ``block`` (a shard of ≤ ``block`` rows is one graph, as before). A shard
+with fewer than ``min_cells`` cells is left unsmoothed (too few neighbours to say anything);
+with fewer than ``k + 1`` cells, ``k`` shrinks to ``n − 1``.
 """
 
 from __future__ import annotations
@@ -18,7 +22,7 @@ from __future__ import annotations
 import numpy as np
 import scipy.sparse as sp
 
-__all__ = ["expression_features", "knn_graph", "smooth_scores"]
+__all__ = ["block_knn_graph", "expression_features", "knn_graph", "smooth_scores"]
 
 
 def knn_graph(x: np.ndarray, *, k: int = 15) -> sp.csr_matrix:
@@ -54,6 +58,24 @@ def knn_graph(x: np.ndarray, *, k: int = 15) -> sp.csr_matrix:
     return w
 
 
+def block_knn_graph(x: np.ndarray, *, k: int = 15, block: int = 4096) -> sp.csr_matrix:
+    """:func:`knn_graph` on interleaved blocks of at most ``block`` rows (block-diagonal)."""
+    n = x.shape[0]
+    n_blocks = max(1, -(-n // max(block, 2)))
+    if n_blocks == 1:
+        return knn_graph(x, k=k)
+    rows, cols, vals = [], [], []
+    for b in range(n_blocks):
+        members = np.arange(b, n, n_blocks)
+        g = knn_graph(x[members], k=k).tocoo()
+        rows.append(members[g.row])
+        cols.append(members[g.col])
+        vals.append(g.data)
+    return sp.csr_matrix(
+        (np.concatenate(vals), (np.concatenate(rows), np.concatenate(cols))), shape=(n, n)
+    )
+
+
 def smooth_scores(
     scores: np.ndarray,
     features: np.ndarray,
@@ -61,6 +83,7 @@ def smooth_scores(
     strength: float,
     k: int = 15,
     min_cells: int = 50,
+    block: int = 4096,
 ) -> np.ndarray:
     """Smooth (n, k) scores over a kNN graph of ``features``: ``(I + λL)⁻¹ P₀``.
 
@@ -76,6 +99,8 @@ def smooth_scores(
         Neighbours per cell.
     min_cells
         Shards with fewer cells are returned unchanged.
+    block
+        Most cells in one kNN graph (larger inputs: interleaved blocks, one graph each).
 
     Returns
     -------
@@ -88,7 +113,7 @@ def smooth_scores(
     n = p0.shape[0]
     if strength <= 0 or n < max(min_cells, 3):
         return p0.astype(np.float32)
-    w = knn_graph(features, k=k)
+    w = block_knn_graph(features, k=k, block=block)
     deg = np.asarray(w.sum(axis=1)).ravel()
     inv = 1.0 / np.sqrt(np.where(deg > 0, deg, 1.0))
     a = sp.diags(inv) @ w @ sp.diags(inv)
@@ -102,11 +127,16 @@ def smooth_scores(
     return out.astype(np.float32)
 
 
-def expression_features(x: sp.csr_matrix | None, *, n_components: int = 30) -> np.ndarray:
+def expression_features(
+    x: sp.csr_matrix | None, *, n_components: int = 30, fit_rows: int | None = 4096
+) -> np.ndarray:
     """PCs of a shard's log-normalised expression (counts or log values: both give ranks).
 
     Counts are scaled to 10,000 per cell and ``log1p``-ed; rows whose values are not integers
-    are taken as already log-normalised. Seeded truncated SVD, at most ``n_components``.
+    are taken as already log-normalised. Seeded truncated SVD, at most ``n_components``. With
+    more than ``fit_rows`` cells the axes are fitted on an interleaved sample of about
+    ``fit_rows`` of them (every ``⌈n / fit_rows⌉``-th row) and every cell is projected onto
+    them: the fit is the costly part and a few thousand cells find the same main axes.
     """
     from sklearn.decomposition import TruncatedSVD
 
@@ -118,5 +148,12 @@ def expression_features(x: sp.csr_matrix | None, *, n_components: int = 30) -> n
     data = m.data
     is_counts = data.size == 0 or bool(np.all(np.abs(data - np.round(data)) < 1e-6))
     ln = log_normalize(m) if is_counts else m.astype(np.float32)
-    k = max(1, min(n_components, min(ln.shape) - 1))
-    return np.asarray(TruncatedSVD(n_components=k, random_state=0).fit_transform(ln))
+    n = ln.shape[0]
+    step = 1 if fit_rows is None or n <= fit_rows else -(-n // fit_rows)
+    fit = ln[::step] if step > 1 else ln
+    k = max(1, min(n_components, min(fit.shape) - 1))
+    svd = TruncatedSVD(n_components=k, random_state=0)
+    if step == 1:
+        return np.asarray(svd.fit_transform(ln))
+    svd.fit(fit)
+    return np.asarray(svd.transform(ln))

@@ -20,6 +20,7 @@ from raypipe.atlas.store import AtlasShardStage
 from raypipe.config import config_hash
 from raypipe.core.outputs import part_path, read_parquet, write_parquet_atomic
 from raypipe.core.plan import StagePlan, StageSpec, resolve, stage_hash
+from raypipe.core.stage import set_kernel_threads
 from raypipe.core.storage import AnyPath, as_path, sorted_paths
 from raypipe.errors import ConfigError
 
@@ -250,28 +251,33 @@ class AnnotateShards(AtlasShardStage):
         standardise: str = "cell",
         smoothing: float = 0.0,
         smoothing_k: int = 15,
+        smoothing_block: int = 4096,
         smoothing_graph: str = "embedding",
+        threads: int = 1,
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
+        set_kernel_threads(threads)  # the marker kernel's
         self.method = method  # type: ignore[misc]  # one class serves every embedding method
         self.labels = labels
         self.text_emb, self.cell_mean = resolve(text_emb), resolve(cell_mean)
         self.marker_idx, self.weights, self.center = marker_idx, weights, center
         self.marker_weights, self.standardise = marker_weights, standardise
         self.smoothing, self.smoothing_k, self.graph = smoothing, smoothing_k, smoothing_graph
+        self.smoothing_block = smoothing_block
         self.top_k, self.threshold = top_k, unassigned_threshold
         self.langcell_alpha = langcell_alpha
         self._langcell: tuple[np.ndarray, np.ndarray] | None = None
 
-    def _score(self, emb: np.ndarray | None, x: Any, center: bool) -> np.ndarray:
+    def _score(self, emb: np.ndarray | None, x: Any) -> dict[str, np.ndarray]:
+        """Each scorer's (n, k) matrix for the shard (text centred when ``center``)."""
         from raypipe.annotate.scorers import ScoreInputs, score_cells
 
         inputs = ScoreInputs(
             cell_emb=emb,
             text_emb=self.text_emb if emb is not None else None,
             cell_mean=self.cell_mean,
-            center=center,
+            center=self.center,
             expr=x,
             marker_idx=self.marker_idx,
             langcell_sim=self._langcell[0] if self._langcell else None,
@@ -279,13 +285,13 @@ class AnnotateShards(AtlasShardStage):
             langcell_alpha=self.langcell_alpha,
             marker_weights=self.marker_weights,
         )
-        return score_cells(inputs, self.weights, standardise=self.standardise)[1]
+        return score_cells(inputs, self.weights, standardise=self.standardise)[0]
 
     def output_table(self, batch: dict[str, np.ndarray], i: int) -> tuple[Any, int]:
         """Score and assign the shard's cells."""
         import pyarrow as pa
 
-        from raypipe.annotate.scorers import assign
+        from raypipe.annotate.scorers import assign, combine, text_scores
 
         shard, start, stop = int(batch["shard"][i]), int(batch["start"][i]), int(batch["stop"][i])
         table = read_parquet(part_path(as_path(self.out_dir), "embeddings", self.method, shard))
@@ -295,16 +301,30 @@ class AnnotateShards(AtlasShardStage):
         emb = emb_all if "text" in self.weights else None
         need_x = "markers" in self.weights or (self.smoothing > 0 and self.graph == "expression")
         x = self.read_rows(start, stop) if need_x else None
-        scores = self._score(emb, x, self.center)
+        per = self._score(emb, x)
+        scores = combine(per, self.weights, standardise=self.standardise)
         if self.smoothing > 0:
             from raypipe.annotate.smoothing import expression_features, smooth_scores
 
-            feats = emb_all if self.graph == "embedding" else expression_features(x)
-            scores = smooth_scores(scores, feats, strength=self.smoothing, k=self.smoothing_k)
+            feats = (
+                emb_all
+                if self.graph == "embedding"
+                else expression_features(x, fit_rows=self.smoothing_block)
+            )
+            scores = smooth_scores(
+                scores,
+                feats,
+                strength=self.smoothing,
+                k=self.smoothing_k,
+                block=self.smoothing_block,
+            )
         pred = assign(scores, self.labels, top_k=self.top_k, unassigned_threshold=self.threshold)
-        if self.center and emb is not None:
-            raw = assign(self._score(emb, x, False), self.labels, top_k=1)
-            pred["label_uncentred"] = raw["best_label"].to_numpy()
+        if self.center and "text" in per:
+            assert emb is not None  # the text scorer ran on it
+            # the other scorers' matrices are reused: only the text cosine changes
+            uncentred = dict(per, text=text_scores(emb, self.text_emb, center=False))
+            raw = combine(uncentred, self.weights, standardise=self.standardise)
+            pred["label_uncentred"] = assign(raw, self.labels, top_k=1)["best_label"].to_numpy()
         pred.insert(0, "row", part["row"].to_numpy())
         pred.insert(0, "shard", shard)
         pred.insert(0, "obs_name", part["obs_name"].to_numpy())
@@ -390,11 +410,13 @@ def build_annotation(
         "standardise": job.annotate.standardise,
         "smoothing": job.annotate.smoothing,
         "smoothing_k": job.annotate.smoothing_k,
+        "smoothing_block": job.annotate.smoothing_block,
         "smoothing_graph": job.annotate.smoothing_graph,
         "center": job.annotate.center,
         "top_k": job.annotate.top_k,
         "unassigned_threshold": job.annotate.unassigned_threshold,
         "langcell_alpha": job.annotate.langcell_alpha,
+        "threads": max(1, round(job.ray.actor_cpus)),
     }
     step = StageSpec(AnnotateShards, kwargs, job.ray.actors, job.ray.actor_cpus)
     return StagePlan([step], fp, kind="annotations", notes={"scorers": weights}), ""

@@ -14,6 +14,7 @@ import os
 import shutil
 import time
 from collections.abc import Iterator
+from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -194,8 +195,10 @@ def ingest(
     """
     import anndata as ad
     import zarr
-    from anndata.io import sparse_dataset, write_elem
+    from anndata.io import write_elem
     from tqdm.auto import tqdm
+
+    from raypipe.atlas.csr_writer import CsrWriter
 
     t0 = time.perf_counter()
     if rows_per_chunk <= 0:
@@ -239,25 +242,27 @@ def ingest(
             max_value = 0.0
             zero_cells = 0
             bar = tqdm(total=src.n_obs, unit="cell", desc="ingest", disable=not progress)
-            xds = None
-            for start, x in _chunks(src, rows_per_chunk):
-                x.sum_duplicates()
-                x.sort_indices()
-                _check_chunk(x, start, src_path, var.index)
-                if x.nnz:
-                    nonint += int(np.count_nonzero(x.data != np.round(x.data)))
-                    max_value = max(max_value, float(x.data.max()))
-                zero_cells += int(np.count_nonzero(np.diff(x.indptr) == 0))
-                hashes.append(chunk_hash(x))
-                if xds is None:
-                    per_row = max(1, x.nnz // max(1, x.shape[0]))
-                    chunk = int(min(max(rows_per_chunk * per_row, 4096), 1 << 24))
-                    write_elem(group, "X", x, dataset_kwargs={"chunks": (chunk,)})
-                    xds = sparse_dataset(group["X"])
-                else:
-                    xds.append(x)
-                fault_point("ingest_chunk", tmp)
-                bar.update(x.shape[0])
+            with ExitStack() as stack:
+                xw: CsrWriter | None = None
+                for start, x in _chunks(src, rows_per_chunk):
+                    x.sum_duplicates()
+                    x.sort_indices()
+                    _check_chunk(x, start, src_path, var.index)
+                    if x.nnz:
+                        nonint += int(np.count_nonzero(x.data != np.round(x.data)))
+                        max_value = max(max_value, float(x.data.max()))
+                    zero_cells += int(np.count_nonzero(np.diff(x.indptr) == 0))
+                    hashes.append(chunk_hash(x))
+                    if xw is None:
+                        per_row = max(1, x.nnz // max(1, x.shape[0]))
+                        chunk = int(min(max(rows_per_chunk * per_row, 4096), 1 << 24))
+                        xw = stack.enter_context(CsrWriter(group, "X", x, chunk))
+                    else:
+                        xw.append(x)
+                    fault_point("ingest_chunk", tmp)
+                    bar.update(x.shape[0])
+                assert xw is not None  # n_obs > 0 was checked
+                xw.close()
             bar.close()
             detected = detect_x_kind(nonint, max_value)
             chosen = detected if x_kind == "auto" else x_kind

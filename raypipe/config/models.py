@@ -312,6 +312,11 @@ class AnnotateConfig(_Section):
         5.0, ge=0, description="Graph smoothing strength λ of (I + λL)⁻¹ P₀ (0 = off)."
     )
     smoothing_k: int = Field(15, gt=0, description="Neighbours per cell in the smoothing graph.")
+    smoothing_block: int = Field(
+        4096,
+        ge=64,
+        description="Most cells in one smoothing graph or PC fit; larger shards use interleaved blocks.",
+    )
     smoothing_graph: Literal["embedding", "expression"] = Field(
         "expression", description="Smoothing graph on the cell embedding or on expression PCs."
     )

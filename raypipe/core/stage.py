@@ -19,10 +19,28 @@ from raypipe.core.outputs import embedding_table
 from raypipe.core.plan import Shard
 from raypipe.errors import StageContractError
 
-__all__ = ["SHARD_COLUMNS", "SUMMARY_COLUMNS", "ShardStage", "check_contract"]
+__all__ = [
+    "SHARD_COLUMNS",
+    "SUMMARY_COLUMNS",
+    "ShardStage",
+    "check_contract",
+    "set_kernel_threads",
+]
 
 SHARD_COLUMNS = ("shard", "start", "stop", "content_hash")
 SUMMARY_COLUMNS = ("shard", "n_cells", "n_empty", "seconds", "path")
+
+
+def set_kernel_threads(cpus: float) -> None:
+    """Run this process's numba kernels on the actor's CPUs (at least 1 thread).
+
+    numba starts one thread per core of the machine; two 1-CPU actors each running a
+    ``prange`` kernel on every core would fight over them.
+    """
+    import numba
+
+    most = int(numba.config.NUMBA_NUM_THREADS)  # type: ignore[attr-defined]
+    numba.set_num_threads(max(1, min(round(cpus), most)))
 
 
 def check_contract(stage: str, batch: dict[str, Any], required: tuple[str, ...]) -> None:

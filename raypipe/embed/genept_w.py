@@ -21,6 +21,7 @@ from raypipe.atlas.store import AtlasShardStage
 from raypipe.config import config_hash
 from raypipe.core.expression import log_normalize
 from raypipe.core.plan import StagePlan, StageSpec, resolve, stage_hash
+from raypipe.core.stage import set_kernel_threads
 
 if TYPE_CHECKING:
     from raypipe.atlas.store import AtlasInfo
@@ -152,12 +153,9 @@ class GenePTW(AtlasShardStage):
         self.target_sum = target_sum
         self.fused: tuple[np.ndarray, np.ndarray] | None = None
         if self.collapse is None:  # no duplicate genes: the fused kernel applies
-            import numba
-
             from raypipe.embed.kernel import compact_weights
 
-            most = int(numba.config.NUMBA_NUM_THREADS)  # type: ignore[attr-defined]
-            numba.set_num_threads(max(1, min(int(threads), most)))
+            set_kernel_threads(threads)
             self.fused = compact_weights(self.weights)
 
     def compute(self, x: sp.csr_matrix, start: int, stop: int) -> tuple[np.ndarray, np.ndarray]:

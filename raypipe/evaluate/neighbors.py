@@ -4,7 +4,7 @@ Leiden agreement, the kNN probe and the report's UMAP all start from the same ne
 :func:`cosine_neighbors` runs once per embedding (as scib-metrics shares ``NeighborsResults``):
 
 * exact below ``exact_max`` cells: rows L2-normalised, blocks of ``x_b @ x.T`` (BLAS, float32),
-  ``argpartition`` per block; memory ``block × n`` floats, never ``n × n``;
+  a one-pass numba top-``k`` per row; memory ``block × n`` floats, never ``n × n``;
 * approximate above it: pynndescent (seeded), the index umap-learn itself uses.
 
 Self-matches are left out: row ``i`` of :attr:`Neighbors.indices` never contains ``i``.
@@ -71,21 +71,57 @@ def normalize_rows(x: np.ndarray) -> np.ndarray:
     return x / np.maximum(norm, np.float32(1e-12))
 
 
+_TOPK = None
+
+
+def _topk_kernel():  # type: ignore[no-untyped-def]
+    """Numba: per row of a similarity block, the ``k`` largest (self excluded), best first.
+
+    One pass per row keeping a sorted buffer of ``k``; a value enters only when it beats the
+    buffer's worst, so almost every entry costs one comparison (``argpartition`` over the
+    whole block was 3× the GEMM's time; measured in ``jobs/benchmark.py eval``). Ties keep the
+    lower column first.
+    """
+    global _TOPK
+    if _TOPK is None:
+        import numba
+
+        @numba.njit(parallel=True, cache=True, nogil=True)
+        def topk(sims, k, offset, idx, val):  # type: ignore[no-untyped-def]
+            rows, n = sims.shape
+            for r in numba.prange(rows):
+                bv = np.full(k, -np.inf, dtype=np.float32)
+                bi = np.full(k, -1, dtype=np.int64)
+                me = r + offset
+                for c in range(n):
+                    v = sims[r, c]
+                    if c == me or not v > bv[k - 1]:
+                        continue
+                    j = k - 1
+                    while j > 0 and bv[j - 1] < v:
+                        bv[j] = bv[j - 1]
+                        bi[j] = bi[j - 1]
+                        j -= 1
+                    bv[j] = v
+                    bi[j] = c
+                for j in range(k):
+                    idx[r, j] = bi[j]
+                    val[r, j] = bv[j]
+
+        _TOPK = topk
+    return _TOPK
+
+
 def _exact(x: np.ndarray, k: int, block: int) -> tuple[np.ndarray, np.ndarray]:
     xn = normalize_rows(x)
     n = xn.shape[0]
     idx = np.empty((n, k), dtype=np.int64)
-    dist = np.empty((n, k), dtype=np.float32)
+    sim = np.empty((n, k), dtype=np.float32)
+    topk = _topk_kernel()
     for start in range(0, n, block):
         stop = min(start + block, n)
-        sims = xn[start:stop] @ xn.T
-        sims[np.arange(stop - start), np.arange(start, stop)] = -np.inf  # no self-match
-        part = np.argpartition(-sims, k - 1, axis=1)[:, :k]
-        s = np.take_along_axis(sims, part, axis=1)
-        order = np.argsort(-s, axis=1, kind="stable")
-        idx[start:stop] = np.take_along_axis(part, order, axis=1)
-        dist[start:stop] = 1.0 - np.take_along_axis(s, order, axis=1)
-    return idx, np.maximum(dist, 0.0)
+        topk(xn[start:stop] @ xn.T, k, start, idx[start:stop], sim[start:stop])
+    return idx, np.maximum(1.0 - sim, 0.0)
 
 
 def _approx(x: np.ndarray, k: int, seed: int) -> tuple[np.ndarray, np.ndarray]:

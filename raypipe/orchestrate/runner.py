@@ -136,10 +136,12 @@ class _Run:
         """Build, embed and write the annotation candidates (once per run)."""
         from raypipe.annotate.stage import prepare_candidates
 
+        t = time.perf_counter()
         cand = prepare_candidates(self.job, atlas, genes, self.out_dir)
         self.summary.warnings += list(cand.warnings or [])
         self.summary.outputs.append(str(self.out_dir / "annotations" / "label_mapping.parquet"))
         self.manifest.annotate = {"candidates": cand.labels, "methods": {}}
+        self._timed("candidates", t)
         return cand
 
     def annotate(self, atlas: AtlasInfo, cand: Any, shards: list[Shard]) -> None:
