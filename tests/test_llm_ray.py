@@ -1,9 +1,11 @@
-"""Ray actors share one named limiter: the server never sees more than the budget."""
+"""Ray actors share one named limiter (the server never sees more than the budget); a local
+text model runs in one actor."""
 
 from __future__ import annotations
 
 import tempfile
 
+import numpy as np
 import pytest
 from servers.openai_server import FakeOpenAI
 
@@ -60,3 +62,37 @@ def test_many_actors_with_server_latency_never_exceed_the_budget(ray_local):
     assert srv.status[429] == 0
     assert srv.max_requests_in_window(1.5) <= 8
     assert set(srv.served.values()) == {1}
+
+
+def test_local_model_embeds_in_one_actor_and_a_model_that_fails_to_load_says_so(
+    ray_local, tmp_path
+):
+    from sentence_transformers import SentenceTransformer
+
+    from raypipe.config import load_config
+    from raypipe.errors import ConfigError
+    from raypipe.llm.local import resolve_local_model
+    from raypipe.llm.text_stage import embed_texts
+
+    def job(model: str):
+        return load_config(
+            {
+                "input": {"path": str(tmp_path / "x.h5ad")},
+                "output_dir": str(tmp_path / "out"),
+                "text_model": {"backend": "local", "model": model},
+                "ray": {"num_cpus": 2},
+            }
+        )
+
+    texts = ["CD14 is a monocyte marker.", "MS4A1 encodes CD20.", "short"]
+    seen = []
+    emb, errors, usage = embed_texts(
+        texts, job("all-MiniLM-L6-v2"), batch_size=2, on_batch=seen.append
+    )
+    plain = SentenceTransformer(resolve_local_model("all-MiniLM-L6-v2"), device="cpu").encode(texts)
+    np.testing.assert_allclose(emb, plain, atol=1e-5)
+    assert errors == ["", "", ""]
+    assert usage == {}
+    assert [len(b) for b in seen] == [2, 1]  # batch by batch, in order
+    with pytest.raises(ConfigError, match=r"cannot load text_model\.model"):
+        embed_texts(texts, job(str(tmp_path / "no-such-model")))

@@ -16,6 +16,7 @@ import numpy as np
 import pandas as pd
 
 from raypipe.core.stage import check_contract
+from raypipe.errors import RaypipeError
 
 if TYPE_CHECKING:
     from raypipe.config import JobConfig
@@ -71,6 +72,55 @@ def usage_delta(client: Any, seen: dict[str, dict[str, int]]) -> dict[str, dict[
     return {m: u for m, u in delta.items() if any(u.values())}
 
 
+def _one_actor(frame: pd.DataFrame, job: JobConfig, threads: int, bs: int) -> Any:
+    """Yield ``frame`` embedded in ``bs``-row batches by one :class:`EmbedTexts` actor.
+
+    A local CPU model runs as one actor using every CPU (see :func:`embed_texts`); a Ray Data
+    pipeline around it only adds planning and a slower worker (measured in
+    ``jobs/benchmark.py texts``). Every batch is queued at once: the actor works through
+    them in order while the driver collects (and persists, ``on_batch``) the finished ones.
+    """
+    import ray
+    from ray.exceptions import RayTaskError
+
+    actor: Any = (
+        ray.remote(_ReportingEmbedTexts)
+        .options(num_cpus=job.ray.actor_cpus, max_restarts=1, max_task_retries=1)
+        .remote(job.model_dump_json(), threads)
+    )
+    try:
+        pending = [actor.__call__.remote(frame.iloc[a : a + bs]) for a in range(0, len(frame), bs)]
+        for ref in pending:
+            yield ray.get(ref)
+    except RayTaskError as exc:
+        if isinstance(exc.cause, RaypipeError):  # e.g. a model that does not load: say so
+            raise exc.cause from None
+        raise
+    finally:
+        ray.kill(actor)
+
+
+class _ReportingEmbedTexts(EmbedTexts):
+    """:class:`EmbedTexts` that raises its set-up error from its first call.
+
+    A model that does not load then reaches the caller as the
+    :class:`~raypipe.errors.RaypipeError` itself, not as Ray's "actor died" wrapper.
+    """
+
+    def __init__(self, job_json: str, threads: int = 0) -> None:
+        self.init_error: RaypipeError | None = None
+        try:
+            super().__init__(job_json, threads)
+        except RaypipeError as exc:
+            self.init_error = exc
+
+    def __call__(self, batch: pd.DataFrame) -> pd.DataFrame:
+        """As :meth:`EmbedTexts.__call__`, after re-raising a set-up error."""
+        if self.init_error is not None:
+            raise self.init_error
+        return super().__call__(batch)
+
+
 def embed_texts(
     texts: list[str],
     job: JobConfig,
@@ -116,19 +166,23 @@ def embed_texts(
         threads = max(1, int(min(ray.cluster_resources().get("CPU", 1), os.cpu_count() or 1)))
         n_actors = 1
         bs = batch_size or LOCAL_BATCH
-    ds: Any = ray.data.from_pandas(pd.DataFrame({"i": np.arange(len(texts)), "text": texts}))
-    ds = ds.repartition(max(1, min(len(texts) // bs + 1, 4 * n_actors)))
-    out = ds.map_batches(
-        EmbedTexts,
-        fn_constructor_kwargs={"job_json": job.model_dump_json(), "threads": threads},
-        batch_size=bs,
-        batch_format="pandas",
-        compute=ray.data.ActorPoolStrategy(min_size=1, max_size=n_actors),
-        num_cpus=job.ray.actor_cpus,
-        num_gpus=gpus or None,
-    )
+    frame = pd.DataFrame({"i": np.arange(len(texts)), "text": texts})
     batches = []
-    for batch in out.iter_batches(batch_format="pandas", batch_size=None):
+    if threads:  # one actor: called directly, batch after batch (no Ray Data pipeline)
+        batch_iter = _one_actor(frame, job, threads, bs)
+    else:
+        ds: Any = ray.data.from_pandas(frame)
+        ds = ds.repartition(max(1, min(len(texts) // bs + 1, 4 * n_actors)))
+        batch_iter = ds.map_batches(
+            EmbedTexts,
+            fn_constructor_kwargs={"job_json": job.model_dump_json(), "threads": threads},
+            batch_size=bs,
+            batch_format="pandas",
+            compute=ray.data.ActorPoolStrategy(min_size=1, max_size=n_actors),
+            num_cpus=job.ray.actor_cpus,
+            num_gpus=gpus or None,
+        ).iter_batches(batch_format="pandas", batch_size=None)
+    for batch in batch_iter:
         batches.append(batch)
         if on_batch is not None:
             on_batch(batch)
