@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 from collections.abc import Callable
+from contextlib import suppress
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -21,7 +22,7 @@ from raypipe.errors import RaypipeError
 if TYPE_CHECKING:
     from raypipe.config import JobConfig
 
-__all__ = ["LOCAL_BATCH", "THREADS_ENV", "EmbedTexts", "embed_texts"]
+__all__ = ["LOCAL_BATCH", "THREADS_ENV", "EmbedTexts", "embed_texts", "release_text_actors"]
 
 THREADS_ENV = "RAYPIPE_TORCH_THREADS"
 """Set by :class:`EmbedTexts` for the local backend: torch threads of this actor."""
@@ -72,8 +73,43 @@ def usage_delta(client: Any, seen: dict[str, dict[str, int]]) -> dict[str, dict[
     return {m: u for m, u in delta.items() if any(u.values())}
 
 
+_KEPT: dict[tuple[str, str], Any] = {}
+"""Local-model actors kept for the rest of a run: (Ray job id, model settings) → handle."""
+
+
+def _kept_actor(job: JobConfig, threads: int) -> Any:
+    """Return the run's local-model actor for these settings, started on first use.
+
+    A run embeds texts more than once (gene texts, then candidate texts, label mapping): one
+    actor, one model load. It reserves no CPU while it waits (it runs only when nothing else
+    does, using the threads it was given), so it never takes a slot from the shard stages;
+    :func:`release_text_actors` ends it with the run.
+    """
+    import ray
+
+    key = (ray.get_runtime_context().get_job_id(), f"{job.text_model.model_dump_json()}|{threads}")
+    if key not in _KEPT:
+        _KEPT[key] = (
+            ray.remote(_ReportingEmbedTexts)
+            .options(num_cpus=0, max_restarts=1, max_task_retries=1)
+            .remote(job.model_dump_json(), threads)
+        )
+    return _KEPT[key]
+
+
+def release_text_actors() -> None:
+    """End the local-model actors kept by :func:`embed_texts` (called when a run ends)."""
+    import ray
+
+    while _KEPT:
+        _key, actor = _KEPT.popitem()
+        if ray.is_initialized():
+            with suppress(Exception):  # already gone with its Ray session
+                ray.kill(actor)
+
+
 def _one_actor(frame: pd.DataFrame, job: JobConfig, threads: int, bs: int) -> Any:
-    """Yield ``frame`` embedded in ``bs``-row batches by one :class:`EmbedTexts` actor.
+    """Yield ``frame`` embedded in ``bs``-row batches by the run's local-model actor.
 
     A local CPU model runs as one actor using every CPU (see :func:`embed_texts`); a Ray Data
     pipeline around it only adds planning and a slower worker (measured in
@@ -83,21 +119,16 @@ def _one_actor(frame: pd.DataFrame, job: JobConfig, threads: int, bs: int) -> An
     import ray
     from ray.exceptions import RayTaskError
 
-    actor: Any = (
-        ray.remote(_ReportingEmbedTexts)
-        .options(num_cpus=job.ray.actor_cpus, max_restarts=1, max_task_retries=1)
-        .remote(job.model_dump_json(), threads)
-    )
+    actor = _kept_actor(job, threads)
     try:
         pending = [actor.__call__.remote(frame.iloc[a : a + bs]) for a in range(0, len(frame), bs)]
         for ref in pending:
             yield ray.get(ref)
-    except RayTaskError as exc:
-        if isinstance(exc.cause, RaypipeError):  # e.g. a model that does not load: say so
-            raise exc.cause from None
+    except BaseException as exc:
+        release_text_actors()  # a failed or dead actor is never reused
+        if isinstance(exc, RayTaskError) and isinstance(exc.cause, RaypipeError):
+            raise exc.cause from None  # e.g. a model that does not load: say so
         raise
-    finally:
-        ray.kill(actor)
 
 
 class _ReportingEmbedTexts(EmbedTexts):

@@ -19,6 +19,7 @@ from raypipe.config import JobConfig, config_hash
 from raypipe.core.outputs import read_frame
 from raypipe.core.storage import as_path, sorted_paths
 from raypipe.core.storage import configure as configure_storage
+from raypipe.llm.text_stage import release_text_actors
 from raypipe.orchestrate.manifest import MANIFEST, Manifest
 from raypipe.orchestrate.outdir import check_output_dir, clear_run, make_output_dir
 from raypipe.orchestrate.prepare import ensure_atlas, validate_job
@@ -309,7 +310,10 @@ def run_job(
     if kept:
         run.summary.warnings.append(f"--overwrite kept what raypipe did not write: {kept}")
     try:
-        exceeded = run.all_stages(previous if previous and not overwrite else {})
+        try:
+            exceeded = run.all_stages(previous if previous and not overwrite else {})
+        finally:
+            release_text_actors()  # the local text model kept for the run's texts
     except BaseException as exc:
         manifest.finish("failed", error=_reason(exc))
         manifest.wall_s = time.perf_counter() - t_start
