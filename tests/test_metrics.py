@@ -267,3 +267,23 @@ def test_evaluate_single_class_and_same_batch_skip_not_crash():
     assert "at least 2 classes" in reasons["ari_kmeans"]
     assert "equals the label column" in reasons["asw_batch"]
     assert set(ev.metrics.metric) == {"accuracy", "macro_f1"}
+
+
+def test_label_metrics_on_mixed_missing_and_unassigned_labels_match_sklearn_and_pandas():
+    from sklearn.metrics import accuracy_score, f1_score
+
+    from raypipe.evaluate.metrics import accuracy, confusion_matrix, macro_f1
+
+    rng = np.random.default_rng(5)
+    pool_t = np.array(["B", "T", "NK", 3, None, np.nan, "Mono"], dtype=object)
+    pool_p = np.array(["B", "T", "NK", "3", "unassigned", np.nan, "DC"], dtype=object)
+    y = pool_t[rng.integers(0, pool_t.size, 5000)]
+    pred = pool_p[rng.integers(0, pool_p.size, 5000)]
+    keep = ~pd.isna(pd.Series(y)).to_numpy()
+    yt, yp = y[keep].astype(str), pred[keep].astype(str)  # 3 and "3" are the same label
+    assert accuracy(y, pred) == pytest.approx(accuracy_score(yt, yp))
+    assert macro_f1(y, pred) == pytest.approx(
+        f1_score(yt, yp, average="macro", labels=np.unique(yt), zero_division=0)
+    )
+    expected = pd.crosstab(pd.Series(yt, name="true"), pd.Series(yp, name="predicted"))
+    pd.testing.assert_frame_equal(confusion_matrix(y, pred), expected.astype(np.int64))

@@ -73,6 +73,9 @@ def umap_2d(
     """
     import umap
 
+    from raypipe.evaluate.umap_kernels import cache_umap_kernels
+
+    cache_umap_kernels()
     n = x.shape[0]
     n_neighbors = max(2, min(15, n - 1))
     graph = neighbors
