@@ -142,6 +142,7 @@ class _Run:
         self.summary.warnings += list(cand.warnings or [])
         self.summary.outputs.append(str(self.out_dir / "annotations" / "label_mapping.parquet"))
         self.manifest.annotate = {"candidates": cand.labels, "methods": {}}
+        release_text_actors()  # the run's last text to embed: free the model's memory
         self._timed("candidates", t)
         return cand
 
@@ -256,6 +257,8 @@ class _Run:
         self.summary.n_shards = len(shards)
         self.manifest.shards = {"rows": self.job.shards.rows, "n": len(shards)}
         ann = self.job.annotate
+        if not ann.enabled:
+            release_text_actors()  # no candidate texts will follow the gene texts
         candidates = None
         if ann.enabled and ann.scorers.get("langcell", 0) > 0:  # the CE actors need them
             candidates = self.candidates(atlas, genes)
