@@ -68,3 +68,15 @@ def test_report_without_predictions_or_metrics(tmp_path):
     page = index.read_text()
     assert "No metrics were computed" in page
     assert (tmp_path / "report" / "umap_m.png").is_file()
+
+
+def test_umap_kernels_use_numbas_disk_cache():
+    import umap.layouts
+    from numba.core.caching import FunctionCache
+
+    from raypipe.evaluate import umap_kernels
+
+    umap_kernels._DONE = False
+    assert umap_kernels.cache_umap_kernels() > 10
+    assert isinstance(umap.layouts._nb_optimize_layout_euclidean_single_epoch._cache, FunctionCache)
+    assert umap_kernels.cache_umap_kernels() == 0  # once per process

@@ -31,7 +31,10 @@ def cache_umap_kernels() -> int:
         module = importlib.import_module(name)
         for obj in vars(module).values():
             if isinstance(obj, Dispatcher) and obj.__module__ == module.__name__:
-                obj.enable_caching()
+                try:
+                    obj.enable_caching()
+                except RuntimeError:  # no writable cache location: compile as umap would
+                    continue
                 n += 1
     _DONE = True
     return n
