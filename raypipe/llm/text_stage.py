@@ -82,16 +82,23 @@ def _kept_actor(job: JobConfig, threads: int) -> Any:
 
     A run embeds texts more than once (gene texts, then candidate texts, label mapping): one
     actor, one model load. It reserves no CPU while it waits (it runs only when nothing else
-    does, using the threads it was given), so it never takes a slot from the shard stages;
+    does, using the threads it was given), so it never takes a slot from the shard stages; it
+    is placed on the node with the most CPUs (never a CPU-less head node);
     :func:`release_text_actors` ends it with the run.
     """
     import ray
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
     key = (ray.get_runtime_context().get_job_id(), f"{job.text_model.model_dump_json()}|{threads}")
     if key not in _KEPT:
+        nodes = [n for n in ray.nodes() if n.get("Alive") and n["Resources"].get("CPU", 0) > 0]
+        where: Any = "DEFAULT"
+        if nodes:
+            best = max(nodes, key=lambda n: n["Resources"]["CPU"])
+            where = NodeAffinitySchedulingStrategy(best["NodeID"], soft=True)
         _KEPT[key] = (
             ray.remote(_ReportingEmbedTexts)
-            .options(num_cpus=0, max_restarts=1, max_task_retries=1)
+            .options(num_cpus=0, max_restarts=1, max_task_retries=1, scheduling_strategy=where)
             .remote(job.model_dump_json(), threads)
         )
     return _KEPT[key]
