@@ -149,11 +149,9 @@ def expression_features(
     is_counts = data.size == 0 or bool(np.all(np.abs(data - np.round(data)) < 1e-6))
     ln = log_normalize(m) if is_counts else m.astype(np.float32)
     n = ln.shape[0]
-    step = 1 if fit_rows is None or n <= fit_rows else -(-n // fit_rows)
-    fit = ln[::step] if step > 1 else ln
+    if fit_rows is None or n <= fit_rows:
+        k = max(1, min(n_components, min(ln.shape) - 1))
+        return np.asarray(TruncatedSVD(n_components=k, random_state=0).fit_transform(ln))
+    fit = ln[:: -(-n // fit_rows)]
     k = max(1, min(n_components, min(fit.shape) - 1))
-    svd = TruncatedSVD(n_components=k, random_state=0)
-    if step == 1:
-        return np.asarray(svd.fit_transform(ln))
-    svd.fit(fit)
-    return np.asarray(svd.transform(ln))
+    return np.asarray(TruncatedSVD(n_components=k, random_state=0).fit(fit).transform(ln))

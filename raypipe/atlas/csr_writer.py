@@ -18,7 +18,16 @@ from typing import Any
 import numpy as np
 import scipy.sparse as sp
 
-__all__ = ["CsrWriter"]
+__all__ = ["CsrWriter", "chunk_elements"]
+
+
+def chunk_elements(first: sp.csr_matrix, rows_per_chunk: int) -> int:
+    """Elements per Zarr chunk of ``data``/``indices`` holding about ``rows_per_chunk`` rows.
+
+    Sized from the first block's values per row, between 4,096 and 2²⁴ elements.
+    """
+    per_row = max(1, first.nnz // max(1, first.shape[0]))
+    return int(min(max(rows_per_chunk * per_row, 4096), 1 << 24))
 
 
 class CsrWriter:

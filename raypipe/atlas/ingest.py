@@ -198,7 +198,7 @@ def ingest(
     from anndata.io import write_elem
     from tqdm.auto import tqdm
 
-    from raypipe.atlas.csr_writer import CsrWriter
+    from raypipe.atlas.csr_writer import CsrWriter, chunk_elements
 
     t0 = time.perf_counter()
     if rows_per_chunk <= 0:
@@ -254,8 +254,7 @@ def ingest(
                     zero_cells += int(np.count_nonzero(np.diff(x.indptr) == 0))
                     hashes.append(chunk_hash(x))
                     if xw is None:
-                        per_row = max(1, x.nnz // max(1, x.shape[0]))
-                        chunk = int(min(max(rows_per_chunk * per_row, 4096), 1 << 24))
+                        chunk = chunk_elements(x, rows_per_chunk)
                         xw = stack.enter_context(CsrWriter(group, "X", x, chunk))
                     else:
                         xw.append(x)

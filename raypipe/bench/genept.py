@@ -25,6 +25,7 @@ import subprocess
 import sys
 import threading
 import time
+from contextlib import ExitStack
 from pathlib import Path
 from typing import Any
 
@@ -156,6 +157,7 @@ def build_synthetic(
     import zarr
     from anndata.io import sparse_dataset, write_elem
 
+    from raypipe.atlas.csr_writer import CsrWriter, chunk_elements
     from raypipe.atlas.ingest import chunk_hash, write_atlas_metadata
 
     recipe = {"source": str(source), "n_cells": n_cells, "seed": seed, "rows": ROWS_PER_CHUNK}
@@ -189,9 +191,9 @@ def build_synthetic(
         write_elem(group, "var", var)
         hashes: list[str] = []
         zero_cells = 0
-        zx: Any = None
+        zx: CsrWriter | None = None  # the atlas written as ingest writes it
         hx: Any = None
-        with h5py.File(tmp_h5, "w") as fh:
+        with h5py.File(tmp_h5, "w") as fh, ExitStack() as stack:
             write_elem(fh, "obs", obs)
             write_elem(fh, "var", var)
             for start in range(0, n_cells, ROWS_PER_CHUNK):
@@ -200,15 +202,16 @@ def build_synthetic(
                 hashes.append(chunk_hash(x))
                 zero_cells += int(np.count_nonzero(np.diff(x.indptr) == 0))
                 if zx is None:
-                    per_row = max(1, x.nnz // max(1, x.shape[0]))
-                    chunk = int(min(max(ROWS_PER_CHUNK * per_row, 4096), 1 << 24))
-                    write_elem(group, "X", x, dataset_kwargs={"chunks": (chunk,)})
+                    chunk = chunk_elements(x, ROWS_PER_CHUNK)
+                    zx = stack.enter_context(CsrWriter(group, "X", x, chunk))
                     write_elem(fh, "X", x, dataset_kwargs={"chunks": (chunk,)})
-                    zx, hx = sparse_dataset(group["X"]), sparse_dataset(fh["X"])
+                    hx = sparse_dataset(fh["X"])
                 else:
                     zx.append(x)
                     hx.append(x)
             fh.attrs.update({"encoding-type": "anndata", "encoding-version": "0.1.0"})
+            assert zx is not None  # n_cells > 0
+            zx.close()
         write_atlas_metadata(
             group,
             n_obs=n_cells,

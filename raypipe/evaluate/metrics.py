@@ -14,13 +14,19 @@ Conventions
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
 import pandas as pd
 
 from raypipe.errors import RaypipeError
+from raypipe.evaluate.confusion import (
+    confusion_matrix,
+    label_codes,
+    merge_confusion,
+    present_labels,
+)
 from raypipe.evaluate.neighbors import (
     Neighbors,
     bisect_resolution,
@@ -33,6 +39,7 @@ from raypipe.evaluate.silhouette import cosine_silhouette_samples
 __all__ = [
     "MetricSkipped",
     "accuracy",
+    "accuracy_from_confusion",
     "asw_batch",
     "asw_label",
     "avg_bio",
@@ -41,7 +48,9 @@ __all__ = [
     "knn_accuracy",
     "leiden_agreement",
     "macro_f1",
+    "macro_f1_from_table",
     "merge_confusion",
+    "per_class_from_confusion",
     "per_class_precision_recall",
     "retrieval_recall",
     "s_final",
@@ -62,14 +71,10 @@ def safe(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> tuple[Any, str | 
         return None, exc.message
 
 
-def _present(labels: Any) -> np.ndarray:
-    return ~pd.isna(pd.Series(np.asarray(labels, dtype=object))).to_numpy()
-
-
 def _clean(labels: Any, *others: Any) -> tuple[np.ndarray, ...]:
     """Drop cells whose label is missing; labels become strings."""
     lab = np.asarray(labels, dtype=object)
-    keep = _present(lab)
+    keep = present_labels(lab)
     out = [lab[keep].astype(str)]
     for o in others:
         out.append(np.asarray(o)[keep] if o is not None else None)
@@ -91,27 +96,6 @@ def subsample_indices(n: int, size: int, *, seed: int = 0) -> np.ndarray:
     return np.sort(rng.choice(n, size=size, replace=False))
 
 
-def _label_codes(y_true: Any, y_pred: Any) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Integer codes of the labelled cells' truth and prediction over one vocabulary.
-
-    Cells with a missing label are dropped; labels and predictions are compared as strings
-    (a missing prediction is ``"nan"``). The vocabulary is the sorted strings, so code order is
-    label order. Only the distinct values are turned into strings: a million cells cost two
-    hash passes, not a million ``str`` calls.
-    """
-    yt = np.asarray(y_true, dtype=object)
-    yp = np.asarray(y_pred, dtype=object)
-    keep = _present(yt)
-    ct, ut = pd.factorize(yt[keep])
-    cp, up = pd.factorize(yp[keep], use_na_sentinel=False)
-    names_t = np.array([str(u) for u in ut], dtype=object)
-    names_p = np.array([str(u) for u in up], dtype=object)
-    vocab = np.unique(np.concatenate([names_t, names_p]).astype(str))
-    t = np.searchsorted(vocab, names_t.astype(str))[ct] if ct.size else ct
-    p = np.searchsorted(vocab, names_p.astype(str))[cp] if cp.size else cp
-    return np.asarray(t, np.int64), np.asarray(p, np.int64), vocab
-
-
 def accuracy(y_true: Sequence[Any], y_pred: Sequence[Any]) -> float:
     """Share of cells whose prediction equals the label (``unassigned`` counts as wrong).
 
@@ -120,10 +104,35 @@ def accuracy(y_true: Sequence[Any], y_pred: Sequence[Any]) -> float:
     y_true, y_pred
         (n,) labels and predictions; cells with a missing label are dropped.
     """
-    t, p, _ = _label_codes(y_true, y_pred)
+    t, p, _ = label_codes(y_true, y_pred)
     if t.size == 0:
         raise MetricSkipped("accuracy: no cell has a label")
     return float(np.mean(t == p))
+
+
+def accuracy_from_confusion(conf: pd.DataFrame) -> float:
+    """:func:`accuracy` from a :func:`confusion_matrix` (no second pass over the cells)."""
+    total = int(conf.to_numpy().sum())
+    if total == 0:
+        raise MetricSkipped("accuracy: no cell has a label")
+    both = conf.index.intersection(conf.columns)
+    return float(sum(int(conf.at[lab, lab]) for lab in both) / total)
+
+
+def per_class_from_confusion(conf: pd.DataFrame) -> pd.DataFrame:
+    """:func:`per_class_precision_recall` from a :func:`confusion_matrix`."""
+    n_pred = conf.sum(axis=0)
+    rows = []
+    for lab, counts in conf.iterrows():
+        support = int(counts.sum())
+        tp = float(counts.get(lab, 0))
+        prec = tp / float(n_pred[lab]) if lab in n_pred.index and n_pred[lab] else 0.0
+        rec = tp / support
+        f1 = 2 * prec * rec / (prec + rec) if prec + rec else 0.0
+        rows.append(
+            {"label": str(lab), "precision": prec, "recall": rec, "f1": f1, "support": support}
+        )
+    return pd.DataFrame(rows, columns=["label", "precision", "recall", "f1", "support"])
 
 
 def per_class_precision_recall(y_true: Sequence[Any], y_pred: Sequence[Any]) -> pd.DataFrame:
@@ -135,61 +144,19 @@ def per_class_precision_recall(y_true: Sequence[Any], y_pred: Sequence[Any]) -> 
         Columns ``label, precision, recall, f1, support``; one row per true label (sorted).
         Precision is 0 for a class never predicted (scikit-learn's ``zero_division=0``).
     """
-    t, p, vocab = _label_codes(y_true, y_pred)
-    v = vocab.size
-    tp = np.bincount(t[t == p], minlength=v).astype(float)
-    n_pred = np.bincount(p, minlength=v).astype(float)
-    support = np.bincount(t, minlength=v)
-    rows = []
-    for c in np.unique(t):
-        prec = tp[c] / n_pred[c] if n_pred[c] else 0.0
-        rec = tp[c] / support[c]
-        f1 = 2 * prec * rec / (prec + rec) if prec + rec else 0.0
-        rows.append(
-            {
-                "label": str(vocab[c]),
-                "precision": float(prec),
-                "recall": float(rec),
-                "f1": float(f1),
-                "support": int(support[c]),
-            }
-        )
-    return pd.DataFrame(rows, columns=["label", "precision", "recall", "f1", "support"])
+    return per_class_from_confusion(confusion_matrix(y_true, y_pred))
 
 
-def macro_f1(y_true: Sequence[Any], y_pred: Sequence[Any]) -> float:
-    """Macro-averaged F1 over the true labels (``f1_score(average="macro", labels=true)``)."""
-    table = per_class_precision_recall(y_true, y_pred)
+def macro_f1_from_table(table: pd.DataFrame) -> float:
+    """:func:`macro_f1` from a :func:`per_class_precision_recall` table."""
     if table.empty:
         raise MetricSkipped("macro_f1: no cell has a label")
     return float(table["f1"].mean())
 
 
-def confusion_matrix(y_true: Sequence[Any], y_pred: Sequence[Any]) -> pd.DataFrame:
-    """Exact confusion counts: rows = true labels, columns = predicted labels (both sorted).
-
-    Shard results add up with :func:`merge_confusion`.
-    """
-    t, p, vocab = _label_codes(y_true, y_pred)
-    v = vocab.size
-    counts = np.bincount(t * v + p, minlength=v * v).reshape(v, v)
-    rows, cols = np.unique(t), np.unique(p)
-    return pd.DataFrame(
-        counts[np.ix_(rows, cols)].astype(np.int64),
-        index=pd.Index([str(x) for x in vocab[rows]], name="true"),
-        columns=pd.Index([str(x) for x in vocab[cols]], name="predicted"),
-    )
-
-
-def merge_confusion(parts: Iterable[pd.DataFrame]) -> pd.DataFrame:
-    """Sum partial confusion matrices (label sets may differ between shards)."""
-    total: pd.DataFrame | None = None
-    for part in parts:
-        total = part if total is None else total.add(part, fill_value=0)
-    if total is None:
-        return pd.DataFrame(dtype=np.int64)
-    total = total.fillna(0).astype(np.int64)
-    return total.sort_index(axis=0).sort_index(axis=1)
+def macro_f1(y_true: Sequence[Any], y_pred: Sequence[Any]) -> float:
+    """Macro-averaged F1 over the true labels (``f1_score(average="macro", labels=true)``)."""
+    return macro_f1_from_table(per_class_precision_recall(y_true, y_pred))
 
 
 def _agreement(labels: np.ndarray, clusters: np.ndarray) -> dict[str, float]:
@@ -357,7 +324,7 @@ def asw_batch(
         ``"euclidean"`` (scib-metrics' default) or ``"cosine"``.
     """
     lab, x, bat = _clean(labels, X, np.asarray(batches, dtype=object))
-    keep = _present(bat)
+    keep = present_labels(bat)
     lab, x, bat = lab[keep], x[keep], bat[keep].astype(str)
     if len(np.unique(bat)) < 2:
         raise MetricSkipped("asw_batch needs at least 2 batches")

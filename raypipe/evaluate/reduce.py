@@ -275,14 +275,18 @@ def evaluate_embeddings(
         if p.size != n:
             raise InputError(f"annotation {method!r} has {p.size} predictions, the labels {n}")
         p = p[keep]
-        for name, fn in (("accuracy", M.accuracy), ("macro_f1", M.macro_f1)):
-            value, why = M.safe(fn, lab, p)
+        # one pass over the cells: accuracy and per-class F1 follow from the confusion counts
+        confusion[method] = M.confusion_matrix(lab, p)
+        per_class[method] = M.per_class_from_confusion(confusion[method])
+        for name, fn, arg in (
+            ("accuracy", M.accuracy_from_confusion, confusion[method]),
+            ("macro_f1", M.macro_f1_from_table, per_class[method]),
+        ):
+            value, why = M.safe(fn, arg)
             if value is None:
                 sink.skip(method, [name], str(why))
             else:
                 sink.add(method, name, value, n_lab, n_lab)
-        confusion[method] = M.confusion_matrix(lab, p)
-        per_class[method] = M.per_class_precision_recall(lab, p)
     return Evaluation(
         metrics=pd.DataFrame(sink.rows, columns=METRIC_COLUMNS),
         skipped=pd.DataFrame(sink.skips, columns=["dataset", "method", "metric", "reason"]),

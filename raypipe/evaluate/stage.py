@@ -64,13 +64,11 @@ def _sample_counts(atlas: AtlasInfo, rows: np.ndarray) -> Any:
 
     def block(start: int) -> Any:
         stop = min(start + step, atlas.n_obs)
-        sel = rows[(rows >= start) & (rows < stop)] - start
-        return read_shard(atlas.path, start, stop)[sel] if sel.size else None
+        return read_shard(atlas.path, start, stop)[rows[(rows >= start) & (rows < stop)] - start]
 
+    starts = np.unique(np.asarray(rows) // step) * step  # only blocks holding sample rows
     with ThreadPoolExecutor(max_workers=2, thread_name_prefix="raypipe-sample") as pool:
-        starts = [s for s in range(0, atlas.n_obs, step) if ((rows >= s) & (rows < s + step)).any()]
-        blocks = [b for b in pool.map(block, starts) if b is not None]
-    x = sp.vstack(blocks).tocsr()
+        x = sp.vstack(list(pool.map(block, starts.tolist()))).tocsr()
     if atlas.x_kind == "lognorm":  # the baseline normalises counts itself
         x.data = np.expm1(x.data)
     return x
