@@ -1,11 +1,10 @@
-"""The Python API: a light ``import raypipe``, ``open_run``/``embed`` refusals, the one-call
-``embed`` round trip, and the README's Python section executed as written."""
+"""The Python API: a light ``import raypipe``, ``open_run``/``embed`` refusals and the one-call
+``embed`` round trip (the README's and the docs' examples run in tests/test_docs.py)."""
 
 from __future__ import annotations
 
 import json
 import os
-import re
 import subprocess
 import sys
 from pathlib import Path
@@ -208,46 +207,3 @@ def test_embed_attaches_results_and_leaves_the_input_alone(
     again = raypipe.embed(adata, copy=False, progress=False, output_dir=str(out_dir), **job)
     assert again is adata
     assert np.array_equal(adata.obsm["X_genept_w"], x)
-
-
-# ------------------------------------------------------------------ README, as written
-
-
-def _readme_python_block() -> str:
-    readme = (ROOT / "README.md").read_text()
-    section = readme.split("\n## Python\n", 1)[1].split("\n## ", 1)[0]
-    blocks = re.findall(r"```python\n(.*?)```", section, flags=re.S)
-    assert len(blocks) == 1, "the README's Python section holds one code block"
-    return blocks[0]
-
-
-@pytest.mark.integration
-def test_readme_python_section_runs_as_written(tmp_path: Path):
-    from raypipe.genes.orgdb import locate_orgdb
-
-    try:
-        orgdb = locate_orgdb(None)
-    except InputError as exc:
-        pytest.skip(f"the README example uses org.Hs.eg.db gene text: {exc.message}")
-    code = _readme_python_block()
-    (tmp_path / "example.py").write_text(code)
-    found = orgdb.main if orgdb.kind == "tsv" else orgdb.main.parent
-    out = subprocess.run(
-        [sys.executable, "example.py"],
-        cwd=tmp_path,  # the example writes runs/ here
-        capture_output=True,
-        text=True,
-        timeout=900,
-        env={**os.environ, "PYTHONPATH": str(ROOT), "RAYPIPE_ORGDB": str(found)},
-    )
-    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-5000:]
-    assert "(700, 384)" in out.stdout
-    assert "ari_kmeans" in out.stdout
-    exported = tmp_path / "runs" / "notebook.h5ad"
-    import anndata as ad
-
-    back = ad.read_h5ad(exported)
-    assert back.n_obs == 700
-    assert back.obsm["X_genept_w"].dtype == np.float32
-    assert "raypipe_genept_w_label" in back.obs
-    assert "config_hash" in back.uns["raypipe"]

@@ -31,6 +31,7 @@ RANKS = {
     "raypipe.orchestrate": 8,
     "raypipe.bench": 8,
     "raypipe.cli": 8,
+    "raypipe.docs_gen": 8,
     "raypipe.__main__": 8,
     "raypipe.api": 8,
     "raypipe": 8,

@@ -8,8 +8,6 @@ from raypipe.config.loading import (
     apply_overrides,
     config_hash,
     load_config,
-    reference,
-    reference_markdown,
 )
 from raypipe.config.models import (
     AnnotateConfig,
@@ -35,11 +33,13 @@ from raypipe.config.models import (
     TextModelConfig,
     TextSourceName,
 )
+from raypipe.config.reference import ConfigKey, reference, reference_markdown, reference_page
 
 __all__ = [
     "AnnotateConfig",
     "CEConfig",
     "CacheConfig",
+    "ConfigKey",
     "EmbedConfig",
     "EmbedMethod",
     "EmbedderName",
@@ -64,4 +64,5 @@ __all__ = [
     "load_config",
     "reference",
     "reference_markdown",
+    "reference_page",
 ]

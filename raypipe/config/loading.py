@@ -1,7 +1,4 @@
-"""Loading a job config: YAML or dicts, ``--set`` overrides, readable errors, hashes.
-
-Also the reference table the README shows.
-"""
+"""Loading a job config: YAML or dicts, ``--set`` overrides, readable errors, hashes."""
 
 from __future__ import annotations
 
@@ -126,7 +123,10 @@ def load_config(
     try:
         return JobConfig.model_validate(data)
     except ValidationError as exc:
-        raise ConfigError(_format(exc, name), fix="see the config reference in README.md") from None
+        raise ConfigError(
+            _format(exc, name),
+            fix="every key is in `raypipe config reference` (docs/reference/configuration.md)",
+        ) from None
 
 
 def config_hash(obj: BaseModel | dict[str, Any]) -> str:
@@ -134,26 +134,3 @@ def config_hash(obj: BaseModel | dict[str, Any]) -> str:
     data = obj.model_dump(mode="json") if isinstance(obj, BaseModel) else obj
     blob = json.dumps(data, sort_keys=True, default=str).encode()
     return hashlib.sha256(blob).hexdigest()[:16]
-
-
-def reference_markdown() -> str:
-    """Return the config reference as the README's markdown table (``raypipe config reference``)."""
-    rows = ["| key | default | meaning |", "|---|---|---|"]
-    rows += [f"| `{k}` | `{d}` | {desc} |" for k, d, desc in reference()]
-    return "\n".join(rows)
-
-
-def reference(model: type[BaseModel] = JobConfig, prefix: str = "") -> list[tuple[str, str, str]]:
-    """Every config key as ``(key, default, description)`` rows (for docs and ``--help``)."""
-    rows: list[tuple[str, str, str]] = []
-    for name, f in model.model_fields.items():
-        key = f"{prefix}{name}"
-        ann = f.annotation
-        if isinstance(ann, type) and issubclass(ann, BaseModel):
-            rows += reference(ann, key + ".")
-            continue
-        default = (
-            "(required)" if f.is_required() else repr(f.get_default(call_default_factory=True))
-        )
-        rows.append((key, default, f.description or ""))
-    return rows

@@ -149,17 +149,19 @@ class LLMConfig(_Section):
         "v1", description="Version of the gene-description prompt template."
     )
     max_tokens: int = Field(300, gt=0, description="Max output tokens per description.")
-    temperature: float = Field(0.0, ge=0.0, le=2.0)
+    temperature: float = Field(0.0, ge=0.0, le=2.0, description="Sampling temperature.")
     num_gpus: float = Field(1.0, ge=0, description="GPUs per vLLM actor.")
 
 
 class LimitsConfig(_Section):
     """One cluster-wide budget shared by every LLM actor."""
 
-    requests_per_minute: float = Field(500, gt=0)
-    tokens_per_minute: float = Field(1_000_000, gt=0)
+    requests_per_minute: float = Field(500, gt=0, description="Requests per window, all actors.")
+    tokens_per_minute: float = Field(1_000_000, gt=0, description="Tokens per window, all actors.")
     max_in_flight: int = Field(8, gt=0, description="Concurrent requests per actor.")
-    max_retries: int = Field(6, ge=0)
+    max_retries: int = Field(
+        6, ge=0, description="Retries of a failed request (429, 5xx, timeout)."
+    )
     timeout_s: float = Field(60.0, gt=0, description="Per-request timeout.")
     max_failure_share: float = Field(
         0.01, ge=0, le=1, description="Run fails when more items than this share fail."
@@ -211,7 +213,7 @@ class Price(_Section):
 
 
 class GenePTWConfig(_Section):
-    """GenePT-w options (see README, 'GenePT-w variants')."""
+    """GenePT-w options (measured variants: docs/methods/genept.md)."""
 
     hvg: int | None = Field(
         500,
@@ -239,7 +241,10 @@ class CEConfig(_Section):
     model: str | None = Field(
         None, description="Local HF directory or hub id of the cell encoder checkpoint."
     )
-    variant: Literal["geneformer_v1", "geneformer_v2", "langcell"] = Field("langcell")
+    variant: Literal["geneformer_v1", "geneformer_v2", "langcell"] = Field(
+        "langcell",
+        description="Token framing: LangCell (`<cls>` + 2,047 genes) or Geneformer V1/V2.",
+    )
     dictionary: str = Field(
         "V1", description="`V1`, `V2` or a folder/file with token/median dictionaries."
     )
@@ -249,26 +254,33 @@ class CEConfig(_Section):
     pooling: Literal["cls", "mean"] | None = Field(
         None, description="Default: cls for langcell, mean for geneformer."
     )
-    max_tokens_per_batch: int = Field(65_536, gt=0)
-    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    max_tokens_per_batch: int = Field(65_536, gt=0, description="Padded tokens per forward pass.")
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
+        "auto", description="`auto`: bf16 (else fp16) on CUDA, fp32 on CPU."
+    )
     num_gpus: float = Field(0.0, ge=0, description="GPUs per CE actor (0 = CPU).")
-    actors: int = Field(1, gt=0)
-    min_coverage: float = Field(0.5, ge=0, le=1)
+    actors: int = Field(1, gt=0, description="CE encode actors.")
+    min_coverage: float = Field(
+        0.5, ge=0, le=1, description="Stop when fewer atlas genes than this share have a token."
+    )
 
 
 class EmbedConfig(_Section):
     """Which cell embeddings to compute."""
 
-    methods: list[EmbedMethod] = Field(default_factory=lambda: list[EmbedMethod](["genept_w"]))
+    methods: list[EmbedMethod] = Field(
+        default_factory=lambda: list[EmbedMethod](["genept_w"]),
+        description="Cell embeddings to compute.",
+    )
     genept_w: GenePTWConfig = Field(default_factory=GenePTWConfig)
     genept_s: GenePTSConfig = Field(default_factory=GenePTSConfig)
     ce: CEConfig = Field(default_factory=CEConfig)
 
 
 class AnnotateConfig(_Section):
-    """Zero-shot annotation (defaults chosen by measurement: README, "Zero-shot annotation")."""
+    """Zero-shot annotation (defaults chosen by measurement: docs/methods/annotation.md)."""
 
-    enabled: bool = False
+    enabled: bool = Field(False, description="Annotate cells with zero-shot cell-type calls.")
     candidates: list[str] = Field(
         default_factory=list, description="Cell-type names or CL ids; empty = from input.label_key."
     )
@@ -323,7 +335,7 @@ class AnnotateConfig(_Section):
     unassigned_threshold: float | None = Field(
         None, description="Margin below which a cell is `unassigned`."
     )
-    top_k: int = Field(3, gt=0)
+    top_k: int = Field(3, gt=0, description="Best candidates kept per cell (`top_labels`).")
     langcell_alpha: float = Field(
         0.1,
         ge=0,
@@ -351,15 +363,21 @@ class AnnotateConfig(_Section):
 class EvaluateConfig(_Section):
     """Evaluation reductions."""
 
-    enabled: bool = False
+    enabled: bool = Field(
+        False, description="Compute metrics.parquet (skipped without input.label_key)."
+    )
     sample_size: int = Field(
         20_000, gt=0, description="Cap for quadratic metrics (seeded subsample)."
     )
-    seed: int = 0
-    pca_components: int = Field(50, gt=0)
-    leiden_resolution: float = Field(1.0, gt=0)
-    knn_k: int = Field(15, gt=0)
-    report: bool = True
+    seed: int = Field(0, description="Seed of the subsample, k-means and Leiden.")
+    pca_components: int = Field(50, gt=0, description="Dimensions of the PCA baseline.")
+    leiden_resolution: float = Field(
+        1.0, gt=0, description="Start of the resolution search for as many clusters as labels."
+    )
+    knn_k: int = Field(
+        15, gt=0, description="Neighbours per cell of the Leiden graph and the kNN probe."
+    )
+    report: bool = Field(True, description="Write report/index.html (UMAPs, confusion, metrics).")
 
 
 class RayConfig(_Section):

@@ -3,7 +3,7 @@
 Per cell: scale to ``target_sum`` counts, ``log1p``, weight each gene's text embedding by its
 value, sum (a sparse × dense product over the whole shard), L2-normalise. Variants (chosen on
 the driver, folded into the weight matrix): restrict to highly variable genes, centre the gene
-embeddings before weighting. See README "GenePT-w variants" for the measurements.
+embeddings before weighting. Measurements: docs/methods/genept.md ("Variants, measured").
 
 :func:`genept_w` is the scipy reference; the Ray stage runs the same arithmetic fused in one
 numba kernel over only the genes that carry weight (:mod:`raypipe.embed.kernel`; equal to the
