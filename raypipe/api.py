@@ -150,7 +150,7 @@ class Run:
     def annotations(self, method: str) -> pd.DataFrame:
         """Return the zero-shot calls for ``method``'s cells, indexed by obs name (atlas order).
 
-        Columns as in ``annotations/<method>/part-*.parquet`` (README "Outputs"): ``label``,
+        Columns as in ``annotations/<method>/part-*.parquet`` (docs/outputs.md): ``label``,
         ``best_label``, ``score``, ``margin``, ``top_labels``, ``top_scores``, ``unassigned``,
         ``label_uncentred``.
         """
@@ -186,7 +186,7 @@ class Run:
     def to_anndata(
         self, *, adata: ad.AnnData | None = None, methods: Sequence[str] | None = None
     ) -> ad.AnnData:
-        """Return the results as AnnData (conventions in the README "Python" section).
+        """Return the results as AnnData (conventions: docs/python.md, "Results as AnnData").
 
         Parameters
         ----------

@@ -110,7 +110,9 @@ def test_configuration_page_has_every_key_with_type_default_and_description():
     assert (row.type, row.default) == ('"auto" | "counts" | "lognorm"', '"auto"')
     row = next(r for r in rows if r.key == "annotate.scorers")
     assert row.default == '{"text": 0.25, "markers": 1.0}'
-    assert "<code>str &#124; None</code>" in page  # unions stay in one table cell
+    assert "<code>str &#124; null</code>" in page  # unions stay in one table cell
+    row = next(r for r in rows if r.key == "genes.min_coverage")
+    assert row.type == "float (≥ 0.0, ≤ 1.0)"
 
 
 def test_type_names_read_as_yaml_types():
@@ -118,7 +120,7 @@ def test_type_names_read_as_yaml_types():
 
     from raypipe.config import Price
 
-    assert type_name(int | None) == "int | None"
+    assert type_name(int | None) == "int | null"
     assert type_name(list[Literal["a", "b"]]) == 'list["a" | "b"]'
     assert type_name(dict[str, Price]) == "dict[str, {input: float, output: float}]"
 

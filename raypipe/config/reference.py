@@ -45,11 +45,11 @@ def type_name(ann: Any) -> str:
     """Return a field annotation as a reader writes it in YAML terms.
 
     ``Literal`` values are quoted (``"auto" | "counts"``), a nested model is written as its
-    fields (``{input: float, output: float}``) and ``None`` stays ``None`` (YAML ``null``).
+    fields (``{input: float, output: float}``) and ``None`` is YAML's ``null``.
     """
     origin, args = get_origin(ann), get_args(ann)
     if ann is type(None):
-        return "None"
+        return "null"
     if origin is Literal:
         return " | ".join(json.dumps(a) for a in args)
     if origin in (Union, types.UnionType):
@@ -60,6 +60,18 @@ def type_name(ann: Any) -> str:
         fields = ", ".join(f"{n}: {type_name(f.annotation)}" for n, f in ann.model_fields.items())
         return "{" + fields + "}"
     return getattr(ann, "__name__", str(ann))
+
+
+def _bounds(metadata: list[Any]) -> str:
+    """Write a field's numeric bounds (``gt=0, le=1``) as ``" (> 0, ≤ 1)"``, or ``""``."""
+    signs = {"gt": ">", "ge": "≥", "lt": "<", "le": "≤"}
+    found = [
+        f"{sign} {getattr(m, attr)}"
+        for m in metadata
+        for attr, sign in signs.items()
+        if getattr(m, attr, None) is not None
+    ]
+    return f" ({', '.join(found)})" if found else ""
 
 
 def _default(value: Any) -> str:
@@ -86,7 +98,8 @@ def reference(model: type[BaseModel] = JobConfig, prefix: str = "") -> list[Conf
         default = (
             "(required)" if f.is_required() else _default(f.get_default(call_default_factory=True))
         )
-        rows.append(ConfigKey(key, type_name(f.annotation), default, f.description or ""))
+        kind = type_name(f.annotation) + _bounds(f.metadata)
+        rows.append(ConfigKey(key, kind, default, f.description or ""))
     return rows
 
 
@@ -134,7 +147,8 @@ def reference_page() -> str:
         "key can be overridden on the command line with `--set key.sub=value` (the value is",
         'parsed as YAML, e.g. `--set "embed.methods=[genept_w,ce]"`), or from Python with',
         '`raypipe.run(config, overrides=["shards.rows=2048"])`. Unknown keys are refused with',
-        "the list of valid ones. Defaults are written as YAML values (`null` = not set).",
+        "the list of valid ones. Types and defaults are written in YAML terms (`null` = not",
+        "set; quoted names are the only values allowed); numeric bounds are in parentheses.",
         "",
         "## Top level",
         "",

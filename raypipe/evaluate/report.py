@@ -37,7 +37,7 @@ __all__ = ["FIGURES_FILE", "rerender_report", "summary_html", "umap_2d", "write_
 #: What the page shows besides the tables (title, notes, which figures were drawn), so
 #: :func:`rerender_report` can rebuild the page without redrawing.
 FIGURES_FILE = "figures.json"
-MANIFEST_FILE = "manifest.json"  # the run's manifest (README "Outputs")
+MANIFEST_FILE = "manifest.json"  # the run's manifest (docs/outputs.md)
 
 
 def _colours(values: np.ndarray) -> tuple[list[str], np.ndarray]:

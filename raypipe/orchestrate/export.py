@@ -1,6 +1,6 @@
 """A finished run's results as AnnData: ``Run.to_anndata`` and ``raypipe export``.
 
-Conventions (README "Python"): ``obsm["X_<method>"]`` float32, rows in the atlas's obs
+Conventions (docs/python.md, "Results as AnnData"): ``obsm["X_<method>"]`` float32, rows in the atlas's obs
 order, empty cells all zeros and flagged in ``obs["<method>_empty"]``;
 ``obs["raypipe_<method>_label"]`` (categorical), ``..._score`` and ``..._margin`` for each
 annotated method; ``uns["raypipe"]`` the manifest essentials and the metrics table; ``var`` as
