@@ -111,10 +111,20 @@ def cli_page() -> str:
         str(parser.description),
         "",
         "Every command also takes `-h`/`--help`. Bad input ends in one `error: … fix: …`",
-        "message naming the file, column or gene, with exit status 2 (see Troubleshooting).",
+        "message naming the file, column or gene, with exit status 2",
+        "([troubleshooting](../troubleshooting.md)). For `ray job submit`,",
+        "`python jobs/run.py --config JOB.yaml [--set KEY=VALUE] [--overwrite] [--dry-run]` runs",
+        "`raypipe run` without progress bars ([cluster](../cluster.md)).",
         "",
     ]
-    out += _section("raypipe", "", parser, 2)
+    out += ["| command | what it does |", "|---|---|"]
+    for name, helptext, sub in _subcommands(parser):
+        inner = _subcommands(sub)
+        for full, text in (
+            [(name, helptext)] if not inner else [(f"{name} {n}", h) for n, h, _ in inner]
+        ):
+            out.append(f"| `raypipe {full}` | {text_cell(text)} |")
+    out += ["", *_section("raypipe", "", parser, 2)]
     return "\n".join(out).rstrip() + "\n"
 
 
