@@ -307,7 +307,7 @@ def build_parser() -> argparse.ArgumentParser:
     conf = sub.add_parser("config", help="the job config's keys")
     confsub = conf.add_subparsers(dest="config_command", required=True, metavar="COMMAND")
     ref = confsub.add_parser(
-        "reference", help="print every config key with its default and meaning (markdown)"
+        "reference", help="print every config key with its type, default and meaning (markdown)"
     )
     ref.set_defaults(func=_cmd_config_reference)
 

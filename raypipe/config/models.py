@@ -156,8 +156,12 @@ class LLMConfig(_Section):
 class LimitsConfig(_Section):
     """One cluster-wide budget shared by every LLM actor."""
 
-    requests_per_minute: float = Field(500, gt=0, description="Requests per window, all actors.")
-    tokens_per_minute: float = Field(1_000_000, gt=0, description="Tokens per window, all actors.")
+    requests_per_minute: float = Field(
+        500, gt=0, description="Requests per budget window (`window_s`), all actors together."
+    )
+    tokens_per_minute: float = Field(
+        1_000_000, gt=0, description="Tokens per budget window (`window_s`), all actors together."
+    )
     max_in_flight: int = Field(8, gt=0, description="Concurrent requests per actor.")
     max_retries: int = Field(
         6, ge=0, description="Retries of a failed request (429, 5xx, timeout)."
