@@ -341,6 +341,16 @@ def _examples() -> list[tuple[str, int, str]]:
     return out
 
 
+def test_blocks_are_found_indented_and_marked(tmp_path: Path):
+    page = tmp_path / "page.md"
+    page.write_text(
+        "text\n\n```python\nprint(1)\n```\n\n<!-- not run -->\n```python\nboom()\n```\n\n"
+        "1. a step:\n\n   ```yaml\n   shards: {rows: 8}\n   ```\n"
+    )
+    assert _blocks(page, "python") == [("print(1)\n", 3, True), ("boom()\n", 8, False)]
+    assert _blocks(page, "yaml") == [("shards: {rows: 8}\n", 14, True)]
+
+
 def test_examples_start_with_the_readme_quick_start():
     examples = _examples()
     files = [f for f, _, _ in examples]
@@ -349,9 +359,15 @@ def test_examples_start_with_the_readme_quick_start():
     assert "docs/python.md" in files  # continues the quick start's run folder
 
 
+@pytest.mark.slow
 @pytest.mark.integration
 def test_python_examples_run_as_written(tmp_path: Path):
-    """Every runnable python block of the README and docs, in one process, in order."""
+    """Every runnable python block of the README and docs, in one process, in order.
+
+    One interpreter for all of them: imports, Ray's start-up and the text model's load are
+    paid once (the docs' continuation of the quick start added 32 s to its 338 s here, on a
+    2-core machine at load average 24). ``slow``: a whole annotated + evaluated run.
+    """
     from raypipe.errors import InputError
     from raypipe.genes.orgdb import locate_orgdb
 
