@@ -67,7 +67,7 @@ def _usage(prog: str, parser: argparse.ArgumentParser) -> str:
         elif not a.option_strings:
             parts.append(_metavar(a))
         else:
-            flag = a.option_strings[-1]  # the long form, as argparse's usage line has it
+            flag = a.option_strings[-1]  # the long form (argparse shows the first)
             text = f"{flag} {_metavar(a)}" if _takes_value(a) else flag
             parts.append(text if a.required else f"[{text}]")
     return " ".join(parts)
