@@ -90,12 +90,16 @@ class Run:
 
     @property
     def atlas_path(self) -> str:
-        """The atlas the run read (``<output_dir>/atlas.zarr`` when it ingested on the fly)."""
-        local = self.output_dir / "atlas.zarr"
-        if local.is_dir():
-            return str(local)
+        """The atlas the run read (a ``.zarr``, or the atlas view of an input read in place).
+
+        ``<output_dir>/atlas.zarr`` when the run ingested on the fly, its
+        ``state/atlas_view.json`` when it read its input in place, else the manifest's path.
+        """
         path = (self.manifest.get("atlas") or {}).get("path")
-        if path and as_path(path).is_dir():
+        local = self.output_dir / ("state/atlas_view.json" if _is_view(path) else "atlas.zarr")
+        if local.exists():
+            return str(local)
+        if path and as_path(path).exists():
             return str(path)
         raise InputError(
             f"the atlas of run {self.output_dir} is gone ({path or 'no path in the manifest'})",
@@ -237,6 +241,12 @@ class Run:
             results=res,
             overwrite=overwrite,
         )
+
+
+def _is_view(path: str | None) -> bool:
+    from raypipe.atlas.store import is_view
+
+    return bool(path) and is_view(str(path))
 
 
 def open_run(output_dir: str | AnyPath) -> Run:

@@ -35,6 +35,7 @@ from raypipe.config.models import (
     TextModelConfig,
     TextSourceName,
 )
+from raypipe.config.soma import SomaConfig
 
 __all__ = [
     "AnnotateConfig",
@@ -56,6 +57,7 @@ __all__ = [
     "RayConfig",
     "ScorerName",
     "ShardsConfig",
+    "SomaConfig",
     "StorageConfig",
     "TextModelConfig",
     "TextSourceName",
