@@ -27,6 +27,7 @@ if TYPE_CHECKING:
 
     from raypipe.config import JobConfig
     from raypipe.orchestrate.runner import RunSummary
+    from raypipe.orchestrate.soma_export import SomaExport
 
 __all__ = ["Run", "embed", "open_run", "run"]
 
@@ -239,6 +240,34 @@ class Run:
             n_obs=atlas.n_obs,
             rows_per_chunk=atlas.rows_per_chunk,
             results=res,
+            overwrite=overwrite,
+        )
+
+    def export_soma(
+        self,
+        uri: str,
+        *,
+        methods: Sequence[str] | None = None,
+        measurement: str | None = None,
+        overwrite: bool = False,
+    ) -> SomaExport:
+        """Write the results into a TileDB-SOMA experiment (``obsm`` and new ``obs`` columns).
+
+        Cells are matched by name (``soma_joinid`` keys the rows); see
+        :mod:`raypipe.orchestrate.soma_export`. ``measurement`` defaults to the one the run
+        read (a SOMA input), else ``RNA``.
+        """
+        from raypipe.orchestrate.soma_export import export_soma
+
+        emb, ann = self._select(methods)
+        soma = ((self.manifest.get("config") or {}).get("input") or {}).get("soma") or {}
+        return export_soma(
+            uri,
+            out_dir=self.output_dir,
+            obs_names=self.obs_names.to_numpy(),
+            embeddings=emb,
+            annotations=ann,
+            measurement=measurement or soma.get("measurement") or "RNA",
             overwrite=overwrite,
         )
 
