@@ -228,3 +228,68 @@ def test_missing_tiledbsoma_names_the_extra(experiment, table, tmp_path, monkeyp
     with pytest.raises(InputError, match="tiledbsoma") as err:
         validate_job(load_config(data))
     assert "raypipe[soma]" in err.value.fix
+
+
+@pytest.mark.slow
+@pytest.mark.integration
+@pytest.mark.timeout(600)
+def test_two_node_ray_job_reads_the_experiment(experiment, kang, table, srv, tmp_path):
+    """`ray job submit` on a head + worker cluster: actors on both nodes query the experiment."""
+    from cluster_utils import LocalCluster
+
+    out = tmp_path / "cluster-soma"
+    sets = {
+        "input.path": f"soma+file://{experiment}",
+        "input.soma.obs_value_filter": SUBSET,
+        "output_dir": out,
+        "genes.text_source": "table",
+        "genes.table": table,
+        "genes.min_coverage": 0.1,
+        "text_model.backend": "openai",
+        "text_model.model": "fake-embed",
+        "text_model.base_url": srv.base_url,
+        "text_model.api_key_env": LOOPBACK_KEY_ENV,
+        "embed.genept_w.hvg": "null",
+    }
+    args = [a for k, v in sets.items() for a in ("--set", f"{k}={v}")]
+    cluster = LocalCluster(head_cpus=1)
+    try:
+        cluster.start()
+        cluster.add_worker(num_cpus=1)
+        entry = ["python", "jobs/run.py", "--config", "configs/cluster-demo.yaml", *args]
+        cluster.submit_job("soma", entry, env_vars={LOOPBACK_KEY_ENV: LOOPBACK_KEY})
+        status = cluster.wait_job("soma", timeout=480)
+        logs = cluster.job_logs("soma")
+    finally:
+        cluster.stop()
+    assert status == "SUCCEEDED", logs[-4000:]
+    assert "Ray cluster" in logs  # the driver joined the cluster
+    assert "TileDB-SOMA" in logs
+    assert not (out / "atlas.zarr").exists()
+    want = kang.obs_names[kang.obs["cluster_id"].isin(["B cells", "CD8 T cells"])]
+    seen = collections.Counter(read_embeddings(out)["obs_name"])
+    assert seen == collections.Counter(want)  # every selected cell exactly once
+
+
+@pytest.mark.slow
+@pytest.mark.integration
+def test_kang8k_subset_equals_the_h5ad_path(kang8k, shared_data, ray_env, tmp_path):
+    """The issue's "Done when" on Kang 8k: a local SOMA experiment, a filtered subset."""
+    adata = ad.read_h5ad(kang8k)
+    table = write_real_gene_table(shared_data, tmp_path / "genes.tsv", list(adata.var_names))
+    uri = tmp_path / "kang8k"
+    soma_io.from_h5ad(str(uri), str(kang8k), measurement_name="RNA", X_layer_name="raw")
+    label = adata.obs["cluster_id"].astype(str)
+    keep = sorted(label.unique())[:2]
+    where = " or ".join(f"cluster_id == '{v}'" for v in keep)
+    run_job(_job(str(kang8k), tmp_path / "h5ad", table, ray_env), progress=False)
+    summary = run_job(
+        _job("", tmp_path / "soma", table, ray_env, input=_soma(uri, obs_value_filter=where)),
+        progress=False,
+    )
+    want = adata.obs_names[label.isin(keep)]
+    assert summary.n_cells == len(want) < adata.n_obs
+    a = read_embeddings(tmp_path / "h5ad").set_index("obs_name").loc[want]
+    b = read_embeddings(tmp_path / "soma").set_index("obs_name")
+    assert b.index.tolist() == list(want)
+    assert np.array_equal(np.stack(a["embedding"]), np.stack(b["embedding"]))
