@@ -359,10 +359,13 @@ class SomaRows:
                 src["measurement"], obs_query=soma.AxisQuery(coords=(pa.array(ids),))
             ) as query,
         ):
-            table = pa.concat_tables(list(query.X(src["layer"]).tables()))
+            n_vars = query.n_vars
+            tables = list(query.X(src["layer"]).tables())
+            if not tables:  # no stored value in these cells
+                return sp.csr_matrix((ids.size, n_vars), dtype=np.float32)
+            table = pa.concat_tables(tables)
             rows = query.indexer.by_obs(table.column("soma_dim_0"))
             cols = query.indexer.by_var(table.column("soma_dim_1"))
-            n_vars = query.n_vars
         values = table.column("soma_data").to_numpy().astype(np.float32, copy=False)
         x = sp.coo_matrix((values, (rows, cols)), shape=(ids.size, n_vars)).tocsr()
         x.sum_duplicates()  # canonical (sorted, summed), as ingest writes it

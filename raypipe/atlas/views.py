@@ -97,7 +97,9 @@ def inplace_layout(src: AnyPath, job: JobConfig) -> tuple[dict[str, Any] | None,
         return None, f"{x_key} is a dense array (raypipe reads sparse CSR row chunks)"
     data, indptr = node["data"], node["indptr"]
     n_obs = int(indptr.shape[0]) - 1
-    nnz = int(indptr[n_obs]) if n_obs > 0 else 0
+    if n_obs <= 0:
+        return None, f"{x_key} has no cells"
+    nnz = int(indptr[n_obs])
     chunk = int(data.chunks[0])
     per_row = nnz / max(n_obs, 1)
     chunk_rows = max(1, math.ceil(chunk / per_row)) if nnz else job.input.rows_per_chunk
@@ -109,7 +111,7 @@ def inplace_layout(src: AnyPath, job: JobConfig) -> tuple[dict[str, Any] | None,
     target = min(job.input.rows_per_chunk, job.shards.rows)
     rows = chunk_rows * max(1, target // chunk_rows)
     return {
-        "store": str(src),
+        "store": str(src.resolve()) if isinstance(src, Path) else str(src),  # actors' cwd differs
         "x": x_key,
         "var": var_key,
         "rows_per_chunk": rows,
@@ -143,8 +145,13 @@ def _chunk_files(array: AnyPath) -> dict[str, str]:
     return out
 
 
-def _file_hashes(store: AnyPath, names: dict[str, str], cache: dict[str, Any]) -> dict[str, str]:
-    """blake2b of each chunk file's bytes, reusing ``cache`` where the signature is unchanged."""
+def _file_hashes(
+    store: AnyPath, names: dict[str, str], cache: dict[str, Any]
+) -> tuple[dict[str, str], int]:
+    """blake2b of each chunk file's bytes, reusing ``cache`` where the signature is unchanged.
+
+    Returns the hashes and how many files were read.
+    """
     todo = [n for n, sig in names.items() if (cache.get(n) or [None])[0] != sig]
 
     def digest(name: str) -> str:
@@ -154,13 +161,16 @@ def _file_hashes(store: AnyPath, names: dict[str, str], cache: dict[str, Any]) -
         fresh = dict(zip(todo, pool.map(digest, todo), strict=True))
     if todo:
         log.info("hashed %d of %d chunk files of %s", len(todo), len(names), store)
-    return {n: fresh[n] if n in fresh else cache[n][1] for n in names}
+    return {n: fresh[n] if n in fresh else cache[n][1] for n in names}, len(todo)
 
 
 def _row_chunk_hashes(
     src: AnyPath, layout: dict[str, Any], out_dir: AnyPath
 ) -> tuple[list[str], int]:
-    """Content hash of every row chunk from its row lengths and its stored chunk bytes."""
+    """Content hash of every row chunk from its row lengths and its stored chunk bytes.
+
+    Returns the hashes and how many chunk files were read (the others came from the cache).
+    """
     import zarr
 
     group = zarr.open_group(zarr_store(src), mode="r")
@@ -169,22 +179,21 @@ def _row_chunk_hashes(
     cache_path = out_dir / CHUNK_CACHE
     old = read_marker(cache_path) or {}
     cache = old if old.get("store") == layout["store"] else {}
-    per_array: dict[str, list[str]] = {}
     new_cache: dict[str, Any] = {"store": layout["store"]}
+    per_file: dict[str, list[str]] = {}  # data / indices → hash of each stored file, in order
+    grid: dict[str, int] = {}  # data / indices → values per stored file
     n_read = 0
     for name in ("data", "indices"):
         arr: Any = node[name]
         path = f"{layout['x']}/{name}"
         files = _chunk_files(src / path)
-        known = cache.get(path) or {}
-        hashes = _file_hashes(src / path, files, known)
-        n_read += sum(1 for f, sig in files.items() if (known.get(f) or [None])[0] != sig)
+        hashes, n = _file_hashes(src / path, files, cache.get(path) or {})
+        n_read += n
         new_cache[path] = {f: [files[f], hashes[f]] for f in files}
-        grid = int((arr.shards or arr.chunks)[0])  # what one stored file holds
-        n_files = max(1, math.ceil(int(arr.shape[0]) / grid))
+        grid[name] = int((arr.shards or arr.chunks)[0])  # what one stored file holds
+        n_files = max(1, math.ceil(int(arr.shape[0]) / grid[name]))
         keys = [arr.metadata.encode_chunk_key((i,)) for i in range(n_files)]
-        per_array[name] = [hashes.get(k, "absent") for k in keys]
-        per_array[name + "_grid"] = [str(grid)]
+        per_file[name] = [hashes.get(k, "absent") for k in keys]  # absent: fill-value chunk
     atomic_write_json(cache_path, new_cache)
     rows, n_obs = int(layout["rows_per_chunk"]), int(layout["n_obs"])
     out = []
@@ -194,10 +203,9 @@ def _row_chunk_hashes(
         h = hashlib.blake2b(digest_size=12)
         h.update(np.diff(indptr[r0 : r1 + 1]).tobytes())
         for name in ("data", "indices"):
-            grid = int(per_array[name + "_grid"][0])
             if hi > lo:
-                for i in range(lo // grid, (hi - 1) // grid + 1):
-                    h.update(f"{name}{i}:{per_array[name][i]}".encode())
+                for i in range(lo // grid[name], (hi - 1) // grid[name] + 1):
+                    h.update(f"{name}{i}:{per_file[name][i]}".encode())
         out.append(h.hexdigest())
     return out, n_read
 
