@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from raypipe import __version__
-from raypipe.errors import ConfigError, RaypipeError
+from raypipe.errors import RaypipeError
 from raypipe.llm.cli import add_cache_parser
 
 __all__ = ["build_parser", "main"]
@@ -73,8 +73,6 @@ def _cmd_export(args: argparse.Namespace) -> int:
             + (f" (replaced {', '.join(rep.replaced)})" if rep.replaced else "")
         )
         return 0
-    if not args.out:
-        raise ConfigError("raypipe export needs --out FILE or --soma URI", fix="pass one of them")
     out = run.export(args.out, methods=args.methods, overwrite=args.overwrite)
     methods = args.methods or run.methods
     annotated = [m for m in methods if m in run.annotation_methods]

@@ -7,8 +7,8 @@ row chunks (:func:`plan_shards`); tasks read their own rows (:func:`read_shard`)
 An atlas is either a raypipe atlas (``raypipe ingest``: the metadata in its Zarr attributes)
 or an *atlas view*: a JSON file (``<output_dir>/state/atlas_view.json``) holding the same
 metadata and where the rows live, for inputs read where they are — an AnnData ``.zarr``
-whose X is row-chunked CSR (:mod:`raypipe.atlas.inplace`), or a TileDB-SOMA experiment
-(:mod:`raypipe.atlas.soma`). Every reader here takes either path, so the stages see one
+whose X is row-chunked CSR, or a TileDB-SOMA experiment (:mod:`raypipe.atlas.views`,
+:mod:`raypipe.atlas.soma`). Every reader here takes either path, so the stages see one
 kind of atlas (obs names, var, row ranges, chunk hashes).
 """
 
@@ -137,7 +137,7 @@ class ZarrRows:
     Parameters
     ----------
     path
-        The ``.zarr`` store, or the atlas view (``.json``) of an input read in place.
+        The ``.zarr`` store.
     x, var
         Element paths of the matrix and its var (``X``/``var``, ``raw/X``/``raw/var``,
         ``layers/<name>``/``var``).

@@ -117,10 +117,10 @@ def _changed_selection(old: dict[str, Any], job: JobConfig) -> tuple[str, Any, A
 
     if not is_soma_input(job.input.path):
         return None
-    before = (old.get("config", {}).get("input", {}) or {}).get("soma") or {}
+    before = (old.get("config", {}).get("input", {}) or {}).get("soma")
     now = job.input.soma.model_dump(mode="json")
     for key in _SELECTION:
-        if before.get(key, now[key] if not before else None) != now[key]:
+        if before is not None and before.get(key) != now[key]:
             return key, before.get(key), now[key]
     return None
 

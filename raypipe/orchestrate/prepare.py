@@ -36,7 +36,7 @@ STAMP = Path("state") / "atlas_source.json"
 def _is_atlas(src: AnyPath) -> bool:
     from raypipe.atlas.store import ATLAS_ATTR
 
-    if not (src.is_dir() and ((src / "zarr.json").exists() or (src / ".zgroup").exists())):
+    if not _is_zarr(src):
         return False
     import zarr
 
