@@ -158,6 +158,33 @@ def test_export_round_trips_through_to_anndata(runs, experiment, kang, tmp_path,
 
 
 @pytest.mark.integration
+def test_a_soma_run_exports_as_anndata_like_any_run(runs, kang, tmp_path):
+    """The atlas view reads like an atlas: `raypipe export --out` streams X from the experiment."""
+    import raypipe
+
+    _, soma, _ = runs
+    out = raypipe.open_run(soma).export(tmp_path / "subset.h5ad")
+    back = ad.read_h5ad(out)
+    want = kang[kang.obs["cluster_id"].isin(["B cells", "CD8 T cells"])]
+    assert back.obs_names.tolist() == want.obs_names.tolist()
+    assert (back.X != want.X).nnz == 0
+    assert (
+        back.obs["cluster_id"].astype(str).tolist() == want.obs["cluster_id"].astype(str).tolist()
+    )
+    assert back.obsm["X_genept_w"].shape == (want.n_obs, 32)
+
+
+def test_dry_run_counts_the_selected_cells(experiment, kang, table, tmp_path):
+    from raypipe.orchestrate.dryrun import dry_run
+
+    data = job_dict("", tmp_path / "out", table, input=_soma(experiment, obs_value_filter=SUBSET))
+    text = dry_run(load_config(data))
+    n = int(kang.obs["cluster_id"].isin(["B cells", "CD8 T cells"]).sum())
+    assert f"{n:,} cells × {kang.n_vars:,} genes" in text
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.integration
 def test_grown_experiment_recomputes_only_new_shards(kang, table, ray_env, tmp_path):
     uri = tmp_path / "growing"
     soma_io.from_anndata(str(uri), kang[:1024].copy(), measurement_name="RNA", X_layer_name="raw")
