@@ -17,6 +17,7 @@ import numpy as np
 import pandas as pd
 import pyarrow.parquet as pq
 import pytest
+import scipy.sparse as sp
 from data_factory import (
     LOOPBACK_KEY,
     LOOPBACK_KEY_ENV,
@@ -172,6 +173,30 @@ def test_a_soma_run_exports_as_anndata_like_any_run(runs, kang, tmp_path):
         back.obs["cluster_id"].astype(str).tolist() == want.obs["cluster_id"].astype(str).tolist()
     )
     assert back.obsm["X_genept_w"].shape == (want.n_obs, 32)
+
+
+def test_census_layout_genes_and_cells(kang, tmp_path):
+    """CELLxGENE layout: var indexed by feature_id (Ensembl ids), symbols in feature_name."""
+    from raypipe.atlas.soma import SomaRows, resolve_selection
+    from raypipe.config import SomaConfig
+    from raypipe.genes.identity import gene_names_from_var
+
+    small = kang[:200].copy()
+    small.var = pd.DataFrame(
+        {"feature_name": small.var_names.to_numpy()},
+        index=pd.Index(small.var["ensembl_id"].astype(str).to_numpy(), name="feature_id"),
+    )
+    uri = tmp_path / "census_like"
+    soma_io.from_anndata(str(uri), small, measurement_name="RNA", X_layer_name="raw")
+    sel = resolve_selection(f"soma+file://{uri}", SomaConfig(), [])
+    assert sel.var.index.tolist() == small.var_names.tolist()  # Ensembl ids
+    names, ensembl, note = gene_names_from_var(sel.var)
+    assert names == kang.var_names.tolist()  # the symbols, matched first
+    assert ensembl == small.var_names.tolist()
+    assert "feature_name" in note
+    rows = SomaRows(sel.source, sel.joinids)
+    assert rows.obs_names(0, 3).tolist() == small.obs_names[:3].tolist()
+    assert (rows.rows(0, 200) != sp.csr_matrix(small.X)).nnz == 0
 
 
 def test_dry_run_counts_the_selected_cells(experiment, kang, table, tmp_path):
