@@ -171,6 +171,14 @@ def export_soma(
         report.replaced += _refuse_existing(
             [c for c in cols if c in obs.columns], "obs columns", path, overwrite
         )
+        joined = np.sort(obs["soma_joinid"].to_numpy())
+        if not np.array_equal(joined, np.arange(joined.size)):
+            raise InputError(
+                f"obs of {path} cannot take new columns: its soma_joinids are not 0..n-1 "
+                "(tiledbsoma.io.update_obs needs them so; cells were deleted?)",
+                fix="export into an experiment whose obs joinids are 0..n-1, or read the calls "
+                "from the run's annotations/<method>/part-*.parquet",
+            )
     matrices = {m: read_embedding_matrix(out_dir, m, obs_names)[0] for m in embeddings}
     if any(k in have_obsm for k in keys):
         with soma.Experiment.open(path, "w") as exp:  # unlink the old arrays (a new session
