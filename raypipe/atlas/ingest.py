@@ -75,7 +75,7 @@ def atlas_metadata(
     chunk_hashes: list[str],
     source: str,
     layer: str | None,
-    zero_count_cells: int,
+    zero_count_cells: int | None,
 ) -> dict[str, Any]:
     """Return the metadata :func:`open_atlas` reads (an atlas's Zarr attributes, or a view)."""
     return {

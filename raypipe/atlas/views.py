@@ -260,7 +260,7 @@ def zarr_view(src: AnyPath, layout: dict[str, Any], job: JobConfig, out_dir: Any
         chunk_hashes=hashes,
         source=str(src),
         layer=job.input.layer,
-        zero_count_cells=-1,  # not scanned: the run flags them `empty`
+        zero_count_cells=None,  # not scanned: the run flags them `empty`
     )
     meta["chunk_files_hashed"] = n_read
     _write_view(out_dir, "anndata_zarr", source, meta)
@@ -304,7 +304,7 @@ def soma_view(job: JobConfig, out_dir: AnyPath) -> AtlasInfo:
         chunk_hashes=hashes,
         source=job.input.path,
         layer=source["layer"],
-        zero_count_cells=-1,
+        zero_count_cells=None,
     )
     meta["obs_value_filter"] = source["obs_value_filter"]
     _write_view(out_dir, "soma", source, meta)
