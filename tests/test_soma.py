@@ -152,6 +152,10 @@ def test_export_round_trips_through_to_anndata(runs, experiment, kang, tmp_path,
     err = capsys.readouterr().err
     assert "X_genept_w" in err
     assert "--overwrite" in err
+    assert main(["export", str(soma), "--soma", str(tmp_path / "nowhere")]) == 2
+    err = capsys.readouterr().err
+    assert f"{tmp_path / 'nowhere'} is not a TileDB-SOMA experiment" in err
+    assert "set --soma to" in err
     assert main(["export", str(soma), "--soma", str(uri), "--overwrite"]) == 0
     with tiledbsoma.Experiment.open(str(uri)) as exp:
         again = soma_io.to_anndata(exp, "RNA", X_layer_name="raw")

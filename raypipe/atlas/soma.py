@@ -105,8 +105,10 @@ def _context(soma: Any) -> Any:
 
 
 @contextmanager
-def experiment(source: dict[str, Any]) -> Iterator[Any]:
+def experiment(source: dict[str, Any], *, named_by: str = "input.path") -> Iterator[Any]:
     """Open the experiment ``source`` names (``uri``, or ``organism`` + ``census_version``).
+
+    ``named_by`` is the setting the error's fix points at (``input.path``, ``--soma``).
 
     Raises
     ------
@@ -148,7 +150,7 @@ def experiment(source: dict[str, Any]) -> Iterator[Any]:
     except Exception as exc:
         raise InputError(
             f"{uri} is not a TileDB-SOMA experiment ({_short(exc)})",
-            fix="set input.path to a SOMA experiment (soma+file:///path, soma+s3://bucket/key), "
+            fix=f"set {named_by} to a SOMA experiment (soma+file:///path, soma+s3://bucket/key), "
             "e.g. one written by tiledbsoma.io.from_h5ad",
         ) from None
     try:
@@ -159,8 +161,9 @@ def experiment(source: dict[str, Any]) -> Iterator[Any]:
 
 def _short(exc: BaseException) -> str:
     """Write an exception on one line (tiledbsoma appends its C++ stack after a blank line)."""
-    text = str(exc).strip().split("\n\n")[0].splitlines()
-    return f"{type(exc).__name__}: {text[0] if text else ''}".rstrip(": ")
+    lines = str(exc).strip().split("\n\n")[0].splitlines()
+    text, name = (lines[0] if lines else ""), type(exc).__name__
+    return text if text.startswith(name) else f"{name}: {text}".rstrip(": ")
 
 
 def _where(source: dict[str, Any]) -> str:

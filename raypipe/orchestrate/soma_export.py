@@ -148,7 +148,7 @@ def export_soma(
     soma = import_tiledbsoma()
     path = soma_uri(uri)
     source = {"uri": path, "measurement": measurement}
-    with experiment(source) as exp:
+    with experiment(source, named_by="--soma") as exp:
         if measurement not in exp.ms:
             raise InputError(
                 f"SOMA experiment {path} has no measurement {measurement!r}; measurements: "
