@@ -92,11 +92,12 @@ def _context(soma: Any) -> Any:
     except ValueError:
         opts = {}
     cfg: dict[str, str] = {}
-    if opts.get("endpoint"):
-        cfg["vfs.s3.endpoint_override"] = str(opts["endpoint"])
+    endpoint = str(opts.get("endpoint") or os.environ.get("AWS_ENDPOINT_URL") or "")
+    if endpoint:
+        scheme, _, host = endpoint.rpartition("://")
+        cfg["vfs.s3.endpoint_override"] = host.rstrip("/")  # TileDB takes host[:port]
+        cfg["vfs.s3.scheme"] = scheme or "https"
         cfg["vfs.s3.use_virtual_addressing"] = "false"
-        if str(opts["endpoint"]).startswith("http://"):
-            cfg["vfs.s3.scheme"] = "http"
     if opts.get("region"):
         cfg["vfs.s3.region"] = str(opts["region"])
     if opts.get("anonymous"):
