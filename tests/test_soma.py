@@ -278,6 +278,14 @@ def test_bad_uri_filter_measurement_are_named(experiment, table, tmp_path, soma,
     assert not (tmp_path / "out").exists()
 
 
+def test_ingest_refuses_an_experiment(experiment, tmp_path):
+    from raypipe.atlas import ingest
+
+    with pytest.raises(InputError, match="TileDB-SOMA experiment: raypipe runs read it in place"):
+        ingest(experiment, tmp_path / "x.zarr", progress=False)
+    assert not (tmp_path / "x.zarr").exists()
+
+
 def test_missing_tiledbsoma_names_the_extra(experiment, table, tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "tiledbsoma", None)  # import fails as when not installed
     data = job_dict("", tmp_path / "out", table, input=_soma(experiment))
