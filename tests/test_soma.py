@@ -364,7 +364,7 @@ def test_an_experiment_in_a_bucket_is_read_like_a_local_one(experiment, kang, tm
     """soma+s3:// on a moto S3 server: TileDB gets the endpoint; credentials from the env."""
     from servers.s3 import MOTO, MotoServer, s3_env
 
-    from raypipe.atlas.soma import SomaRows, resolve_selection
+    from raypipe.atlas.soma import SomaRows, is_soma_input, resolve_selection
     from raypipe.config import SomaConfig
     from raypipe.core import storage
 
@@ -380,6 +380,8 @@ def test_an_experiment_in_a_bucket_is_read_like_a_local_one(experiment, kang, tm
             fs = storage.open_fs("s3")
             fs.mkdir("experiments")
             fs.put(str(experiment), "experiments/kang", recursive=True)
+            assert is_soma_input("s3://experiments/kang")  # a bucket's TileDB group, no prefix
+            assert not is_soma_input("s3://experiments/other")
             cfg = SomaConfig(obs_value_filter=SUBSET)
             remote = resolve_selection("soma+s3://experiments/kang", cfg, ["cluster_id"])
             local = resolve_selection(f"soma+file://{experiment}", cfg, ["cluster_id"])

@@ -66,11 +66,14 @@ def import_tiledbsoma() -> Any:
 
 
 def is_soma_input(path: str) -> bool:
-    """Whether ``input.path`` names a SOMA experiment (by scheme, or a local TileDB group)."""
+    """Whether ``input.path`` names a SOMA experiment (by scheme, or a TileDB group there)."""
     if path.startswith((SOMA_PREFIX, CENSUS_PREFIX)):
         return True
     if is_url(path):
-        return False
+        try:  # one HEAD request; anything unreadable is left to the other readers to explain
+            return bool((as_path(path) / "__tiledb_group.tdb").exists())
+        except Exception:
+            return False
     p = Path(path).expanduser()
     return p.is_dir() and ((p / "__tiledb_group.tdb").exists() or (p / "__group").is_dir())
 
