@@ -34,7 +34,9 @@ if TYPE_CHECKING:
 
 __all__ = [
     "CENSUS_PREFIX",
+    "OBS_ID_COLUMNS",
     "SOMA_PREFIX",
+    "VAR_ID_COLUMNS",
     "SomaRows",
     "SomaSelection",
     "experiment",
@@ -229,7 +231,7 @@ class SomaSelection:
     var: pd.DataFrame
 
 
-def source_of(path: str, cfg: SomaConfig, obs_columns: list[str]) -> dict[str, Any]:
+def _source_of(path: str, cfg: SomaConfig, obs_columns: list[str]) -> dict[str, Any]:
     """Return the readers' description of ``input.path`` + ``input.soma`` (no I/O)."""
     base: dict[str, Any] = {
         "measurement": cfg.measurement,
@@ -274,7 +276,7 @@ def resolve_selection(path: str, cfg: SomaConfig, obs_columns: list[str]) -> Som
     InputError
         Naming the URI, measurement, layer, filter or column that is wrong, with the fix.
     """
-    source = source_of(path, cfg, obs_columns)
+    source = _source_of(path, cfg, obs_columns)
     with experiment(source) as exp:
         ms = _measurement(exp, source)
         present = [str(c) for c in exp.obs.keys()]  # noqa: SIM118 (a SOMA DataFrame)

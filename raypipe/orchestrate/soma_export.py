@@ -30,7 +30,7 @@ if TYPE_CHECKING:
 
     from raypipe.core.storage import AnyPath
 
-__all__ = ["SomaExport", "export_soma", "joinids_of"]
+__all__ = ["SomaExport", "export_soma", "joinids_of", "obs_id_column"]
 
 #: Obs columns written per annotated method (``raypipe_<method>_<suffix>``).
 OBS_SUFFIXES = ("label", "cl_id", "score")
@@ -50,7 +50,7 @@ class SomaExport:
 
 
 def joinids_of(exp: Any, obs_names: np.ndarray, where: str) -> np.ndarray:
-    """Return the ``soma_joinid`` of each run cell, matched by name to the experiment's obs id column.
+    """Return the ``soma_joinid`` of each run cell, matched by name to the obs id column.
 
     Raises
     ------
@@ -59,10 +59,7 @@ def joinids_of(exp: Any, obs_names: np.ndarray, where: str) -> np.ndarray:
     """
     import pandas as pd
 
-    from raypipe.atlas.soma import OBS_ID_COLUMNS, id_column
-
-    present = [str(c) for c in exp.obs.keys()]  # noqa: SIM118 (a SOMA DataFrame)
-    key = id_column(exp.obs, present, OBS_ID_COLUMNS)
+    key = obs_id_column(exp)
     table = exp.obs.read(column_names=["soma_joinid", *([key] if key else [])]).concat()
     ids = table.column("soma_joinid").to_numpy()
     names = table.column(key).to_numpy(zero_copy_only=False).astype(str) if key else ids.astype(str)
@@ -75,6 +72,14 @@ def joinids_of(exp: Any, obs_names: np.ndarray, where: str) -> np.ndarray:
             fix="export into the experiment the run read (or one holding its cells by name)",
         )
     return np.asarray(ids[pos], dtype=np.int64)
+
+
+def obs_id_column(exp: Any) -> str | None:
+    """Return the obs column naming the experiment's cells (None: their ``soma_joinid``)."""
+    from raypipe.atlas.soma import OBS_ID_COLUMNS, id_column
+
+    present = [str(c) for c in exp.obs.keys()]  # noqa: SIM118 (a SOMA DataFrame)
+    return id_column(exp.obs, present, OBS_ID_COLUMNS)
 
 
 def _obs_columns(
@@ -160,7 +165,7 @@ def export_soma(
         ms = exp.ms[measurement]
         have_obsm = list(ms["obsm"].keys()) if "obsm" in ms else []
         obs = exp.obs.read().concat().to_pandas() if annotations else None
-        obs_key = _obs_key(exp)
+        obs_key = obs_id_column(exp) or "obs_id"
     keys = [f"X_{m}" for m in embeddings]
     cols = _obs_columns(out_dir, annotations, obs_names) if annotations else {}
     report = SomaExport(path, measurement, int(ids.size), keys, list(cols))
@@ -211,13 +216,6 @@ def export_soma(
         if obs is not None:
             soma.io.update_obs(exp, _new_obs(obs, obs_key, ids, cols), default_index_name=obs_key)
     return report
-
-
-def _obs_key(exp: Any) -> str:
-    from raypipe.atlas.soma import OBS_ID_COLUMNS, id_column
-
-    present = [str(c) for c in exp.obs.keys()]  # noqa: SIM118 (a SOMA DataFrame)
-    return id_column(exp.obs, present, OBS_ID_COLUMNS) or "obs_id"
 
 
 def _new_obs(
