@@ -111,10 +111,13 @@ def _context(soma: Any) -> Any:
 
 
 @contextmanager
-def experiment(source: dict[str, Any], *, named_by: str = "input.path") -> Iterator[Any]:
+def experiment(
+    source: dict[str, Any], *, mode: str = "r", named_by: str = "input.path"
+) -> Iterator[Any]:
     """Open the experiment ``source`` names (``uri``, or ``organism`` + ``census_version``).
 
-    ``named_by`` is the setting the error's fix points at (``input.path``, ``--soma``).
+    ``mode`` is ``r`` or ``w`` (the Census is read only); ``named_by`` is the setting the
+    error's fix points at (``input.path``, ``--soma``).
 
     Raises
     ------
@@ -152,7 +155,7 @@ def experiment(source: dict[str, Any], *, named_by: str = "input.path") -> Itera
         return
     uri = source["uri"]
     try:
-        exp = soma.Experiment.open(uri, mode="r", context=_context(soma))
+        exp = soma.Experiment.open(uri, mode=mode, context=_context(soma))
     except Exception as exc:
         raise InputError(
             f"{uri} is not a TileDB-SOMA experiment ({_short(exc)})",

@@ -150,7 +150,9 @@ def export_soma(
     from raypipe.atlas.soma import experiment, import_tiledbsoma, soma_uri
     from raypipe.orchestrate.export import read_embedding_matrix
 
-    soma = import_tiledbsoma()
+    import_tiledbsoma()  # or say which extra installs it
+    import tiledbsoma.io
+
     path = soma_uri(uri)
     source = {"uri": path, "measurement": measurement}
     with experiment(source, named_by="--soma") as exp:
@@ -186,11 +188,11 @@ def export_soma(
             )
     matrices = {m: read_embedding_matrix(out_dir, m, obs_names)[0] for m in embeddings}
     if any(k in have_obsm for k in keys):
-        with soma.Experiment.open(path, "w") as exp:  # unlink the old arrays (a new session
+        with experiment(source, mode="w") as exp:  # unlink the old arrays (a new session
             for k in keys:  # must add the new ones: tiledbsoma refuses a key re-added at once)
                 if k in have_obsm:
                     del exp.ms[measurement]["obsm"][k]
-    with soma.Experiment.open(path, "w") as exp:
+    with experiment(source, mode="w") as exp:
         ms = exp.ms[measurement]
         obsm = ms["obsm"] if "obsm" in ms else ms.add_new_collection("obsm")
         for m, key in zip(embeddings, keys, strict=True):
@@ -214,7 +216,8 @@ def export_soma(
                     )
                 )
         if obs is not None:
-            soma.io.update_obs(exp, _new_obs(obs, obs_key, ids, cols), default_index_name=obs_key)
+            new = _new_obs(obs, obs_key, ids, cols)
+            tiledbsoma.io.update_obs(exp, new, default_index_name=obs_key)
     return report
 
 
