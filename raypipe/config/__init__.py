@@ -31,11 +31,11 @@ from raypipe.config.models import (
     RayConfig,
     ScorerName,
     ShardsConfig,
+    SomaConfig,
     StorageConfig,
     TextModelConfig,
     TextSourceName,
 )
-from raypipe.config.soma import SomaConfig
 
 __all__ = [
     "AnnotateConfig",
