@@ -48,6 +48,24 @@ def test_weighted_ucell_reduces_to_ucell_and_follows_weights():
     assert gap(heavy0) > gap(plain) > 0
 
 
+def test_negative_markers_lower_the_score_of_cells_expressing_them():
+    rng = np.random.default_rng(2)
+    dense = rng.poisson(1.0, size=(60, 30)).astype(float)
+    dense[:, 0] += 20  # the positive marker: high everywhere
+    dense[:30, 1] += 20  # the negated marker: high in the first half, absent in the second
+    dense[30:, 1] = 0
+    x = sp.csr_matrix(dense)
+    sig, signed = [np.array([0, 1])], [np.array([1.0, -1.0])]
+    pos = marker_scores(x, [np.array([0])], max_rank=10)
+    off = marker_scores(x, sig, max_rank=10, weights=signed, negative=0.0)
+    np.testing.assert_allclose(off, pos, atol=1e-6)  # weight 0: the negative part is ignored
+    on = marker_scores(x, sig, max_rank=10, weights=signed, negative=0.5)
+    assert (on[:30, 0] < pos[:30, 0] - 0.3).all()  # expressing the absent marker costs
+    np.testing.assert_allclose(on[30:, 0], pos[30:, 0], atol=0.05)  # not expressing: no cost
+    only_neg = marker_scores(x, [np.array([1])], max_rank=10, weights=[np.array([-1.0])])
+    assert np.isnan(only_neg).all()  # no positive marker: the scorer abstains
+
+
 def test_combine_standardises_per_candidate():
     rng = np.random.default_rng(0)
     truth = np.repeat([0, 1], 50)

@@ -11,6 +11,7 @@ from raypipe.config.loading import (
     reference,
     reference_markdown,
 )
+from raypipe.config.markers import MarkerDBConfig, MarkerDBName
 from raypipe.config.models import (
     AnnotateConfig,
     CacheConfig,
@@ -52,6 +53,8 @@ __all__ = [
     "JobConfig",
     "LLMConfig",
     "LimitsConfig",
+    "MarkerDBConfig",
+    "MarkerDBName",
     "Price",
     "RayConfig",
     "ScorerName",

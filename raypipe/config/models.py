@@ -11,6 +11,8 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from raypipe.config.markers import MarkerDBConfig
+
 # Registry names, written out so that validating a config imports no backend; a test
 # (tests/test_config.py) keeps each Literal equal to its registry's names.
 EmbedMethod = Literal["genept_w", "genept_s", "ce"]  # raypipe.embed.methods.METHODS
@@ -111,6 +113,11 @@ class GenesConfig(_Section):
     fallback: Literal["none", "symbol"] = Field(
         "none",
         description="When the text source is unavailable: `symbol` uses gene names as text (loudly warned).",
+    )
+    species: Literal["human", "mouse"] = Field(
+        "human",
+        description="Species of the atlas: Cell Ontology terms and marker-resource rows of "
+        "other species are never used.",
     )
 
 
@@ -299,7 +306,19 @@ class AnnotateConfig(_Section):
         False, description="Ask the `llm` backend once per candidate for canonical markers."
     )
     tissue: str | None = Field(
-        None, description="Tissue named in the LLM marker prompt, e.g. `blood`."
+        None,
+        description="Tissue of the atlas (`lung`, `kidney`, `blood`; a UBERON name): steers "
+        "label mapping to its terms and is named in LLM prompts.",
+    )
+    marker_db: MarkerDBConfig = Field(
+        default_factory=MarkerDBConfig, description="Curated marker resource (PanglaoDB)."
+    )
+    negative_markers: float = Field(
+        0.5,
+        ge=0,
+        description="Weight of a candidate's negative markers (stated absent: `GENE-` in "
+        '`annotate.markers`, "negative for CD3" in a CL definition), subtracted in the '
+        "`markers` scorer; 0 ignores them.",
     )
     center: bool = Field(
         True, description="Centre cells and candidate texts against their means before cosine."

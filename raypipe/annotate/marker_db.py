@@ -1,0 +1,471 @@
+"""A curated public marker resource: cell-type marker genes for every tissue.
+
+The Cell Ontology names markers for immune cells and little else; a curated resource covers
+epithelial, endocrine, neural, stromal and endothelial types too. Resources are registry
+entries (:data:`MARKER_DBS`, config ``annotate.marker_db.source``); one is registered:
+
+``panglaodb``  PanglaoDB (Franzén, Gan & Björkegren, *Database* 2019, baz046), the marker
+               table of 27 Mar 2020: 8,286 rows, 178 cell types of 29 organs, human and mouse
+               (``species`` ``Hs``/``Mm``), a canonical-marker flag and per-species sensitivity
+               and specificity. Public download, no registration:
+               https://panglaodb.se/markers/PanglaoDB_markers_27_Mar_2020.tsv.gz. Licence: the
+               site states none; it is offered for free use with citation of the paper
+               (OmniPath's resource list classes it "informal", free for any use). Chosen over
+               CellMarker 2.0 (larger, with CL ids, but an ``.xlsx`` from a site without a
+               stated licence and many single-paper entries) and MSigDB C8 (CC BY 4.0, but
+               signatures of a few dozen studies under study-specific names).
+
+How it is used, once per run (:func:`load_marker_db`):
+
+1. the file is read from ``annotate.marker_db.path`` (a local path or a bucket URL, through
+   :func:`raypipe.core.storage.local_copy`) or from the user cache, where ``raypipe markers
+   fetch`` puts it; a missing or malformed file is one :class:`~raypipe.errors.InputError`
+   naming the file and the fix;
+2. rows of other species than ``genes.species`` are dropped;
+3. each (cell type, organ) is mapped to a CL term **once** with the label mapper, the organ as
+   its tissue; the mapping (how, confidence) is cached beside the file's copy in the user cache
+   and written to ``annotations/marker_db_mapping.parquet`` by the run; cell types mapped with
+   confidence under ``annotate.marker_db.min_confidence`` are not used;
+4. a candidate's markers (:meth:`MarkerDB.markers_for`) are the genes of the resource cell
+   types mapped to its term (weight 1 for canonical markers, 0.5 for the others), else those
+   of its descendants (weighted by the share of them naming each gene; genes a quarter of them
+   name, for terms with at most 25 such descendants), else those of a close ancestor (half
+   weight); names go through the gene-alias table like every other marker.
+
+:func:`resource_markers` is the plain entry point for other stages: ``CL id → {gene: weight}``
+for one species (positive weights; a negative weight would be a negative marker).
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import json
+import logging
+import os
+import urllib.request
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import pandas as pd
+
+from raypipe.core.storage import local_copy, user_cache_dir
+from raypipe.errors import InputError
+from raypipe.registry import Registry
+
+if TYPE_CHECKING:
+    from raypipe.annotate.mapping import LabelMapper
+    from raypipe.annotate.ontology import Ontology
+    from raypipe.config import JobConfig
+
+__all__ = [
+    "MARKER_DBS",
+    "MarkerDB",
+    "MarkerResource",
+    "default_path",
+    "fetch_markers",
+    "load_marker_db",
+    "marker_db_for_job",
+    "read_marker_file",
+    "resource_markers",
+]
+
+log = logging.getLogger(__name__)
+
+#: Bump when the mapping of resource cell types to CL terms changes (invalidates the cache).
+MAPPING_VERSION = "marker-db-mapping-v1"
+#: A term's markers from its descendants: at most this many mapped descendant cell types
+#: (a broad class gets none), and genes named by at least this share of them.
+_MAX_BELOW, _SHARE_BELOW = 25, 0.25
+
+
+@dataclass(frozen=True)
+class MarkerResource:
+    """A marker resource: where it lives, what it is, how to read it."""
+
+    name: str
+    url: str
+    filename: str
+    licence: str
+    citation: str
+    read: Callable[[Path], pd.DataFrame]
+
+
+MARKER_DBS: Registry[MarkerResource] = Registry("marker resource")
+
+_PANGLAO_COLUMNS = {
+    "species": "species",
+    "official gene symbol": "gene",
+    "cell type": "cell_type",
+    "organ": "organ",
+    "canonical marker": "canonical",
+}
+
+
+def _read_panglaodb(path: Path) -> pd.DataFrame:
+    """PanglaoDB's TSV(.gz) → rows ``cell_type, organ, gene, canonical, species`` (a set)."""
+    try:
+        raw = pd.read_csv(path, sep="\t", dtype=str, compression="infer")
+    except (OSError, ValueError, UnicodeDecodeError, pd.errors.ParserError) as exc:
+        raise InputError(
+            f"marker resource {path} is not a readable TSV: {exc}",
+            fix="fetch it again with `raypipe markers fetch`, or point annotate.marker_db.path "
+            "at PanglaoDB_markers_27_Mar_2020.tsv(.gz)",
+        ) from None
+    missing = [c for c in _PANGLAO_COLUMNS if c not in raw.columns]
+    if missing:
+        raise InputError(
+            f"marker resource {path} lacks the PanglaoDB columns {missing} "
+            f"(it has {list(raw.columns)[:8]})",
+            fix="give PanglaoDB's markers table (species, official gene symbol, cell type, "
+            "organ, canonical marker ...), e.g. via `raypipe markers fetch`",
+        )
+    out = raw[list(_PANGLAO_COLUMNS)].rename(columns=_PANGLAO_COLUMNS)
+    out = out.dropna(subset=["gene", "cell_type"])
+    out["species"] = out["species"].fillna("").map(lambda s: frozenset(str(s).split()))
+    out["canonical"] = out["canonical"].fillna("0").astype(str).str.startswith("1")
+    out["organ"] = out["organ"].fillna("")
+    if out.empty:
+        raise InputError(f"marker resource {path} has no rows", fix="fetch it again")
+    return out.reset_index(drop=True)
+
+
+MARKER_DBS.register("panglaodb")(
+    MarkerResource(
+        name="panglaodb",
+        url="https://panglaodb.se/markers/PanglaoDB_markers_27_Mar_2020.tsv.gz",
+        filename="PanglaoDB_markers_27_Mar_2020.tsv.gz",
+        licence="no formal licence; free use with citation (OmniPath: informal)",
+        citation="Franzén O, Gan L-M, Björkegren JLM. PanglaoDB. Database 2019, baz046",
+        read=_read_panglaodb,
+    )
+)
+
+_SPECIES = {"human": "Hs", "mouse": "Mm"}
+
+
+def default_path(source: str = "panglaodb") -> Path:
+    """Where ``raypipe markers fetch`` keeps a resource: ``<user cache>/markers/<file>``."""
+    return user_cache_dir() / "markers" / MARKER_DBS.get(source).filename
+
+
+def read_marker_file(path: str | Path, source: str = "panglaodb") -> pd.DataFrame:
+    """Read and check a resource file (raises :class:`InputError` naming it when unusable)."""
+    p = Path(path)
+    if not p.is_file():
+        raise InputError(
+            f"marker resource file {p} not found",
+            fix="run `raypipe markers fetch` (downloads it into the user cache), or set "
+            "annotate.marker_db.path to a local copy or a bucket URL",
+        )
+    return MARKER_DBS.get(source).read(p)
+
+
+def fetch_markers(
+    source: str = "panglaodb", *, url: str | None = None, dest: str | Path | None = None
+) -> Path:
+    """Download a marker resource into the user cache (or ``dest``) and check it.
+
+    Parameters
+    ----------
+    source
+        Registry name (``panglaodb``).
+    url
+        Download from here instead of the resource's public home (a mirror, a test server).
+    dest
+        Target file; default :func:`default_path`.
+
+    Returns
+    -------
+    pathlib.Path
+        The file, written whole or not at all (a temporary name, checked by reading it, then
+        renamed); a ``.source.json`` beside it records the URL and sha256.
+    """
+    res = MARKER_DBS.get(source)
+    target = Path(dest).expanduser() if dest else default_path(source)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = target.with_name(f".{uuid.uuid4().hex[:8]}.{target.name}")  # same suffix: .gz
+    src = url or res.url
+    digest = hashlib.sha256()
+    try:
+        with urllib.request.urlopen(src, timeout=120) as resp, tmp.open("wb") as fh:
+            while chunk := resp.read(1 << 20):
+                digest.update(chunk)
+                fh.write(chunk)
+        read_marker_file(tmp, source)  # a page of HTML or a cut file never replaces a good copy
+    except OSError as exc:
+        tmp.unlink(missing_ok=True)
+        raise InputError(
+            f"could not download the {source} marker resource from {src}: {exc}",
+            fix="check the network (or pass --url for a mirror), or download the file by hand "
+            "and set annotate.marker_db.path to it",
+        ) from None
+    except InputError as exc:
+        tmp.unlink(missing_ok=True)
+        raise InputError(
+            f"the file downloaded from {src} is not a {source} marker table: {exc.message}",
+            fix="check the URL (--url), or download the file by hand and set "
+            "annotate.marker_db.path to it",
+        ) from None
+    os.replace(tmp, target)
+    meta = {"source": source, "url": src, "sha256": digest.hexdigest(), "licence": res.licence}
+    target.with_name(target.name + ".source.json").write_text(json.dumps(meta, indent=2))
+    return target
+
+
+@dataclass
+class MarkerDB:
+    """A resource's rows for one species, and its cell types mapped to CL terms.
+
+    Attributes
+    ----------
+    source
+        Registry name.
+    rows
+        ``cell_type, organ, gene, canonical`` of this species.
+    mapping
+        One row per (cell type, organ): ``cl_id, cl_label, how, confidence, detail, used``.
+    ontology
+        The Cell Ontology the mapping refers to.
+    """
+
+    source: str
+    rows: pd.DataFrame
+    mapping: pd.DataFrame
+    ontology: Ontology
+    _by_term: dict[str, dict[str, tuple[float, str]]] = field(default_factory=dict, repr=False)
+
+    def __post_init__(self) -> None:
+        used = self.mapping[self.mapping["used"]]
+        key = {(r.cell_type, r.organ): r.cl_id for r in used.itertuples(index=False)}
+        for r in self.rows.itertuples(index=False):
+            tid = key.get((r.cell_type, r.organ))
+            if tid is None:
+                continue
+            genes = self._by_term.setdefault(tid, {})
+            w = 1.0 if r.canonical else 0.5
+            if w > genes.get(r.gene, (0.0, ""))[0]:
+                genes[r.gene] = (w, str(r.cell_type))
+
+    def describe(self) -> dict[str, Any]:
+        """Return counts for logs and the summary: rows, cell types, mapped and used."""
+        return {
+            "source": self.source,
+            "rows": len(self.rows),
+            "cell_types": int(self.mapping.shape[0]),
+            "mapped": int(self.mapping["cl_id"].notna().sum()),
+            "used": int(self.mapping["used"].sum()),
+        }
+
+    @property
+    def terms(self) -> set[str]:
+        """CL ids some resource cell type maps to."""
+        return set(self._by_term)
+
+    def markers_for(self, term_id: str) -> dict[str, tuple[float, str]]:
+        """``gene → (weight, resource cell type)`` for a CL term (see the module docstring)."""
+        if term_id in self._by_term:
+            return dict(self._by_term[term_id])
+        below = [t for t in self.ontology.descendants(term_id) if t in self._by_term]
+        if 0 < len(below) <= _MAX_BELOW:
+            out: dict[str, tuple[float, str]] = {}
+            counts: dict[str, int] = {}
+            for t in below:
+                for g, (w, name) in self._by_term[t].items():
+                    counts[g] = counts.get(g, 0) + 1
+                    if w > out.get(g, (0.0, ""))[0]:
+                        out[g] = (w, name)
+            return {
+                g: (w * counts[g] / len(below), n)
+                for g, (w, n) in out.items()
+                if counts[g] >= _SHARE_BELOW * len(below)
+            }
+        term = self.ontology.terms.get(term_id)
+        if term is None:
+            return {}
+        depth = len(term.ancestors)
+        for anc in term.ancestors:  # nearest first (the ontology lists them by distance)
+            a = self.ontology.terms.get(anc)
+            if a is None or depth - len(a.ancestors) > 3:
+                continue
+            if anc in self._by_term:
+                return {g: (0.5 * w, n) for g, (w, n) in self._by_term[anc].items()}
+        return {}
+
+
+def _map_cell_types(rows: pd.DataFrame, mapper: LabelMapper, min_confidence: float) -> pd.DataFrame:
+    from raypipe.annotate.anatomy import load_anatomy
+
+    anatomy = load_anatomy()
+    out = []
+    for (cell_type, organ), _ in rows.groupby(["cell_type", "organ"], sort=True):
+        tissue = organ if organ and anatomy.tissue(organ) is not None else None
+        m = mapper.map(str(cell_type), tissue=tissue)
+        out.append(
+            {
+                "cell_type": cell_type,
+                "organ": organ,
+                "cl_id": m.cl_id,
+                "cl_label": m.cl_label,
+                "how": m.how,
+                "confidence": float(m.confidence),
+                "detail": m.detail,
+                "used": m.cl_id is not None and m.confidence >= min_confidence,
+            }
+        )
+    return pd.DataFrame(out)
+
+
+def load_marker_db(
+    path: str | None,
+    mapper: LabelMapper,
+    *,
+    source: str = "panglaodb",
+    species: str = "human",
+    canonical_only: bool = False,
+    min_confidence: float = 0.8,
+) -> MarkerDB:
+    """Read a resource, keep one species, map its cell types to CL terms (cached).
+
+    Parameters
+    ----------
+    path
+        A local path or bucket URL; None: the user-cache copy (:func:`default_path`).
+    mapper
+        The label mapper (its ontology, gene knowledge and species).
+    source, species, canonical_only, min_confidence
+        As ``annotate.marker_db`` / ``genes.species``.
+    """
+    local = local_copy(path) if path else default_path(source)
+    rows = read_marker_file(local, source)
+    tag = _SPECIES.get(species, species)
+    rows = rows[rows["species"].map(lambda s: tag in s)]
+    if canonical_only:
+        rows = rows[rows["canonical"]]
+    rows = rows.drop(columns=["species"]).reset_index(drop=True)
+    digest = _file_digest(local)
+    key = hashlib.sha256(
+        json.dumps([MAPPING_VERSION, digest, mapper.ontology.source, species]).encode()
+    ).hexdigest()[:16]
+    cache = user_cache_dir() / "markers" / f"{source}-mapping-{key}.parquet"
+    mapping: pd.DataFrame | None = None
+    if cache.is_file():
+        mapping = pd.read_parquet(cache)
+    if mapping is None or set(mapping["cell_type"]) != set(rows["cell_type"]):
+        mapping = _map_cell_types(rows, mapper, 0.0)
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        tmp = cache.with_name(f".{cache.name}.{uuid.uuid4().hex[:8]}.tmp")
+        mapping.to_parquet(tmp, index=False)
+        os.replace(tmp, cache)
+    mapping = mapping.assign(
+        used=mapping["cl_id"].notna() & (mapping["confidence"] >= min_confidence)
+    )
+    return MarkerDB(source, rows, mapping, mapper.ontology)
+
+
+@functools.lru_cache(maxsize=4)
+def _file_digest(path: Path) -> str:
+    st = path.stat()
+    h = hashlib.sha256(f"{st.st_size}".encode())
+    with path.open("rb") as fh:
+        while chunk := fh.read(1 << 20):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def resource_markers(
+    species: str = "human",
+    *,
+    path: str | None = None,
+    source: str = "panglaodb",
+    ontology: Ontology | None = None,
+    genes: Any = None,
+    canonical_only: bool = False,
+    min_confidence: float = 0.8,
+) -> dict[str, dict[str, float]]:
+    """Marker genes of every CL term the resource covers, for one species.
+
+    Parameters
+    ----------
+    species
+        ``human`` or ``mouse``.
+    path
+        The resource file (local path or bucket URL); None: the user-cache copy.
+    source
+        Registry name (``panglaodb``).
+    ontology
+        The Cell Ontology (default: cellxgene-ontology-guide's).
+    genes
+        :class:`~raypipe.annotate.names.GeneNames` to rewrite names as official symbols
+        (``CD16`` → ``FCGR3A``, ``FCGR3B``; weight split); None keeps the resource's names.
+    canonical_only, min_confidence
+        As ``annotate.marker_db``.
+
+    Returns
+    -------
+    dict
+        ``CL id → {gene: weight}``: 1 for a canonical marker, 0.5 for another one; a negative
+        weight would mark a gene stated absent (PanglaoDB states none).
+    """
+    from raypipe.annotate.mapping import LabelMapper
+    from raypipe.annotate.ontology import load_ontology
+
+    onto = ontology or load_ontology()
+    db = load_marker_db(
+        path,
+        LabelMapper(onto, genes=genes, species=species),
+        source=source,
+        species=species,
+        canonical_only=canonical_only,
+        min_confidence=min_confidence,
+    )
+    out: dict[str, dict[str, float]] = {}
+    for tid in sorted(db.terms):
+        genes_w: dict[str, float] = {}
+        for g, (w, _) in db.markers_for(tid).items():
+            names = genes.symbols(g) if genes is not None else [g]
+            for s in names or [g]:
+                genes_w[s] = max(genes_w.get(s, 0.0), w / max(len(names), 1))
+        out[tid] = genes_w
+    return out
+
+
+def marker_db_for_job(job: JobConfig, mapper: LabelMapper, out_dir: Any) -> MarkerDB | None:
+    """Load the run's marker resource (``annotate.marker_db``), its mapping written for review.
+
+    Returns None when ``annotate.marker_db.enabled`` is off; otherwise writes
+    ``annotations/marker_db_mapping.parquet`` (every resource cell type: CL term, how,
+    confidence, used) under ``out_dir`` and logs the counts.
+    """
+    import pyarrow as pa
+
+    from raypipe.core.outputs import write_parquet_atomic
+
+    cfg = job.annotate.marker_db
+    if not cfg.enabled:
+        return None
+    db = load_marker_db(
+        cfg.path,
+        mapper,
+        source=cfg.source,
+        species=job.genes.species,
+        canonical_only=cfg.canonical_only,
+        min_confidence=cfg.min_confidence,
+    )
+    table = pa.Table.from_pandas(db.mapping.assign(source=db.source), preserve_index=False)
+    write_parquet_atomic(out_dir / "annotations" / "marker_db_mapping.parquet", table)
+    n = db.describe()
+    log.info(
+        "marker resource %s: %d rows, %d cell types, %d mapped to CL terms, %d used (confidence "
+        ">= %.2f; annotations/marker_db_mapping.parquet)",
+        n["source"],
+        n["rows"],
+        n["cell_types"],
+        n["mapped"],
+        n["used"],
+        cfg.min_confidence,
+    )
+    return db
