@@ -181,3 +181,55 @@ def test_ontology_markers_with_aliases_and_negation(gene_table):
     assert table.loc["B cells", "marker_source"] == "ontology"
     assert "CD38" in table.loc["B cells", "markers"]  # 14 of the 97 B-cell descendants name it
     assert "CD19" not in table.loc["B cells", "markers"]  # 1 of 97: under the 5% cut
+
+
+def test_llm_descriptions_asked_once_cached_checked_and_used_as_text(tmp_path, monkeypatch):
+    from servers.openai_server import FakeOpenAI
+
+    from raypipe.annotate.descriptions import check_description, llm_descriptions
+    from raypipe.config import load_config
+
+    good = (
+        "B cells are lymphocytes that make antibodies after antigen contact. They circulate "
+        "in blood and lymphoid organs. They express MS4A1, CD79A and CD19."
+    )
+
+    def answer(prompt):
+        if "'B cell'" in prompt:
+            return good
+        return "- a list\n- not prose"  # an unusable answer: a failure row, not a text
+
+    monkeypatch.setenv("RAYPIPE_TEST_DESC_KEY", "sk-loopback")
+    with FakeOpenAI("sk-loopback", chat_answer=answer) as srv:
+        job = load_config(
+            {
+                "input": {"path": "x.h5ad"},
+                "output_dir": str(tmp_path / "run"),
+                "cache": {"path": str(tmp_path / "cache")},
+                "llm": {
+                    "backend": "openai",
+                    "model": "fake-chat",
+                    "base_url": srv.base_url,
+                    "api_key_env": "RAYPIPE_TEST_DESC_KEY",
+                    "max_tokens": 120,
+                },
+                "limits": {"max_retries": 1, "backoff_base_s": 0.01, "timeout_s": 10},
+                "annotate": {"llm_descriptions": True, "tissue": "blood"},
+            }
+        )
+        asks = [("B cells", "B cell", "CL:0000236"), ("Mono", "monocyte", "CL:0000576")]
+        found, fails, _ = llm_descriptions(asks, job)
+        assert found == {"B cells": good}
+        assert [f["item"] for f in fails] == ["Mono"]
+        assert "list" in fails[0]["reason"]
+        prompts = [p for p in srv.served if "Describe the cell type" in p]
+        assert len(prompts) == 2
+        assert all("human blood" in p for p in prompts)
+        srv.reset_counters()
+        again, _, _ = llm_descriptions(asks, job)
+        assert again == found
+        assert srv.calls["/v1/chat/completions"] == 1  # B cell from the cache; Mono asked again
+    onto = load_ontology()
+    table = build_candidates(["B cells"], onto, descriptions=found).set_index("label")
+    assert table.loc["B cells", "text"].endswith(good)  # what the text scorer embeds
+    assert check_description("I'm sorry, I cannot help with that request today, really.")

@@ -175,6 +175,24 @@ def prepare_candidates(
             )
         elif path.exists():
             path.unlink()
+    descriptions = None
+    if cfg.llm_descriptions:
+        from raypipe.annotate.descriptions import llm_descriptions
+        from raypipe.genes.space import write_failures
+
+        asks = [(m.label, m.cl_label or m.label, m.cl_id) for m in mappings]
+        descriptions, fails, llm_usage = llm_descriptions(asks, job)
+        usage.merge(llm_usage)
+        path = out_dir / "state" / "failures" / "annotate_descriptions.parquet"
+        if fails:
+            write_failures(out_dir, "annotate_descriptions", fails)
+            warnings.append(
+                f"LLM descriptions failed for {len(fails)} candidate(s): "
+                + ", ".join(f["item"] for f in fails)
+                + " (see failures.parquet); they keep their ontology text"
+            )
+        elif path.exists():
+            path.unlink()
     cand = build_candidates(
         names,
         ontology,
@@ -187,6 +205,7 @@ def prepare_candidates(
         is_gene=gene_names.is_gene if gene_names is not None else None,
         resource=resource,
         negatives=cfg.negative_markers > 0,
+        descriptions=descriptions,
     )
     lost = unmatched(cand)
     if lost:

@@ -352,7 +352,11 @@ class AnnotateConfig(_Section):
     langcell_text_max_length: int = Field(
         512, gt=0, description="langcell scorer: candidate-text tokens kept (LangCell: 512)."
     )
-    llm_descriptions: bool = Field(False, description="Add LLM-written candidate descriptions.")
+    llm_descriptions: bool = Field(
+        False,
+        description="Ask the `llm` backend once per candidate (cached) for a 2-3 sentence "
+        "description, appended to the candidate text the `text` scorer embeds.",
+    )
 
     @field_validator("mapping")
     @classmethod
