@@ -194,3 +194,49 @@ def test_trust_order_and_summary_per_source(db, mapper):
     line = next(x for x in summary_lines(table.reset_index()) if "marker sources" in x)
     assert "config 1/1" in line
     assert "marker_db" in line
+
+
+@pytest.mark.integration
+def test_a_run_uses_the_resource_and_negative_markers(ray_local, kang1k5, tmp_path):
+    """End to end on 300 real Kang cells: resource markers, recorded mapping, summary line."""
+    import anndata as ad
+    import numpy as np
+    from data_factory import GENES, job_dict, write_gene_table
+
+    from raypipe.config import load_config
+    from raypipe.orchestrate.runner import run_job
+
+    full = ad.read_h5ad(kang1k5)
+    panglao = set(pd.read_csv(FIXTURE, sep="\t")["official gene symbol"])
+    genes = [g for g in full.var_names if g in set(GENES) | panglao]
+    rows = np.sort(np.random.default_rng(0).choice(full.n_obs, 300, replace=False))
+    small = tmp_path / "kang_small.h5ad"
+    full[rows, genes].copy().write_h5ad(small)
+    cfg = job_dict(
+        small,
+        tmp_path / "run",
+        write_gene_table(tmp_path / "genes.tsv"),
+        input={"path": str(small), "label_key": "cluster_id", "rows_per_chunk": 64},
+        genes={"min_coverage": 0.2},
+        annotate={
+            "enabled": True,
+            "tissue": "blood",
+            "scorers": {"markers": 1.0},
+            "smoothing": 0.0,
+            "marker_db": {"enabled": True, "path": str(FIXTURE)},
+        },
+    )
+    summary = run_job(load_config(cfg), progress=False)
+    out = tmp_path / "run" / "annotations"
+    recorded = pd.read_parquet(out / "marker_db_mapping.parquet")
+    assert len(recorded) == 38
+    assert set(recorded["source"]) == {"panglaodb"}
+    cand = pd.read_parquet(out / "label_mapping.parquet").set_index("label")
+    assert cand.loc["B cells", "marker_source"] == "marker_db"
+    assert {"MS4A1", "CD79A"} <= set(cand.loc["B cells", "markers"])
+    mono = cand.loc["CD14+ Monocytes"]
+    assert min(mono["marker_weights"]) < 0  # "negative for CD3, CD19, CD20" kept, negative
+    assert any("marker sources" in line and "marker_db" in line for line in summary.candidates)
+    calls = pd.concat(pd.read_parquet(p) for p in sorted((out / "genept_w").glob("part-*")))
+    truth = full.obs["cluster_id"].astype(str).to_numpy()[rows]
+    assert (calls.sort_values("row")["label"].to_numpy() == truth).mean() > 0.5

@@ -351,14 +351,12 @@ class Lexicon:
     def _related(self, a: str, b: str) -> bool:
         return a in self.ontology.terms[b].ancestors or b in self.ontology.terms[a].ancestors
 
-    def _common_ancestor(self, a: str, b: str) -> str | None:
-        """Return the deepest term above (or equal to) both ``a`` and ``b``."""
+    def _common_ancestors(self, a: str, b: str) -> list[str]:
+        """Return the terms above (or equal to) both ``a`` and ``b``, deepest first."""
         above_a = {a, *self.ontology.terms[a].ancestors}
         common = [t for t in (b, *self.ontology.terms[b].ancestors) if t in above_a]
         common = [t for t in common if t in self.ontology.terms]
-        if not common:
-            return None
-        return max(common, key=lambda t: len(self.ontology.terms[t].ancestors))
+        return sorted(common, key=lambda t: -len(self.ontology.terms[t].ancestors))
 
     def stated_markers(self, term_id: str) -> set[str]:
         """Positive markers the term's own label/synonyms state (``CD14-positive monocyte``)."""

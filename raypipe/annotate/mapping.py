@@ -292,8 +292,8 @@ class LabelMapper(Lexicon):
         absorbs its descendants unless it adds much more than the descendant's own label;
         then the highest confidence (+
         :data:`_FIT_BONUS` for a term of the tissue) wins. An *unrelated* runner-up within
-        :data:`AMBIGUOUS` is a tie: the answer is their nearest common ancestor when it
-        covers all but one concept of the label (confidence 0.6), else ``unmatched``.
+        :data:`AMBIGUOUS` is a tie: the answer is their deepest common ancestor that covers
+        all but one concept of the label (confidence 0.6), else ``unmatched``.
         """
         top = max(c for c, _, _ in best.values())
         tied = {tid: v for tid, v in best.items() if v[0] >= top - _TIE}
@@ -350,8 +350,15 @@ class LabelMapper(Lexicon):
         )
         if rival is not None and score(rival) >= score(order[0]) - AMBIGUOUS:
             a, b = win[2].term, roots[rival][2].term
-            common = self._common_ancestor(a.id, b.id)
-            if common is not None and self._covers(common, q, n_concepts, tw):
+            common = next(
+                (
+                    c
+                    for c in self._common_ancestors(a.id, b.id)
+                    if self._covers(c, q, n_concepts, tw)
+                ),
+                None,
+            )
+            if common is not None:
                 t = self.ontology.terms[common]
                 return LabelMapping(
                     name,
