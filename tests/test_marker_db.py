@@ -107,6 +107,18 @@ def test_fetch_and_read_errors_name_the_file_and_the_fix(served, tmp_path):
         fetch_markers(url=f"{base}/missing.tsv.gz", dest=dest)
     with pytest.raises(InputError, match=r"not found[\s\S]*raypipe markers fetch"):
         read_marker_file(tmp_path / "nowhere.tsv")
+    from raypipe.annotate.stage import check_annotate_config
+    from raypipe.config import load_config
+
+    job = load_config(
+        {
+            "input": {"path": "x.h5ad"},
+            "output_dir": str(tmp_path / "out"),
+            "annotate": {"enabled": True, "marker_db": {"enabled": True}},
+        }
+    )
+    with pytest.raises(InputError, match=r"PanglaoDB_markers_27_Mar_2020.tsv.gz not found"):
+        check_annotate_config(job)  # before any work: the user cache has no copy yet
     cut = tmp_path / "cut.tsv"
     cut.write_text("species\tcell type\nHs\tB cells\n")
     with pytest.raises(InputError, match=r"lacks the PanglaoDB columns.*official gene symbol"):

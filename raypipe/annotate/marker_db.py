@@ -65,6 +65,7 @@ __all__ = [
     "MARKER_DBS",
     "MarkerDB",
     "MarkerResource",
+    "check_marker_db",
     "default_path",
     "fetch_markers",
     "load_marker_db",
@@ -431,6 +432,12 @@ def resource_markers(
                 genes_w[s] = max(genes_w.get(s, 0.0), w / max(len(names), 1))
         out[tid] = genes_w
     return out
+
+
+def check_marker_db(job: JobConfig) -> None:
+    """Read the run's marker resource once before any work (raises :class:`InputError`)."""
+    cfg = job.annotate.marker_db
+    read_marker_file(local_copy(cfg.path) if cfg.path else default_path(cfg.source), cfg.source)
 
 
 def marker_db_for_job(job: JobConfig, mapper: LabelMapper, out_dir: Any) -> MarkerDB | None:

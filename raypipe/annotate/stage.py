@@ -101,13 +101,18 @@ def _candidate_names(job: JobConfig, atlas: AtlasInfo) -> list[str]:
 def check_annotate_config(job: JobConfig) -> None:
     """Fail early (before any embedding work) on an ``annotate`` section that cannot run.
 
-    Checks that the ontology loads and that every ``annotate.mapping`` id is a live CL term.
+    Checks that the ontology loads, that every ``annotate.mapping`` id is a live CL term and
+    that the marker resource (``annotate.marker_db``) is there and readable.
     """
     from raypipe.annotate.mapping import check_overrides
     from raypipe.annotate.ontology import load_ontology
 
     if job.annotate.enabled and job.annotate.mapping:
         check_overrides(job.annotate.mapping, load_ontology(job.annotate.ontology))
+    if job.annotate.enabled and job.annotate.marker_db.enabled:
+        from raypipe.annotate.marker_db import check_marker_db
+
+        check_marker_db(job)
 
 
 def prepare_candidates(
