@@ -143,10 +143,11 @@ def test_cell_types_are_mapped_once_and_recorded(db, mapper, tmp_path):
 def test_markers_for_terms_their_descendants_and_ancestors(db):
     b = db.markers_for("CL:0000236")
     assert {"MS4A1", "CD79A"} <= set(b)
-    assert all(w in (0.5, 1.0) for w, _ in b.values())
+    assert all(0 < w <= 1.0 for w, _ in b.values())
+    assert b["CD79A"][0] > 0.9  # canonical, expressed by few other cell types
     mono14 = db.markers_for("CL:0001054")  # CD14-positive monocyte: from "Monocytes", halved
     assert mono14
-    assert max(w for w, _ in mono14.values()) == 0.5
+    assert max(w for w, _ in mono14.values()) <= 0.5
     assert {n for _, n in mono14.values()} == {"Monocytes"}
     assert db.markers_for("CL:0000000") == {}  # "cell": nothing this broad
     human = db.rows["gene"].nunique()

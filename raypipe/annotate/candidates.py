@@ -220,7 +220,8 @@ def build_candidates(
         splits its weight among them.
     resource
         A curated marker resource (:class:`~raypipe.annotate.marker_db.MarkerDB`), trusted
-        after config and LLM markers and before the ontology.
+        after config and LLM markers and before the ontology; the markers the term's own
+        name states (``CD14-positive``) are added to the resource's.
     negatives
         Keep negative markers (config names written ``GENE-``; names and definitions of the
         term saying a marker is absent) as negative weights.
@@ -256,6 +257,9 @@ def build_candidates(
         elif term is not None and resource is not None and resource.markers_for(term.id):
             for g, (w, cell_type) in resource.markers_for(term.id).items():
                 found_set.add(g, w, f"marker_db:{resource.source} ({cell_type})")
+            if use_ontology_markers:  # the term's own name still says what sets it apart
+                for g in sorted(mapper.stated_markers(term.id)):  # (CD14- vs CD16-positive)
+                    found_set.add(g, 1.0, "ontology:term")
         elif term is not None and use_ontology_markers:
             found_set = ontology_markers(mapper, term.id)
         if term is not None and use_ontology_markers and not markers.get(name):
@@ -264,6 +268,7 @@ def build_candidates(
         weights: dict[str, float] = {}
         negative: dict[str, float] = {}
         origin: dict[str, str] = {}
+        neg_origin: dict[str, str] = {}
         missing: list[str] = []
         for g, w, src in zip(found_set.names, found_set.weights, found_set.sources, strict=True):
             if w < 0 and not negatives:
@@ -274,14 +279,16 @@ def build_candidates(
                     missing.append(g)
                 continue
             share = w / len(hits)
-            into = negative if w < 0 else weights
+            into, said = (negative, neg_origin) if w < 0 else (weights, origin)
             for h in hits:
                 if abs(share) > abs(into.get(h, 0.0)):
                     into[h] = share
-                    origin[h] = f"{src} ({g})" if g.upper() != h.upper() else src
+                    said[h] = f"{src} ({g})" if g.upper() != h.upper() else src
         for h in list(negative):
             if h in weights:  # stated both ways (a descendant's name): no signal
                 negative.pop(h)
+            else:
+                origin[h] = neg_origin[h]
         negs.append(negative)
         gene_weights.append(weights)
         positive = [

@@ -27,7 +27,9 @@ How it is used, once per run (:func:`load_marker_db`):
    and written to ``annotations/marker_db_mapping.parquet`` by the run; cell types mapped with
    confidence under ``annotate.marker_db.min_confidence`` are not used;
 4. a candidate's markers (:meth:`MarkerDB.markers_for`) are the genes of the resource cell
-   types mapped to its term (weight 1 for canonical markers, 0.5 for the others), else those
+   types mapped to its term (weight 1 for canonical markers, 0.5 for the others, times one
+   minus the share of other cell types expressing the gene; genes in at least 10% of all cells
+   dropped), else those
    of its descendants (weighted by the share of them naming each gene; genes a quarter of them
    name, for terms with at most 25 such descendants), else those of a close ancestor (half
    weight); names go through the gene-alias table like every other marker.
@@ -45,16 +47,21 @@ import logging
 import os
 import urllib.request
 import uuid
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import pandas as pd
 
+from raypipe.annotate.marker_sources import (
+    MARKER_DBS,
+    MarkerResource,
+    default_path,
+    gene_weight,
+    read_marker_file,
+)
 from raypipe.core.storage import local_copy, user_cache_dir
 from raypipe.errors import InputError
-from raypipe.registry import Registry
 
 if TYPE_CHECKING:
     from raypipe.annotate.mapping import LabelMapper
@@ -68,6 +75,7 @@ __all__ = [
     "check_marker_db",
     "default_path",
     "fetch_markers",
+    "gene_weight",
     "load_marker_db",
     "marker_db_for_job",
     "read_marker_file",
@@ -83,86 +91,7 @@ MAPPING_VERSION = "marker-db-mapping-v1"
 _MAX_BELOW, _SHARE_BELOW = 25, 0.25
 
 
-@dataclass(frozen=True)
-class MarkerResource:
-    """A marker resource: where it lives, what it is, how to read it."""
-
-    name: str
-    url: str
-    filename: str
-    licence: str
-    citation: str
-    read: Callable[[Path], pd.DataFrame]
-
-
-MARKER_DBS: Registry[MarkerResource] = Registry("marker resource")
-
-_PANGLAO_COLUMNS = {
-    "species": "species",
-    "official gene symbol": "gene",
-    "cell type": "cell_type",
-    "organ": "organ",
-    "canonical marker": "canonical",
-}
-
-
-def _read_panglaodb(path: Path) -> pd.DataFrame:
-    """PanglaoDB's TSV(.gz) → rows ``cell_type, organ, gene, canonical, species`` (a set)."""
-    try:
-        raw = pd.read_csv(path, sep="\t", dtype=str, compression="infer")
-    except (OSError, ValueError, UnicodeDecodeError, pd.errors.ParserError) as exc:
-        raise InputError(
-            f"marker resource {path} is not a readable TSV: {exc}",
-            fix="fetch it again with `raypipe markers fetch`, or point annotate.marker_db.path "
-            "at PanglaoDB_markers_27_Mar_2020.tsv(.gz)",
-        ) from None
-    missing = [c for c in _PANGLAO_COLUMNS if c not in raw.columns]
-    if missing:
-        raise InputError(
-            f"marker resource {path} lacks the PanglaoDB columns {missing} "
-            f"(it has {list(raw.columns)[:8]})",
-            fix="give PanglaoDB's markers table (species, official gene symbol, cell type, "
-            "organ, canonical marker ...), e.g. via `raypipe markers fetch`",
-        )
-    out = raw[list(_PANGLAO_COLUMNS)].rename(columns=_PANGLAO_COLUMNS)
-    out = out.dropna(subset=["gene", "cell_type"])
-    out["species"] = out["species"].fillna("").map(lambda s: frozenset(str(s).split()))
-    out["canonical"] = out["canonical"].fillna("0").astype(str).str.startswith("1")
-    out["organ"] = out["organ"].fillna("")
-    if out.empty:
-        raise InputError(f"marker resource {path} has no rows", fix="fetch it again")
-    return out.reset_index(drop=True)
-
-
-MARKER_DBS.register("panglaodb")(
-    MarkerResource(
-        name="panglaodb",
-        url="https://panglaodb.se/markers/PanglaoDB_markers_27_Mar_2020.tsv.gz",
-        filename="PanglaoDB_markers_27_Mar_2020.tsv.gz",
-        licence="no formal licence; free use with citation (OmniPath: informal)",
-        citation="Franzén O, Gan L-M, Björkegren JLM. PanglaoDB. Database 2019, baz046",
-        read=_read_panglaodb,
-    )
-)
-
 _SPECIES = {"human": "Hs", "mouse": "Mm"}
-
-
-def default_path(source: str = "panglaodb") -> Path:
-    """Where ``raypipe markers fetch`` keeps a resource: ``<user cache>/markers/<file>``."""
-    return user_cache_dir() / "markers" / MARKER_DBS.get(source).filename
-
-
-def read_marker_file(path: str | Path, source: str = "panglaodb") -> pd.DataFrame:
-    """Read and check a resource file (raises :class:`InputError` naming it when unusable)."""
-    p = Path(path)
-    if not p.is_file():
-        raise InputError(
-            f"marker resource file {p} not found",
-            fix="run `raypipe markers fetch` (downloads it into the user cache), or set "
-            "annotate.marker_db.path to a local copy or a bucket URL",
-        )
-    return MARKER_DBS.get(source).read(p)
 
 
 def fetch_markers(
@@ -226,7 +155,8 @@ class MarkerDB:
     source
         Registry name.
     rows
-        ``cell_type, organ, gene, canonical`` of this species.
+        ``cell_type, organ, gene, canonical, ubiquity, spread`` of this species (``spread``:
+        the share of other cell types expressing the gene, NaN when unknown).
     mapping
         One row per (cell type, organ): ``cl_id, cl_label, how, confidence, detail, used``.
     ontology
@@ -247,7 +177,9 @@ class MarkerDB:
             if tid is None:
                 continue
             genes = self._by_term.setdefault(tid, {})
-            w = 1.0 if r.canonical else 0.5
+            w = gene_weight(r.canonical, r.spread, r.ubiquity)
+            if w <= 0:
+                continue
             if w > genes.get(r.gene, (0.0, ""))[0]:
                 genes[r.gene] = (w, str(r.cell_type))
 
@@ -346,7 +278,10 @@ def load_marker_db(
     rows = rows[rows["species"].map(lambda s: tag in s)]
     if canonical_only:
         rows = rows[rows["canonical"]]
-    rows = rows.drop(columns=["species"]).reset_index(drop=True)
+    spread = f"spread_{species}" if f"spread_{species}" in rows.columns else None
+    rows = rows.assign(spread=rows[spread] if spread else float("nan"))
+    rows = rows.drop(columns=["species", "spread_human", "spread_mouse"], errors="ignore")
+    rows = rows.reset_index(drop=True)
     digest = _file_digest(local)
     key = hashlib.sha256(
         json.dumps([MAPPING_VERSION, digest, mapper.ontology.source, species]).encode()
@@ -408,8 +343,9 @@ def resource_markers(
     Returns
     -------
     dict
-        ``CL id → {gene: weight}``: 1 for a canonical marker, 0.5 for another one; a negative
-        weight would mark a gene stated absent (PanglaoDB states none).
+        ``CL id → {gene: weight}`` (:func:`gene_weight`: 1 for a canonical marker, 0.5 for
+        another, less the more other cell types express it); a negative weight would mark a
+        gene stated absent (PanglaoDB states none).
     """
     from raypipe.annotate.mapping import LabelMapper
     from raypipe.annotate.ontology import load_ontology
