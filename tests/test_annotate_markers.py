@@ -229,6 +229,15 @@ def test_llm_descriptions_asked_once_cached_checked_and_used_as_text(tmp_path, m
         again, _, _ = llm_descriptions(asks, job)
         assert again == found
         assert srv.calls["/v1/chat/completions"] == 1  # B cell from the cache; Mono asked again
+        from raypipe.annotate.descriptions import descriptions_for_job
+        from raypipe.annotate.mapping import LabelMapping
+
+        maps = [LabelMapping(label, cl, name, "label", 1.0) for label, name, cl in asks]
+        texts, warnings, _ = descriptions_for_job(job, maps, tmp_path / "run")
+        assert texts == found
+        assert "Mono" in warnings[0]
+        fails_file = tmp_path / "run" / "state" / "failures" / "annotate_descriptions.parquet"
+        assert fails_file.is_file()
     onto = load_ontology()
     table = build_candidates(["B cells"], onto, descriptions=found).set_index("label")
     assert table.loc["B cells", "text"].endswith(good)  # what the text scorer embeds

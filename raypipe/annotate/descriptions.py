@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     from raypipe.config import JobConfig
 
-__all__ = ["DESCRIPTION_PROMPTS", "check_description", "llm_descriptions"]
+__all__ = ["DESCRIPTION_PROMPTS", "check_description", "descriptions_for_job", "llm_descriptions"]
 
 #: Versioned prompt (part of the cache key).
 DESCRIPTION_PROMPTS: dict[str, str] = {
@@ -99,3 +99,33 @@ def llm_descriptions(
         else:
             fails.append({"stage": "annotate_llm_descriptions", "item": label, "reason": str(why)})
     return found, fails, usage
+
+
+def descriptions_for_job(
+    job: JobConfig, mappings: Sequence[Any], out_dir: Any
+) -> tuple[dict[str, str], list[str], dict[str, Any]]:
+    """Describe a run's candidates (``annotate.llm_descriptions``); failures to their file.
+
+    Returns
+    -------
+    (dict, list of str, dict)
+        Label → description, warnings for the summary, the generator's usage. Failures are
+        written to ``state/failures/annotate_descriptions.parquet`` (merged into
+        ``failures.parquet``); a clean re-run removes a stale file.
+    """
+    from raypipe.genes.space import write_failures
+
+    asks = [(m.label, m.cl_label or m.label, m.cl_id) for m in mappings]
+    found, fails, usage = llm_descriptions(asks, job)
+    path = out_dir / "state" / "failures" / "annotate_descriptions.parquet"
+    warnings: list[str] = []
+    if fails:
+        write_failures(out_dir, "annotate_descriptions", fails)
+        warnings.append(
+            f"LLM descriptions failed for {len(fails)} candidate(s): "
+            + ", ".join(f["item"] for f in fails)
+            + " (see failures.parquet); they keep their ontology text"
+        )
+    elif path.exists():
+        path.unlink()
+    return found, warnings, usage

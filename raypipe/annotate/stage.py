@@ -182,22 +182,11 @@ def prepare_candidates(
             path.unlink()
     descriptions = None
     if cfg.llm_descriptions:
-        from raypipe.annotate.descriptions import llm_descriptions
-        from raypipe.genes.space import write_failures
+        from raypipe.annotate.descriptions import descriptions_for_job
 
-        asks = [(m.label, m.cl_label or m.label, m.cl_id) for m in mappings]
-        descriptions, fails, llm_usage = llm_descriptions(asks, job)
+        descriptions, more, llm_usage = descriptions_for_job(job, mappings, out_dir)
         usage.merge(llm_usage)
-        path = out_dir / "state" / "failures" / "annotate_descriptions.parquet"
-        if fails:
-            write_failures(out_dir, "annotate_descriptions", fails)
-            warnings.append(
-                f"LLM descriptions failed for {len(fails)} candidate(s): "
-                + ", ".join(f["item"] for f in fails)
-                + " (see failures.parquet); they keep their ontology text"
-            )
-        elif path.exists():
-            path.unlink()
+        warnings += more
     cand = build_candidates(
         names,
         ontology,
