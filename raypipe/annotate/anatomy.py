@@ -82,7 +82,7 @@ class TissueWords:
         ``hepatic``, ``cardiac``; not ``striatum``, a part that names a region).
     other
         Words naming another organ (not in ``words``): below exactly one organ of the list,
-        at most :data:`OTHER_DEPTH` steps down (``colon``, ``parathyroid``, ``renal``).
+        at most :data:`OTHER_DEPTH` steps down (``colon``, ``gastric``, ``glomerular``).
     """
 
     text: str
