@@ -210,7 +210,7 @@ def test_trust_order_and_summary_per_source(db, mapper):
 
 
 @pytest.mark.integration
-def test_a_run_uses_the_resource_and_negative_markers(ray_local, kang1k5, tmp_path):
+def test_a_run_uses_the_resource_and_negative_markers(ray_local, kang1k5, shared_data, tmp_path):
     """End to end on 300 real Kang cells: resource markers, recorded mapping, summary line."""
     import anndata as ad
     import numpy as np
@@ -230,7 +230,10 @@ def test_a_run_uses_the_resource_and_negative_markers(ray_local, kang1k5, tmp_pa
         tmp_path / "run",
         write_gene_table(tmp_path / "genes.tsv"),
         input={"path": str(small), "label_key": "cluster_id", "rows_per_chunk": 64},
-        genes={"min_coverage": 0.2},
+        genes={
+            "min_coverage": 0.2,
+            "aliases": str(shared_data / "genes" / "orgHs_gene_aliases.tsv.gz"),  # CD3, CD20
+        },
         annotate={
             "enabled": True,
             "tissue": "blood",
@@ -248,7 +251,8 @@ def test_a_run_uses_the_resource_and_negative_markers(ray_local, kang1k5, tmp_pa
     assert cand.loc["B cells", "marker_source"] == "marker_db"
     assert {"MS4A1", "CD79A"} <= set(cand.loc["B cells", "markers"])
     mono = cand.loc["CD14+ Monocytes"]
-    assert min(mono["marker_weights"]) < 0  # "negative for CD3, CD19, CD20" kept, negative
+    absent = {g for g, w in zip(mono["markers"], mono["marker_weights"], strict=True) if w < 0}
+    assert "MS4A1" in absent  # "negative for CD3, CD19, CD20": CD20 = MS4A1 through the aliases
     assert any("marker sources" in line and "marker_db" in line for line in summary.candidates)
     calls = pd.concat(pd.read_parquet(p) for p in sorted((out / "genept_w").glob("part-*")))
     truth = full.obs["cluster_id"].astype(str).to_numpy()[rows]
