@@ -272,7 +272,7 @@ def load_marker_db(
     source, species, canonical_only, min_confidence
         As ``annotate.marker_db`` / ``genes.species``.
     """
-    local = local_copy(path) if path else default_path(source)
+    local = _local(path, source)
     rows = read_marker_file(local, source)
     tag = _SPECIES.get(species, species)
     rows = rows[rows["species"].map(lambda s: tag in s)]
@@ -300,6 +300,20 @@ def load_marker_db(
         used=mapping["cl_id"].notna() & (mapping["confidence"] >= min_confidence)
     )
     return MarkerDB(source, rows, mapping, mapper.ontology)
+
+
+def _local(path: str | None, source: str) -> Path:
+    """Return the resource file on this machine: a local path, a bucket URL's copy, the cache's."""
+    if not path:
+        return default_path(source)
+    try:
+        return local_copy(path)
+    except FileNotFoundError:
+        raise InputError(
+            f"marker resource {path} not found",
+            fix="check annotate.marker_db.path, or leave it empty to use the copy "
+            "`raypipe markers fetch` keeps in the user cache",
+        ) from None
 
 
 @functools.lru_cache(maxsize=4)
@@ -373,7 +387,7 @@ def resource_markers(
 def check_marker_db(job: JobConfig) -> None:
     """Read the run's marker resource once before any work (raises :class:`InputError`)."""
     cfg = job.annotate.marker_db
-    read_marker_file(local_copy(cfg.path) if cfg.path else default_path(cfg.source), cfg.source)
+    read_marker_file(_local(cfg.path, cfg.source), cfg.source)
 
 
 def marker_db_for_job(job: JobConfig, mapper: LabelMapper, out_dir: Any) -> MarkerDB | None:
