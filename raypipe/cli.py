@@ -52,7 +52,11 @@ def _cmd_run(args: argparse.Namespace) -> int:
         print(dry_run(job))
         return 0
     summary = run_job(
-        job, overwrite=args.overwrite, progress=not args.no_progress, force=args.force
+        job,
+        overwrite=args.overwrite,
+        progress=not args.no_progress,
+        force=args.force,
+        refit=args.refit,
     )
     print(summary.render())
     return 0
@@ -217,6 +221,13 @@ def build_parser() -> argparse.ArgumentParser:
         "--force",
         action="store_true",
         help="use a suspicious label column (numeric, or nearly one class per cell) anyway",
+    )
+    run.add_argument(
+        "--refit",
+        action="store_true",
+        help="fit the statistics recorded from the atlas (HVG genes, centring means) again: a "
+        "new embedding-space version, every shard recomputed (default: reuse them, so a grown "
+        "atlas computes only its new shards)",
     )
     run.set_defaults(func=_cmd_run)
 

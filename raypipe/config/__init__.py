@@ -35,6 +35,7 @@ from raypipe.config.models import (
     TextModelConfig,
     TextSourceName,
 )
+from raypipe.config.runtime import LeaseConfig, WatchdogConfig
 
 __all__ = [
     "AnnotateConfig",
@@ -51,6 +52,7 @@ __all__ = [
     "InputConfig",
     "JobConfig",
     "LLMConfig",
+    "LeaseConfig",
     "LimitsConfig",
     "Price",
     "RayConfig",
@@ -59,6 +61,7 @@ __all__ = [
     "StorageConfig",
     "TextModelConfig",
     "TextSourceName",
+    "WatchdogConfig",
     "apply_overrides",
     "config_hash",
     "load_config",

@@ -11,6 +11,8 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from raypipe.config.runtime import LeaseConfig, WatchdogConfig
+
 # Registry names, written out so that validating a config imports no backend; a test
 # (tests/test_config.py) keeps each Literal equal to its registry's names.
 EmbedMethod = Literal["genept_w", "genept_s", "ce"]  # raypipe.embed.methods.METHODS
@@ -177,6 +179,12 @@ class LimitsConfig(_Section):
     breaker_cooldown_s: float = Field(
         2.0, gt=0, description="How long the circuit breaker stays open before a trial request."
     )
+    failure_budget: int = Field(
+        12,
+        gt=0,
+        description="Failed requests in a row (no success between) after which a step stops "
+        "with the endpoint's last error instead of retrying on.",
+    )
 
 
 class CacheConfig(_Section):
@@ -201,6 +209,15 @@ class StorageConfig(_Section):
         None, description="Bucket region (default: the AWS config/env chain)."
     )
     anonymous: bool = Field(False, description="Read public buckets without credentials.")
+    connect_timeout_s: float = Field(
+        10.0, gt=0, description="Seconds to connect to the storage endpoint, per attempt."
+    )
+    read_timeout_s: float = Field(
+        60.0, gt=0, description="Seconds to wait for the endpoint's answer, per attempt."
+    )
+    max_attempts: int = Field(
+        3, gt=0, description="Attempts per storage request (the first one included)."
+    )
 
 
 class Price(_Section):
@@ -399,6 +416,8 @@ class JobConfig(_Section):
     annotate: AnnotateConfig = Field(default_factory=AnnotateConfig)
     evaluate: EvaluateConfig = Field(default_factory=EvaluateConfig)
     ray: RayConfig = Field(default_factory=RayConfig)
+    lease: LeaseConfig = Field(default_factory=LeaseConfig)
+    watchdog: WatchdogConfig = Field(default_factory=WatchdogConfig)
 
     def cache_dir(self) -> str:
         """Return the LLM cache folder (a path or URL)."""

@@ -44,6 +44,7 @@ __all__ = [
     "CEEncode",
     "CETokenize",
     "build_ce",
+    "check_checkpoint",
     "pack_tokens",
     "unpack_tokens",
 ]
@@ -308,6 +309,34 @@ def build_ce(
     if langcell:
         notes["langcell_candidates"] = langcell["candidate_names"]
     return StagePlan([tokenize, encode], fingerprint, notes=notes)
+
+
+def check_checkpoint(job: JobConfig) -> None:
+    """Load the CE checkpoint on the driver, as the encode actors will, before any write.
+
+    A bad checkpoint (a missing part, a head that does not fit, weights that do not load)
+    then stops the run with one error naming the file, before the atlas, gene texts and
+    annotations are written, instead of surfacing as Ray actor deaths later. The model is
+    loaded on the CPU in float32 and freed at once.
+    """
+    from raypipe.embed.ce_model import CellEncoder
+
+    cfg = job.embed.ce
+    if not cfg.model:
+        raise ConfigError(
+            "embed.methods has ce but embed.ce.model is not set",
+            fix="set embed.ce.model to a Geneformer/LangCell checkpoint folder or hub id "
+            "(for a smoke test: raypipe ce init-random --out models/ce-random)",
+        )
+    model = str(local_copy(cfg.model)) if is_url(cfg.model) else cfg.model
+    ann = job.annotate
+    if ann.enabled and ann.scorers.get("langcell", 0) > 0:
+        from raypipe.embed.langcell import LangCellModel
+
+        _langcell_kwargs(job, model, {"check": "check"})  # variant, pooling, layout
+        LangCellModel.load(model, dtype="float32", device="cpu")
+    else:
+        CellEncoder(model, pooling=cfg.pooling, dtype="float32", device="cpu")
 
 
 def _langcell_kwargs(job: JobConfig, model: str, texts: dict[str, str]) -> dict[str, Any]:
