@@ -60,7 +60,7 @@ class Watchdog:
                 return None
             self.said += 1
             return (
-                f"no progress for {idle:.0f} s: waiting for {self.what} "
+                f"no progress for {idle:.1f} s: waiting for {self.what} "
                 f"(watchdog.stall_s = {self.stall_s:g} s)"
             )
 
