@@ -336,13 +336,34 @@ def main(argv: list[str] | None = None) -> int:
     # (they filter only while raypipe logs below INFO): `-v` shows everything
     logging.getLogger("raypipe").setLevel(level)
     try:
-        return int(args.func(args) or 0)
-    except RaypipeError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("interrupted: finished shards are kept; re-run to resume", file=sys.stderr)
+        try:
+            return int(args.func(args) or 0)
+        except RaypipeError as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 2
+        except KeyboardInterrupt:
+            print("interrupted: finished shards are kept; re-run to resume", file=sys.stderr)
+            return 130
+        finally:
+            _end_ray()
+    except KeyboardInterrupt:  # a Ctrl-C while the error above was being printed
+        _end_ray()
         return 130
+
+
+def _end_ray() -> None:
+    """Shut this process's Ray down now, with Ctrl-C ignored from here to the exit.
+
+    Otherwise Ray's own ``atexit`` shutdown runs during interpreter teardown, where a Ctrl-C
+    prints an "Exception ignored in atexit callback" traceback and can crash the process
+    (SIGSEGV in Ray's C++ teardown); after this, that handler has nothing left to do.
+    """
+    import signal
+
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    ray = sys.modules.get("ray")  # never imported here: only when the command used it
+    if ray is not None and ray.is_initialized():
+        ray.shutdown()
 
 
 if __name__ == "__main__":  # pragma: no cover
