@@ -14,6 +14,7 @@ import shutil
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import pytest
 from data_factory import read_embeddings
 
@@ -64,7 +65,11 @@ def atlases(kang1k5: Path, tmp_path_factory: pytest.TempPathFactory):
     return root, paths, rows
 
 
-def _job(out: Path, path: Path, cache: Path, shared: Path):
+def _job(out: Path, path: Path, cache: Path, shared: Path, full: bool):
+    """The default config (GenePT-w: HVG 500, centred); ``full`` adds annotation + evaluation.
+
+    Not ``full`` (the default suite): gene texts are the symbols (test only, for speed).
+    """
     cfg = {
         "input": {
             "path": str(path),
@@ -80,27 +85,46 @@ def _job(out: Path, path: Path, cache: Path, shared: Path):
         "evaluate": {"enabled": True, "sample_size": 500, "report": False},
         "ray": {"num_cpus": 2, "actors": 2, "actor_cpus": 0.5},
     }  # everything else (embed.genept_w: hvg 500, center) is the default
+    if not full:
+        cfg["genes"] = {"text_source": "symbol"}
+        del cfg["annotate"], cfg["evaluate"]
     return load_config(cfg)
+
+
+def _first(atlases, shared_data, full: bool):
+    root, paths, _ = atlases
+    out = root / ("first-full" if full else "first")
+    job = _job(out, paths["base"], root / "cache", shared_data, full)
+    summary = run_job(job, progress=False)
+    assert summary.shards_done == {"genept_w": 13}
+    return out, read_embeddings(out).set_index("obs_name"), full
 
 
 @pytest.fixture(scope="module")
 def first(atlases, shared_data, ray_local):
     """The first complete run on the 1.5k atlas (copied by each test before it re-runs)."""
-    root, paths, _ = atlases
-    out = root / "first"
-    summary = run_job(_job(out, paths["base"], root / "cache", shared_data), progress=False)
-    assert summary.shards_done == {"genept_w": 13}
-    return out, read_embeddings(out).set_index("obs_name")
+    return _first(atlases, shared_data, full=False)
+
+
+@pytest.fixture(scope="module")
+def first_full(atlases, shared_data, ray_local):
+    """The same with annotation and evaluation (and orgdb gene texts)."""
+    return _first(atlases, shared_data, full=True)
 
 
 def _rerun(first, atlases, shared_data, tmp_path: Path, which: str, **kw):
     root, paths, _ = atlases
     out = tmp_path / which
     shutil.copytree(first[0], out)
-    job = _job(out, paths[which], root / "cache", shared_data)
+    job = _job(out, paths[which], root / "cache", shared_data, first[2])
     summary = run_job(job, progress=False, **kw)
     manifest = json.loads((out / "manifest.json").read_text())
     return out, summary, manifest
+
+
+def _annotations(out: Path) -> pd.DataFrame:
+    parts = sorted((out / "annotations" / "genept_w").glob("part-*.parquet"))
+    return pd.concat([pd.read_parquet(p) for p in parts]).set_index("obs_name")
 
 
 def _same_vectors(a, b, names) -> None:
@@ -119,28 +143,50 @@ def test_grown_atlas_computes_only_the_new_shards(first, atlases, shared_data, t
         "rows added or removed (its row range moved)": [12],
         "new rows (no result yet)": [13],
     }
-    assert manifest["annotate"]["methods"]["genept_w"]["shards_computed"] == 2
     assert manifest["embedding_space"]["version"] == 1
-    assert manifest["embedding_space"]["reused"] == ["genept_w", "annotate_genept_w"]
+    assert manifest["embedding_space"]["reused"] == ["genept_w"]
     assert manifest["embedding_space"]["fitted"] == []
     assert "hvg" not in summary.timings  # no moments pre-pass: the HVG set is reused
-    assert summary.evaluation.startswith("recomputed")  # the atlas changed
     assert any(
         "holds all 1,556 cells of the previous run (+200 new)" in w for w in summary.warnings
     )
     text = summary.render()
-    assert "because new rows (no result yet)" in text
-    assert "fitted space: v1 (reused genept_w, annotate_genept_w)" in text
+    assert "genept_w computed: 1 because rows added or removed" in text
+    assert "1 because new rows (no result yet)" in text
+    assert "fitted space: v1 (reused genept_w)" in text
     after = read_embeddings(out).set_index("obs_name")
     assert len(after) == 1756
     _same_vectors(first[1], after, first[1].index)
+
+
+@pytest.mark.slow
+def test_grown_atlas_recomputes_annotation_and_evaluation_as_needed(
+    first_full, atlases, shared_data, tmp_path
+):
+    """With annotation + evaluation: new shards annotated, old ones kept; evaluation redone."""
+    out, summary, manifest = _rerun(first_full, atlases, shared_data, tmp_path, "grown")
+    assert manifest["status"] == "complete"
+    assert summary.shards_done == {"genept_w": 2}
+    ann = manifest["annotate"]["methods"]["genept_w"]
+    assert ann["recomputed"] == {
+        "rows added or removed (its row range moved)": [12],
+        "new rows (no result yet)": [13],
+    }
+    assert manifest["embedding_space"]["reused"] == ["genept_w", "annotate_genept_w"]
+    assert summary.evaluation.startswith("recomputed")  # the atlas changed
+    assert "fitted space: v1 (reused genept_w, annotate_genept_w)" in summary.render()
+    after = read_embeddings(out).set_index("obs_name")
+    _same_vectors(first_full[1], after, first_full[1].index)
+    old_ann, new_ann = _annotations(first_full[0]), _annotations(out)
+    assert len(new_ann) == 1756
+    kept = old_ann.index[old_ann["shard"] < 12]  # shards not recomputed: the same calls
+    pd.testing.assert_frame_equal(old_ann.loc[kept], new_ann.loc[kept])
 
 
 def test_changed_cells_recompute_only_their_shard(first, atlases, shared_data, tmp_path):
     _, _, rows = atlases
     out, _summary, manifest = _rerun(first, atlases, shared_data, tmp_path, "changed")
     assert manifest["methods"]["genept_w"]["recomputed"] == {"its rows changed": [2]}
-    assert manifest["annotate"]["methods"]["genept_w"]["recomputed"] == {"its rows changed": [2]}
     after = read_embeddings(out).set_index("obs_name")
     old = first[1]
     changed = old.index[rows]
@@ -150,8 +196,10 @@ def test_changed_cells_recompute_only_their_shard(first, atlases, shared_data, t
 
 
 @pytest.mark.slow
-def test_refit_is_a_new_version_and_recomputes_everything(first, atlases, shared_data, tmp_path):
-    out, summary, manifest = _rerun(first, atlases, shared_data, tmp_path, "grown", refit=True)
+def test_refit_is_a_new_version_and_recomputes_everything(
+    first_full, atlases, shared_data, tmp_path
+):
+    out, summary, manifest = _rerun(first_full, atlases, shared_data, tmp_path, "grown", refit=True)
     assert summary.shards_done == {"genept_w": 14}
     assert manifest["embedding_space"] == {
         "version": 2,

@@ -16,7 +16,6 @@ stops when it finds another owner's.
 
 from __future__ import annotations
 
-import contextlib
 import getpass
 import json
 import logging
@@ -30,6 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from raypipe.core.storage import AnyPath, ObjectPath, as_path
+from raypipe.core.storage_options import request_bound
 from raypipe.errors import RaypipeError
 
 __all__ = ["LEASE", "Lease", "LeaseHeld", "LeaseLost", "describe_holder"]
@@ -169,10 +169,18 @@ class Lease:
         self._stop.set()
         if self._thread is not None:
             self._thread.join(timeout=5)
-        holder, _ = self._read()
-        if holder is not None and holder.get("owner") == self.owner:
-            with contextlib.suppress(OSError, RaypipeError):
+        try:
+            holder, _ = self._read()
+            if holder is not None and holder.get("owner") == self.owner:
                 self.path.unlink()
+        except (OSError, RaypipeError) as exc:  # never hide the run's own outcome
+            log.warning(
+                "could not give back the lease of %s (%s); the next run takes it over once "
+                "its heartbeat is %.0f s old",
+                self.out_dir,
+                exc,
+                self.stale_after_s,
+            )
 
     def __enter__(self) -> Lease:
         return self.acquire()
@@ -239,7 +247,14 @@ class Lease:
         """Make a conditional PUT on S3; return False when the condition failed (412/409)."""
         bucket, _, key = p.key.partition("/")
         try:
-            out = p.fs.call_s3("put_object", Bucket=bucket, Key=key, Body=body, **condition)
+            out = p.fs.call_s3(
+                "put_object",
+                Bucket=bucket,
+                Key=key,
+                Body=body,
+                timeout=request_bound(len(body)),
+                **condition,
+            )
         except FileExistsError:  # s3fs's word for 412 on If-None-Match
             return False
         except Exception as exc:

@@ -38,6 +38,7 @@ from raypipe.core.storage_options import (
     OPTIONS_ENV,
     StorageError,
     explain,
+    request_bound,
     storage_options,
 )
 from raypipe.errors import InputError
@@ -278,7 +279,7 @@ class ObjectPath:
 
     def write_bytes(self, data: bytes) -> int:
         """Write the object in one PUT (visible whole or not at all)."""
-        self._call("write", self.fs.pipe_file, self.key, data)
+        self._call("write", self.fs.pipe_file, self.key, data, timeout=request_bound(len(data)))
         return len(data)
 
     def write_text(self, text: str, encoding: str = "utf-8") -> int:
@@ -315,12 +316,14 @@ class ObjectPath:
         a reader that finds it finds everything else already uploaded.
         """
         if local.is_file():
-            self._call("write", self.fs.put_file, str(local), self.key)
+            bound = request_bound(local.stat().st_size)
+            self._call("write", self.fs.put_file, str(local), self.key, timeout=bound)
             return
         files = sorted(f for f in local.rglob("*") if f.is_file())
         for f in sorted(files, key=lambda f: f.relative_to(local).as_posix() == last):
             dest = f"{self.key}/{f.relative_to(local).as_posix()}"
-            self._call("write", self.fs.put_file, str(f), dest)
+            bound = request_bound(f.stat().st_size)
+            self._call("write", self.fs.put_file, str(f), dest, timeout=bound)
 
     def invalidate(self) -> None:
         """Forget listings cached by the filesystem (after another process wrote here)."""

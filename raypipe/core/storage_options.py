@@ -24,6 +24,7 @@ __all__ = [
     "endpoint",
     "explain",
     "options",
+    "request_bound",
     "storage_options",
 ]
 
@@ -55,6 +56,18 @@ def endpoint() -> str:
         or os.environ.get("AWS_ENDPOINT_URL")
         or "(the default AWS endpoint)"
     )
+
+
+def request_bound(n_bytes: int = 0) -> float:
+    """Return the longest a request of ``n_bytes`` may take, in seconds (then it fails).
+
+    Attempts x (connect + read timeout), plus one second per MB of body (an upload slower
+    than 1 MB/s is treated as stalled). It bounds uploads too: a server that stops reading
+    stalls a write, which no read timeout sees.
+    """
+    t = {**DEFAULT_TIMEOUTS, **options()}
+    per_try = float(t["connect_timeout_s"]) + float(t["read_timeout_s"])
+    return float(t["max_attempts"]) * per_try + n_bytes / 1e6
 
 
 def _s3_attempts(n: int) -> None:
@@ -103,7 +116,7 @@ def explain(exc: BaseException, url: str, action: str) -> StorageError:
     """Turn a filesystem exception into a clear error naming ``url`` (and no credentials)."""
     name = type(exc).__name__
     text = str(exc)
-    low = text.lower()
+    low = f"{name} {text}".lower()
     if isinstance(exc, PermissionError) or any(
         s in low for s in ("accessdenied", "access denied", "forbidden", "invalidaccesskeyid")
     ):
