@@ -220,7 +220,8 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument(
         "--force",
         action="store_true",
-        help="use a suspicious label column (numeric, or nearly one class per cell) anyway",
+        help="use a suspicious label column (numeric, or nearly one class per cell) anyway; "
+        "with --overwrite, also delete files raypipe did not write inside its own folders",
     )
     run.add_argument(
         "--refit",
