@@ -193,6 +193,27 @@ def test_embed_honours_gene_symbol_column(tmp_path):
     assert note is not None
 
 
+@pytest.mark.slow
+def test_embed_with_gene_symbol_column_end_to_end(tmp_path):
+    """The issue's case: raypipe.embed(adata, input={"gene_symbol_column": "hgnc"}) runs."""
+    import raypipe
+
+    adata = make_adata(60, seed=4)
+    adata.var["hgnc"] = adata.var_names.to_numpy()
+    adata.var_names = [f"probe-{i}" for i in range(adata.n_vars)]
+    table = write_gene_table(tmp_path / "genes.tsv")
+    out = raypipe.embed(
+        adata,
+        input={"gene_symbol_column": "hgnc"},
+        genes={"text_source": "table", "table": str(table)},
+        ray={"num_cpus": 2, "actors": 1, "actor_cpus": 0.5},
+        progress=False,
+    )
+    x = out.obsm["X_genept_w"]
+    assert x.shape[0] == 60
+    assert np.allclose(np.linalg.norm(x, axis=1), 1.0, atol=1e-5)
+
+
 def test_embed_zero_cells_names_the_users_input(tmp_path):
     import raypipe
 
