@@ -115,6 +115,23 @@ def test_always_500_llm_client_stops_after_the_budget(tmp_path, monkeypatch):
     assert chat.usage()["fake-chat"]["failed_calls"] >= 5
 
 
+def test_failure_budget_counts_only_failures_that_say_the_endpoint_is_down():
+    from raypipe.llm.ratelimit import EndpointFailing, FailureBudget
+
+    counted: list[int] = []
+    b = FailureBudget(3, "the endpoint http://x/v1", on_failure=lambda: counted.append(1))
+    b.failed("HTTP 500")
+    b.failed("HTTP 500")
+    b.failed("HTTP 400", endpoint_down=False)  # it answered about one input: it is up
+    b.failed("HTTP 500")
+    b.ok()
+    b.failed("HTTP 500")
+    b.failed("HTTP 503")
+    with pytest.raises(EndpointFailing, match=r"failed 3 requests in a row .*last error: timeout"):
+        b.failed("timeout")
+    assert (b.sent, b.failed_total, len(counted)) == (8, 7, 7)
+
+
 def test_failed_requests_are_counted_in_the_usage_line(tmp_path, monkeypatch):
     """One prompt the endpoint always fails: its requests are counted, not hidden as 0 calls."""
     monkeypatch.setenv(KEY_ENV, "sk-loopback")

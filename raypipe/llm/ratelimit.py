@@ -112,11 +112,16 @@ class FailureBudget:
         self.sent += 1
         self.in_row = 0
 
-    def failed(self, reason: str) -> None:
-        """Count a failed request; raise :class:`EndpointFailing` once the budget is spent."""
+    def failed(self, reason: str, *, endpoint_down: bool = True) -> None:
+        """Count a failed request; raise :class:`EndpointFailing` once the budget is spent.
+
+        Only failures that say the endpoint is down (5xx, timeouts, connection errors,
+        malformed answers) spend the budget; an answer refusing one input (a 4xx) or a rate
+        limit (429) shows the endpoint is up: it is counted, and ends the run of failures.
+        """
         self.sent += 1
         self.failed_total += 1
-        self.in_row += 1
+        self.in_row = self.in_row + 1 if endpoint_down else 0
         self.last = reason
         if self.on_failure is not None:
             self.on_failure()
@@ -432,7 +437,7 @@ async def call_with_retries(
             info = classify(exc)
             last = info
             if budget is not None:
-                budget.failed(redact(info.reason))
+                budget.failed(redact(info.reason), endpoint_down=info.retry and info.status != 429)
             if info.retry and info.status != 429:
                 limiter.report(False)  # the endpoint may be down: feed the breaker
             elif not info.retry and not info.fatal and info.status is not None:
