@@ -33,6 +33,8 @@ OPTIONS_ENV = "RAYPIPE_STORAGE_OPTIONS"
 
 #: Bounded waits of every storage request unless the ``storage:`` section says otherwise.
 DEFAULT_TIMEOUTS = {"connect_timeout_s": 10.0, "read_timeout_s": 60.0, "max_attempts": 3}
+#: Longest pause between two attempts (botocore's standard retry mode caps its backoff here).
+MAX_BACKOFF_S = 20.0
 
 
 class StorageError(InputError):
@@ -61,22 +63,24 @@ def endpoint() -> str:
 def request_bound(n_bytes: int = 0) -> float:
     """Return the longest a request of ``n_bytes`` may take, in seconds (then it fails).
 
-    Attempts x (connect + read timeout), plus one second per MB of body (an upload slower
-    than 1 MB/s is treated as stalled). It bounds uploads too: a server that stops reading
-    stalls a write, which no read timeout sees.
+    Attempts x (connect + read timeout), the backoffs between attempts (at most
+    :data:`MAX_BACKOFF_S` each), plus one second per MB of body (an upload slower than 1 MB/s
+    is treated as stalled). It bounds uploads too: a server that stops reading stalls a
+    write, which no read timeout sees.
     """
     t = {**DEFAULT_TIMEOUTS, **options()}
     per_try = float(t["connect_timeout_s"]) + float(t["read_timeout_s"])
-    return float(t["max_attempts"]) * per_try + n_bytes / 1e6
+    tries = float(t["max_attempts"])
+    return tries * per_try + (tries - 1) * MAX_BACKOFF_S + n_bytes / 1e6
 
 
-def _s3_attempts(n: int) -> None:
-    """Set s3fs's attempts per request (a class attribute: it is no constructor option)."""
+def _s3fs_single_attempt() -> None:
+    """Make s3fs try each call once (botocore retries): a class attribute, no option."""
     try:
         import s3fs
     except ImportError:
         return
-    s3fs.S3FileSystem.retries = n
+    s3fs.S3FileSystem.retries = 1
 
 
 def storage_options(protocol: str) -> dict[str, Any]:
@@ -87,15 +91,15 @@ def storage_options(protocol: str) -> dict[str, Any]:
     if protocol in {"s3", "s3a"}:
         client: dict[str, Any] = {}
         t = {k: opts.get(k) or v for k, v in DEFAULT_TIMEOUTS.items()}
-        # botocore bounds each attempt (and makes one: its own retries are off); s3fs's retry
-        # loop (timeouts, connection errors, SlowDown) makes the max_attempts attempts: a
-        # request waits at most max_attempts x (connect + read) plus short backoffs
+        # botocore bounds each attempt and retries transient errors (timeouts, connection
+        # errors, 5xx, throttling) in its standard mode; s3fs's own loop, which would repeat
+        # all of that 5 times, tries once: a request waits at most request_bound()
         out["config_kwargs"] = {
             "connect_timeout": t["connect_timeout_s"],
             "read_timeout": t["read_timeout_s"],
-            "retries": {"max_attempts": 1, "mode": "standard"},
+            "retries": {"max_attempts": int(t["max_attempts"]), "mode": "standard"},
         }
-        _s3_attempts(int(t["max_attempts"]))
+        _s3fs_single_attempt()
         if opts.get("endpoint"):
             out["endpoint_url"] = opts["endpoint"]
         if opts.get("region"):
