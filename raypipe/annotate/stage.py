@@ -25,6 +25,7 @@ from raypipe.core.storage import AnyPath, as_path, sorted_paths
 from raypipe.errors import ConfigError
 
 if TYPE_CHECKING:
+    from raypipe.annotate.discover import Discovery
     from raypipe.atlas.store import AtlasInfo
     from raypipe.config import JobConfig
     from raypipe.genes.space import GeneSpace
@@ -53,6 +54,8 @@ class Candidates:
     usage: dict[str, Any]
     marker_weights: list[np.ndarray] | None = None
     warnings: list[str] | None = None
+    discovery: str | None = None  # fingerprint of the discovery the candidates came from
+    truth_cl: dict[str, str | None] | None = None  # input.label_key value → CL id (evaluation)
 
 
 def embedding_mean(out_dir: AnyPath, method: str) -> np.ndarray:
@@ -111,7 +114,11 @@ def check_annotate_config(job: JobConfig) -> None:
 
 
 def prepare_candidates(
-    job: JobConfig, atlas: AtlasInfo, genes: GeneSpace, out_dir: AnyPath
+    job: JobConfig,
+    atlas: AtlasInfo,
+    genes: GeneSpace,
+    out_dir: AnyPath,
+    discovered: Discovery | None = None,
 ) -> Candidates:
     """Map, describe, embed and write the candidates (``annotations/label_mapping.parquet``).
 
@@ -119,7 +126,10 @@ def prepare_candidates(
     run's text model for the nearest-term fallback), markers gathered
     (:mod:`~raypipe.annotate.markers`: config, then LLM when ``annotate.llm_markers``, then the
     ontology), candidate texts embedded once. LLM marker failures go to
-    ``state/failures/annotate_markers.parquet`` (merged into ``failures.parquet``).
+    ``state/failures/annotate_markers.parquet`` (merged into ``failures.parquet``). With
+    ``discovered`` (``annotate.candidates: auto``) the candidates are the discovered names and
+    each one's markers are its clusters' top markers (source ``discovered``) unless
+    ``annotate.markers`` names it.
     """
     import pyarrow as pa
 
@@ -131,7 +141,11 @@ def prepare_candidates(
     from raypipe.llm.text_stage import embed_texts
 
     cfg = job.annotate
-    names = _candidate_names(job, atlas)
+    names = discovered.names if discovered is not None else _candidate_names(job, atlas)
+    markers = dict(cfg.markers)
+    found = {
+        n: m for n, m in (discovered.markers if discovered else {}).items() if n not in markers
+    }
     ontology = load_ontology(cfg.ontology)
     gene_names = GeneNames.from_table(genes.table) if genes.table is not None else None
     usage = CostMeter()
@@ -150,6 +164,16 @@ def prepare_candidates(
         embed_threshold=cfg.mapping_embed_threshold,
     )
     mappings = mapper.map_all(names)
+    truth_cl = None
+    if job.input.label_key and job.evaluate.enabled:  # truth labels as CL terms (cl_* metrics)
+        from raypipe.atlas.store import read_obs_columns
+
+        col = read_obs_columns(atlas.path, [job.input.label_key])[job.input.label_key]
+        truth = sorted({str(v) for v in col.dropna().unique()})
+        by_label = {m.label: m for m in mappings}
+        todo = [t for t in truth if t not in by_label]
+        by_label.update({m.label: m for m in mapper.map_all(todo)} if todo else {})
+        truth_cl = {t: by_label[t].cl_id for t in truth}
     resolver = _resolver(genes)
     warnings: list[str] = []
     llm = None
@@ -174,7 +198,7 @@ def prepare_candidates(
     cand = build_candidates(
         names,
         ontology,
-        markers=cfg.markers or None,
+        markers={**markers, **found} or None,
         llm_markers=llm,
         resolver=resolver,
         mapper=mapper,
@@ -182,6 +206,10 @@ def prepare_candidates(
         use_ontology_markers=cfg.ontology_markers,
         is_gene=gene_names.is_gene if gene_names is not None else None,
     )
+    for i, name in enumerate(cand["label"]):  # say where discovered markers came from
+        if name in found:
+            cand.at[i, "marker_source"] = "discovered"
+            cand.at[i, "marker_sources"] = ["discovered"] * len(cand.at[i, "markers"])
     lost = unmatched(cand)
     if lost:
         warnings.append(
@@ -220,6 +248,8 @@ def prepare_candidates(
         usage.to_dict(),
         marker_weights=wts,
         warnings=warnings,
+        discovery=discovered.fingerprint if discovered is not None else None,
+        truth_cl=truth_cl,
     )
 
 
@@ -254,9 +284,13 @@ class AnnotateShards(AtlasShardStage):
         smoothing_block: int = 4096,
         smoothing_graph: str = "embedding",
         threads: int = 1,
+        cl_ids: list[str | None] | None = None,
+        clusters: bool = False,
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
+        self.cl_of = dict(zip(labels, cl_ids or [None] * len(labels), strict=True))
+        self.clusters = clusters
         set_kernel_threads(threads)  # the marker kernel's
         self.method = method  # type: ignore[misc]  # one class serves every embedding method
         self.labels = labels
@@ -325,6 +359,11 @@ class AnnotateShards(AtlasShardStage):
             uncentred = dict(per, text=text_scores(emb, self.text_emb, center=False))
             raw = combine(uncentred, self.weights, standardise=self.standardise)
             pred["label_uncentred"] = assign(raw, self.labels, top_k=1)["best_label"].to_numpy()
+        pred.insert(1, "cl_id", [self.cl_of.get(v) for v in pred["label"]])
+        if self.clusters:
+            from raypipe.annotate.clustering import read_cell_clusters
+
+            pred["cluster"] = read_cell_clusters(self.out_dir, shard)
         pred.insert(0, "row", part["row"].to_numpy())
         pred.insert(0, "shard", shard)
         pred.insert(0, "obs_name", part["obs_name"].to_numpy())
@@ -366,6 +405,7 @@ def annotation_fingerprint(job: JobConfig, method_fp: str, cand: Candidates) -> 
         stage_hash(cand.text_emb.tobytes()),
         stage_hash(repr([i.tolist() for i in cand.marker_idx]).encode()),
         stage_hash(repr([w.tolist() for w in cand.marker_weights or []]).encode()),
+        cand.discovery or "",
     )
 
 
@@ -417,6 +457,8 @@ def build_annotation(
         "unassigned_threshold": job.annotate.unassigned_threshold,
         "langcell_alpha": job.annotate.langcell_alpha,
         "threads": max(1, round(job.ray.actor_cpus)),
+        "cl_ids": [None if pd.isna(v) else str(v) for v in cand.table["cl_id"]],
+        "clusters": cand.discovery is not None,
     }
     step = StageSpec(AnnotateShards, kwargs, job.ray.actors, job.ray.actor_cpus)
     return StagePlan([step], fp, kind="annotations", notes={"scorers": weights}), ""

@@ -4,6 +4,7 @@ Validation never touches hardware, network or heavy libraries (no torch, no vllm
 ``import raypipe.config`` is cheap and a test proves it.
 """
 
+from raypipe.config.discover import DiscoverConfig, NamingName
 from raypipe.config.loading import (
     apply_overrides,
     config_hash,
@@ -40,6 +41,7 @@ __all__ = [
     "AnnotateConfig",
     "CEConfig",
     "CacheConfig",
+    "DiscoverConfig",
     "EmbedConfig",
     "EmbedMethod",
     "EmbedderName",
@@ -52,6 +54,7 @@ __all__ = [
     "JobConfig",
     "LLMConfig",
     "LimitsConfig",
+    "NamingName",
     "Price",
     "RayConfig",
     "ScorerName",

@@ -11,6 +11,8 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from raypipe.config.discover import DiscoverConfig
+
 # Registry names, written out so that validating a config imports no backend; a test
 # (tests/test_config.py) keeps each Literal equal to its registry's names.
 EmbedMethod = Literal["genept_w", "genept_s", "ce"]  # raypipe.embed.methods.METHODS
@@ -269,8 +271,14 @@ class AnnotateConfig(_Section):
     """Zero-shot annotation (defaults chosen by measurement: README, "Zero-shot annotation")."""
 
     enabled: bool = False
-    candidates: list[str] = Field(
-        default_factory=list, description="Cell-type names or CL ids; empty = from input.label_key."
+    candidates: list[str] | Literal["auto"] = Field(
+        default_factory=list,
+        description="Cell-type names or CL ids; empty = from input.label_key; `auto` = discover "
+        "them from the atlas (annotate.discover).",
+    )
+    discover: DiscoverConfig = Field(
+        default_factory=DiscoverConfig,
+        description="Cell-type discovery for `candidates: auto`.",
     )
     ontology: str | None = Field(
         None, description="Cell Ontology JSON(.gz); default: cellxgene-ontology-guide."

@@ -1,0 +1,450 @@
+"""Offline marker knowledge for Cell Ontology terms, and cluster naming from it.
+
+:func:`marker_knowledge` is the one place that gathers what raypipe knows offline about which
+genes mark which Cell Ontology terms (extend it there, e.g. with a curated marker resource):
+
+* term → expected genes: ``annotate.markers`` and ``annotate.discover.marker_table`` (names
+  mapped to CL terms), and the markers the Cell Ontology states or implies for each term
+  (:func:`raypipe.annotate.markers.ontology_markers`; aliases under 3 characters such as
+  ``L5``, ``S2`` are not taken for genes);
+* gene → mentioned terms: the Cell Ontology labels and exact synonyms that a marker gene's own
+  text names (``genes.text_source``: GO process names such as "B cell activation",
+  "natural killer cell mediated cytotoxicity"), each gene's mentions sharing a weight of 1.
+
+:func:`name_offline` names each cluster from its ranked markers (:func:`score_terms`, a
+contrast across clusters, support summed up the ontology), or leaves it ``unassigned``: never
+a made-up name. Broad classes (:data:`BROAD_CLASSES`) are never names.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import pandas as pd
+
+from raypipe.errors import InputError
+
+if TYPE_CHECKING:
+    from raypipe.annotate.mapping import LabelMapper
+    from raypipe.annotate.ontology import Ontology
+    from raypipe.config import JobConfig
+    from raypipe.genes.space import GeneSpace
+
+__all__ = [
+    "BROAD_CLASSES",
+    "MarkerKnowledge",
+    "gene_resolver",
+    "marker_knowledge",
+    "name_offline",
+    "score_terms",
+    "text_mentions",
+]
+
+#: Cell Ontology classes too broad to be a cell type: never a discovered name, and no credit in
+#: ``cl_lineage`` (:mod:`raypipe.evaluate.ontology_metrics`). The one list.
+BROAD_CLASSES: dict[str, str] = {
+    "CL:0000000": "cell",
+    "CL:0000003": "native cell",
+    "CL:0002371": "somatic cell",
+    "CL:0000255": "eukaryotic cell",
+    "CL:0000548": "animal cell",
+    "CL:0002242": "nucleate cell",
+    "CL:0000226": "single nucleate cell",
+    "CL:0000219": "motile cell",
+    "CL:0000325": "stuff accumulating cell",
+    "CL:0011115": "precursor cell",
+    "CL:0011026": "progenitor cell",
+    "CL:0000988": "hematopoietic cell",
+    "CL:0000738": "leukocyte",
+    "CL:0000842": "mononuclear leukocyte",
+    "CL:0000542": "lymphocyte",
+    "CL:0000763": "myeloid cell",
+    "CL:0000766": "myeloid leukocyte",
+    "CL:0000234": "phagocyte",
+    "CL:0000518": "phagocyte (sensu Vertebrata)",
+    "CL:0000145": "professional antigen presenting cell",
+    "CL:0000066": "epithelial cell",
+    "CL:0000499": "stromal cell",
+    "CL:0002320": "connective tissue cell",
+    "CL:0000034": "stem cell",
+    "CL:0000723": "somatic stem cell",
+    "CL:0000081": "blood cell",
+    "CL:0000151": "secretory cell",
+    "CL:0000183": "contractile cell",
+    "CL:0000211": "electrically active cell",
+    "CL:0000215": "barrier cell",
+    "CL:0000393": "electrically responsive cell",
+    "CL:0000404": "electrically signaling cell",
+    "CL:0000473": "defensive cell",
+    "CL:0000630": "supporting cell",
+    "CL:0002319": "neural cell",
+}
+
+_TOP = 50  # cluster markers the offline scorer reads
+
+
+def gene_resolver(genes: GeneSpace) -> Callable[[str], list[str]]:
+    """Marker name → atlas symbols: official symbol, else alias (e.g. CD16 → FCGR3A, FCGR3B)."""
+    symbols = {s for s in genes.resolution.symbols if s}
+    table = genes.table
+
+    def resolve(name: str) -> list[str]:
+        if name in symbols:
+            return [name]
+        if table is None:
+            return []
+        official = table.lookup_symbol(name)
+        hits = [official] if official else list(table.lookup_alias(name))
+        return [h for h in hits if h in symbols]
+
+    return resolve
+
+
+@dataclass
+class MarkerKnowledge:
+    """What raypipe knows offline about which genes mark which Cell Ontology terms.
+
+    Attributes
+    ----------
+    term_genes
+        CL id → atlas gene → weight (the term expects the gene).
+    term_sources
+        CL id → atlas gene → where that came from (config, marker_table, ontology:...).
+    gene_terms
+        Atlas gene → CL id → share of the gene's text mentions naming the term (sums to 1).
+    """
+
+    term_genes: dict[str, dict[str, float]] = field(default_factory=dict)
+    term_sources: dict[str, dict[str, str]] = field(default_factory=dict)
+    gene_terms: dict[str, dict[str, float]] = field(default_factory=dict)
+
+    def add(self, term: str, gene: str, weight: float, source: str) -> None:
+        """Record that ``term`` expects ``gene`` (the highest weight wins)."""
+        genes = self.term_genes.setdefault(term, {})
+        if weight > genes.get(gene, 0.0):
+            genes[gene] = weight
+            self.term_sources.setdefault(term, {})[gene] = source
+
+    @property
+    def genes(self) -> set[str]:
+        """Every atlas gene the knowledge names."""
+        out = set(self.gene_terms)
+        for g in self.term_genes.values():
+            out |= set(g)
+        return out
+
+
+def _read_marker_table(path: str) -> pd.DataFrame:
+    from raypipe.core.storage import local_copy
+
+    local = local_copy(path)
+    name = str(path).lower()
+    try:
+        if name.endswith(".parquet"):
+            df = pd.read_parquet(local)
+        else:
+            df = pd.read_csv(local, sep="\t" if ".tsv" in name else ",")
+    except (OSError, ValueError) as exc:
+        raise InputError(f"marker table {path} cannot be read: {exc}") from None
+    cols = {c.lower(): c for c in df.columns}
+    if "cell_type" not in cols or "gene" not in cols:
+        raise InputError(
+            f"marker table {path} needs columns cell_type and gene; it has {list(df.columns)}",
+            fix="one row per (cell_type, gene); cell_type a name or CL id, optional weight",
+        )
+    out = pd.DataFrame(
+        {
+            "cell_type": df[cols["cell_type"]].astype(str),
+            "gene": df[cols["gene"]].astype(str),
+            "weight": df[cols["weight"]].astype(float) if "weight" in cols else 1.0,
+        }
+    )
+    return out
+
+
+def text_mentions(
+    texts: Mapping[str, str], ontology: Ontology, *, skip: Iterable[str] = ()
+) -> dict[str, dict[str, float]]:
+    """Cell Ontology terms each gene's text names (labels and exact synonyms, longest first).
+
+    Parameters
+    ----------
+    texts
+        Gene symbol → its text (e.g. full name and GO process names).
+    ontology
+        The Cell Ontology.
+    skip
+        Term ids never counted (broad classes).
+
+    Returns
+    -------
+    dict
+        Gene → CL id → share of the gene's mentions (shares sum to 1; genes naming no term
+        are absent). A phrase naming several terms is left out.
+    """
+    from raypipe.annotate.ontology import normalise
+
+    skipped = set(skip)
+    phrases: dict[tuple[str, ...], set[str]] = {}
+    for term in ontology.live():
+        if term.id in skipped:
+            continue
+        for text in (term.label, *term.synonyms):
+            key = tuple(normalise(text).split())
+            if key:
+                phrases.setdefault(key, set()).add(term.id)
+    longest = max((len(k) for k in phrases), default=0)
+    out: dict[str, dict[str, float]] = {}
+    for gene, text in texts.items():
+        words = normalise(str(text)).split()
+        counts: dict[str, float] = {}
+        i = 0
+        while i < len(words):
+            for n in range(min(longest, len(words) - i), 0, -1):
+                hit = phrases.get(tuple(words[i : i + n]))
+                if hit is not None:
+                    if len(hit) == 1:
+                        tid = next(iter(hit))
+                        counts[tid] = counts.get(tid, 0.0) + 1.0
+                    i += n
+                    break
+            else:
+                i += 1
+        total = sum(counts.values())
+        if total:
+            out[gene] = {t: c / total for t, c in counts.items()}
+    return out
+
+
+def _resolve_marker(name: str, resolve: Callable[[str], list[str]]) -> list[str]:
+    """Atlas genes of a marker name; an alias of under 3 characters (``L5``, ``S2``) is no gene."""
+    hits = resolve(name)
+    if len(name) < 3 and hits != [name]:
+        return []
+    return hits
+
+
+def marker_knowledge(
+    job: JobConfig,
+    ontology: Ontology,
+    mapper: LabelMapper,
+    resolve: Callable[[str], list[str]],
+    *,
+    gene_texts: Mapping[str, str] | None = None,
+) -> MarkerKnowledge:
+    """Gather every offline marker source for Cell Ontology terms (the one place to extend).
+
+    Parameters
+    ----------
+    job
+        The job (``annotate.markers``, ``annotate.ontology_markers``,
+        ``annotate.discover.marker_table``, ``annotate.discover.gene_text_knowledge``).
+    ontology
+        The Cell Ontology.
+    mapper
+        Maps the names of ``annotate.markers`` / the marker table to CL terms, and knows the
+        ontology's stated and implied markers.
+    resolve
+        Marker name → atlas gene symbols (aliases resolved; empty when not in the atlas).
+    gene_texts
+        Atlas gene symbol → its text (for the text mentions); None skips them.
+
+    Returns
+    -------
+    MarkerKnowledge
+    """
+    from raypipe.annotate.markers import ontology_markers
+
+    know = MarkerKnowledge()
+
+    def add_named(name: str, genes: Iterable[tuple[str, float]], source: str) -> None:
+        term = mapper.map(name).cl_id
+        if term is None:
+            return
+        for g, w in genes:
+            for hit in _resolve_marker(g, resolve):
+                know.add(term, hit, float(w), source)
+
+    for name, genes in job.annotate.markers.items():
+        add_named(name, ((g, 1.0) for g in genes), "config")
+    table = job.annotate.discover.marker_table
+    if table:
+        df = _read_marker_table(table)
+        for name, rows in df.groupby("cell_type", sort=True):
+            add_named(str(name), zip(rows["gene"], rows["weight"], strict=True), "marker_table")
+    if job.annotate.ontology_markers:
+        for term in ontology.live():
+            if term.id in BROAD_CLASSES:
+                continue
+            found = ontology_markers(mapper, term.id)
+            for g, w, src in zip(found.names, found.weights, found.sources, strict=True):
+                hits = _resolve_marker(g, resolve)
+                for hit in hits:
+                    know.add(term.id, hit, w / len(hits), src)
+    if gene_texts and job.annotate.discover.gene_text_knowledge:
+        know.gene_terms = text_mentions(gene_texts, ontology, skip=BROAD_CLASSES)
+    return know
+
+
+def _distributions(know: MarkerKnowledge) -> dict[str, tuple[float, dict[str, float]]]:
+    """Gene → (its weight, term → share): term-centric knowledge turned per gene.
+
+    Each term's expected genes are first normalised to sum 1 (a gene that is one of twenty
+    listed markers says less than a term's one defining marker); a gene's weight is its
+    largest normalised weight, spread over its terms in proportion to their weights.
+    """
+    out: dict[str, dict[str, float]] = {}
+    for term, genes in know.term_genes.items():
+        total = sum(genes.values())
+        for g, w in genes.items():
+            out.setdefault(g, {})[term] = w / total
+    dist: dict[str, tuple[float, dict[str, float]]] = {}
+    for g, terms in out.items():
+        total = sum(terms.values())
+        dist[g] = (max(terms.values()), {t: w / total for t, w in terms.items()})
+    return dist
+
+
+def score_terms(ranked: Sequence[str], know: MarkerKnowledge, *, top: int = _TOP) -> pd.DataFrame:
+    """Support of every known term for one cluster, from its ranked marker genes.
+
+    Each of the cluster's top markers (weight ``1 − rank / (2·top)``) that the knowledge knows
+    spreads its weight over the terms it points to, in proportion to the knowledge's weights
+    (``expected``: terms expecting the gene, :func:`_distributions`; ``mentioned``: terms its
+    text names). Per source the sums are divided by the total weight of the known markers + 1
+    (one weak marker alone never makes a term).
+
+    Parameters
+    ----------
+    ranked
+        The cluster's up-regulated markers, best first.
+    know
+        The marker knowledge.
+    top
+        Markers read.
+
+    Returns
+    -------
+    pandas.DataFrame
+        ``cl_id, support, expected, mentioned, evidence`` sorted by support (highest first);
+        ``support = expected + mentioned``; ``evidence`` the genes that gave it.
+    """
+    genes = list(ranked)[:top]
+    weight = {g: 1.0 - r / (2.0 * top) for r, g in enumerate(genes)}
+    evidence: dict[str, list[str]] = {}
+    parts: list[dict[str, float]] = []
+    mentions = {g: (1.0, terms) for g, terms in know.gene_terms.items()}
+    for source in (_distributions(know), mentions):
+        known = [g for g in genes if g in source]
+        norm = sum(weight[g] * source[g][0] for g in known) + 1.0
+        got: dict[str, float] = {}
+        for g in known:
+            mass, terms = source[g]
+            for term, share in terms.items():
+                got[term] = got.get(term, 0.0) + weight[g] * mass * share / norm
+                if g not in evidence.setdefault(term, []):
+                    evidence[term].append(g)
+        parts.append(got)
+    expected, mentioned = parts
+    ids = sorted(set(expected) | set(mentioned))
+    df = pd.DataFrame(
+        {
+            "cl_id": ids,
+            "expected": [expected.get(t, 0.0) for t in ids],
+            "mentioned": [mentioned.get(t, 0.0) for t in ids],
+            "evidence": [evidence.get(t, []) for t in ids],
+        }
+    )
+    df["support"] = df["expected"] + df["mentioned"]
+    return df.sort_values(["support", "cl_id"], ascending=[False, True]).reset_index(drop=True)[
+        ["cl_id", "support", "expected", "mentioned", "evidence"]
+    ]
+
+
+def name_offline(
+    ranked: Sequence[Sequence[str]],
+    know: MarkerKnowledge,
+    ontology: Ontology,
+    *,
+    min_support: float,
+    specific: float = 0.6,
+) -> list[dict[str, Any]]:
+    """Name each cluster from marker knowledge, or leave it ``unassigned``.
+
+    Per cluster and term: ``own`` = the term's :func:`score_terms` support minus its mean over
+    all clusters (a term every cluster supports tells none apart), clipped at 0; ``support`` =
+    ``own`` summed over the term and its descendants (evidence for "CD14-positive monocyte"
+    and "CD16-positive monocyte" is evidence for "monocyte"). The name is the deepest
+    non-broad term under the best-supported one that keeps at least ``specific`` of its support;
+    a cluster whose best support is under ``min_support`` is ``unassigned``.
+
+    Parameters
+    ----------
+    ranked
+        Per cluster, its up-regulated marker genes, best first.
+    know
+        The marker knowledge (:func:`marker_knowledge`).
+    ontology
+        The Cell Ontology (for the term hierarchy).
+    min_support
+        Least support for a name.
+    specific
+        Share of the best support a more specific term must keep to be preferred.
+
+    Returns
+    -------
+    list of dict
+        Per cluster: ``cl_id`` (None when unassigned), ``support``, ``evidence`` (genes),
+        ``runner_up`` (the best term outside the chosen one's lineage) and ``why``.
+    """
+    tables = [score_terms(genes, know) for genes in ranked]
+    own_all = pd.concat(
+        [t.assign(cluster=c) for c, t in enumerate(tables)], ignore_index=True
+    ).pivot_table(index="cluster", columns="cl_id", values="support", aggfunc="first")
+    own_all = own_all.reindex(range(len(tables))).fillna(0.0)
+    contrast = (own_all - own_all.mean(axis=0)).clip(lower=0.0)
+    out: list[dict[str, Any]] = []
+    for c, table in enumerate(tables):
+        evidence = dict(zip(table["cl_id"], table["evidence"], strict=True))
+        own = {t: float(v) for t, v in contrast.loc[c].items() if v > 0 and t in ontology.terms}
+        support: dict[str, float] = {}
+        for t, v in own.items():
+            for a in (t, *ontology.terms[t].ancestors):
+                if a not in BROAD_CLASSES and a in ontology.terms:
+                    support[a] = support.get(a, 0.0) + v
+        if not support:
+            out.append(
+                {
+                    "cl_id": None,
+                    "support": 0.0,
+                    "evidence": [],
+                    "runner_up": "",
+                    "why": "no marker gene of this cluster points to a Cell Ontology term more "
+                    "than in the other clusters",
+                }
+            )
+            continue
+        order = sorted(support, key=lambda t: (-support[t], t))
+        top = order[0]
+        lineage = {top} | ontology.descendants(top)
+        keep = [t for t in lineage if support.get(t, 0.0) >= specific * support[top]]
+        best = max(keep, key=lambda t: (len(ontology.terms[t].ancestors), support[t], t))
+        others = [t for t in order if t not in lineage and t not in ontology.terms[top].ancestors]
+        runner = f"{others[0]} ({support[others[0]]:.2f})" if others else ""
+        genes = [g for t in own if t in ({best} | ontology.descendants(best)) for g in evidence[t]]
+        ok = support[top] >= min_support
+        out.append(
+            {
+                "cl_id": best if ok else None,
+                "support": round(support[best], 4),
+                "evidence": list(dict.fromkeys(genes)),
+                "runner_up": runner,
+                "why": ""
+                if ok
+                else f"best term {top} has support {support[top]:.2f} < "
+                f"annotate.discover.min_support {min_support}",
+            }
+        )
+    return out
