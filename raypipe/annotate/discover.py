@@ -85,10 +85,27 @@ def _gene_names(genes: GeneSpace, atlas: AtlasInfo) -> np.ndarray:
     return np.array([s or v for s, v in zip(symbols, var, strict=True)], dtype=object)
 
 
-def _up(markers: pd.DataFrame, n_clusters: int) -> list[list[str]]:
-    """Per cluster, its up-regulated genes (positive t and log fold change), best first."""
-    up = markers[(markers["score"] > 0) & (markers["logfc"] > 0)]
-    by = {int(c): list(g["gene"]) for c, g in up.groupby("cluster", sort=True)}
+def _naming_markers(stats: ClusterStats, names: np.ndarray, n_clusters: int) -> list[list[str]]:
+    """Per cluster, its specific up-regulated genes for naming, largest log fold change first.
+
+    Kept: Welch t > 0 with p < 0.01, log2 fold change > 0.5, expressed in at least 25% of the
+    cluster's cells (as Seurat's ``FindAllMarkers`` filters). The t ranking favours highly
+    expressed genes shared by many types (ribosomal, interferon); the fold change ranks the
+    ones that tell the cluster apart first (measured: docs/discovery.md).
+    """
+    from raypipe.annotate.cluster_markers import rank_markers
+
+    full = rank_markers(stats, names, n_top=names.size)
+    keep = full[
+        (full["score"] > 0)
+        & (full["pval"] < 0.01)
+        & (full["logfc"] > 0.5)
+        & (full["pct_in"] >= 0.25)
+    ]
+    by = {
+        int(c): list(g.sort_values(["logfc", "gene"], ascending=[False, True])["gene"])
+        for c, g in keep.groupby("cluster", sort=True)
+    }
     return [by.get(c, []) for c in range(n_clusters)]
 
 
@@ -162,17 +179,14 @@ def discover(
     fp = plan.fingerprint
     names = _gene_names(genes, atlas)
     stats = merged_stats(job.output_dir, shards, k, names.size)
-    ranked = rank_markers(stats, names, n_top=max(cfg.n_markers, 100))
-    up = _up(ranked, k)
+    ranked = rank_markers(stats, names, n_top=cfg.n_markers)
+    up = _naming_markers(stats, names, k)
 
     ontology = load_ontology(job.annotate.ontology)
     gene_names = GeneNames.from_table(genes.table) if genes.table is not None else None
     mapper = LabelMapper(ontology, genes=gene_names, overrides=job.annotate.mapping)
-    focus = {g for lst in up for g in lst[:100]}
-    texts = {
-        str(s): str(t)
-        for s, t in zip(genes.texts["symbol"], genes.texts["text"], strict=True)
-        if str(s) in focus
+    texts = {  # every atlas gene's text: the background of the enrichment
+        str(s): str(t) for s, t in zip(genes.texts["symbol"], genes.texts["text"], strict=True)
     }
     know = marker_knowledge(job, ontology, mapper, gene_resolver(genes), gene_texts=texts)
     rows, fails, usage = NAMERS.get(cfg.naming)(up, job, know, ontology)
@@ -204,7 +218,7 @@ def discover(
             why = f"{size} cells < annotate.discover.min_cluster_cells {cfg.min_cluster_cells}"
         term = ontology.terms.get(cl_id) if cl_id else None
         candidate = term.label if term is not None else name
-        top = ranked[ranked["cluster"] == c].head(cfg.n_markers)
+        top = ranked[ranked["cluster"] == c]
         records.append(
             {
                 "cluster": c,
@@ -222,6 +236,7 @@ def discover(
                 "pct_in": [float(v) for v in top["pct_in"]],
                 "pct_out": [float(v) for v in top["pct_out"]],
                 "scores": [float(v) for v in top["score"]],
+                "naming_markers": list(up[c][: cfg.n_markers]),
                 "prompt": r.get("prompt", ""),
                 "answer": r.get("answer", ""),
             }

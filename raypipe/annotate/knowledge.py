@@ -22,6 +22,7 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+import numpy as np
 import pandas as pd
 
 from raypipe.errors import InputError
@@ -83,6 +84,7 @@ BROAD_CLASSES: dict[str, str] = {
 }
 
 _TOP = 50  # cluster markers the offline scorer reads
+_W_MENTIONED = 0.5  # a text mention counts half an expected marker (measured: docs/discovery.md)
 
 
 def gene_resolver(genes: GeneSpace) -> Callable[[str], list[str]]:
@@ -164,6 +166,11 @@ def _read_marker_table(path: str) -> pd.DataFrame:
     return out
 
 
+#: A cell type named just before one of these words is the target of the process ("neutrophil
+#: chemotaxis" is what a chemokine does to neutrophils), not the cell expressing the gene.
+_TARGETED = {"chemotaxis", "migration", "extravasation", "recruitment", "aggregation"}
+
+
 def text_mentions(
     texts: Mapping[str, str], ontology: Ontology, *, skip: Iterable[str] = ()
 ) -> dict[str, dict[str, float]]:
@@ -195,23 +202,27 @@ def text_mentions(
             key = tuple(normalise(text).split())
             if key:
                 phrases.setdefault(key, set()).add(term.id)
-    longest = max((len(k) for k in phrases), default=0)
+    lengths: dict[str, list[int]] = {}  # first word → phrase lengths, longest first
+    for key in phrases:
+        lengths.setdefault(key[0], []).append(len(key))
+    lengths = {w: sorted(set(ns), reverse=True) for w, ns in lengths.items()}
     out: dict[str, dict[str, float]] = {}
     for gene, text in texts.items():
         words = normalise(str(text)).split()
         counts: dict[str, float] = {}
         i = 0
         while i < len(words):
-            for n in range(min(longest, len(words) - i), 0, -1):
+            step = 1
+            for n in lengths.get(words[i], ()):
                 hit = phrases.get(tuple(words[i : i + n]))
                 if hit is not None:
-                    if len(hit) == 1:
+                    nxt = words[i + n] if i + n < len(words) else ""
+                    if len(hit) == 1 and nxt not in _TARGETED:
                         tid = next(iter(hit))
                         counts[tid] = counts.get(tid, 0.0) + 1.0
-                    i += n
+                    step = n
                     break
-            else:
-                i += 1
+            i += step
         total = sum(counts.values())
         if total:
             out[gene] = {t: c / total for t, c in counts.items()}
@@ -288,79 +299,104 @@ def marker_knowledge(
     return know
 
 
-def _distributions(know: MarkerKnowledge) -> dict[str, tuple[float, dict[str, float]]]:
-    """Gene → (its weight, term → share): term-centric knowledge turned per gene.
-
-    Each term's expected genes are first normalised to sum 1 (a gene that is one of twenty
-    listed markers says less than a term's one defining marker); a gene's weight is its
-    largest normalised weight, spread over its terms in proportion to their weights.
-    """
-    out: dict[str, dict[str, float]] = {}
-    for term, genes in know.term_genes.items():
-        total = sum(genes.values())
-        for g, w in genes.items():
-            out.setdefault(g, {})[term] = w / total
-    dist: dict[str, tuple[float, dict[str, float]]] = {}
-    for g, terms in out.items():
-        total = sum(terms.values())
-        dist[g] = (max(terms.values()), {t: w / total for t, w in terms.items()})
-    return dist
+def _term_sets(pairs: Mapping[str, Iterable[str]], ontology: Ontology) -> dict[str, set[str]]:
+    """Term → genes of the term or any of its descendants (the true-path rule)."""
+    out: dict[str, set[str]] = {}
+    for term, genes in pairs.items():
+        found = ontology.terms.get(term)
+        if found is None:
+            continue
+        for t in (term, *found.ancestors):
+            out.setdefault(t, set()).update(genes)
+    return out
 
 
-def score_terms(ranked: Sequence[str], know: MarkerKnowledge, *, top: int = _TOP) -> pd.DataFrame:
-    """Support of every known term for one cluster, from its ranked marker genes.
+def score_terms(
+    ranked: Sequence[Sequence[str]],
+    know: MarkerKnowledge,
+    ontology: Ontology,
+    *,
+    top: int = _TOP,
+) -> list[pd.DataFrame]:
+    """Enrichment of every term's genes among each cluster's top markers.
 
-    Each of the cluster's top markers (weight ``1 − rank / (2·top)``) that the knowledge knows
-    spreads its weight over the terms it points to, in proportion to the knowledge's weights
-    (``expected``: terms expecting the gene, :func:`_distributions`; ``mentioned``: terms its
-    text names). Per source the sums are divided by the total weight of the known markers + 1
-    (one weak marker alone never makes a term).
+    Per source (``expected``: the genes terms expect; ``mentioned``: the genes whose text names
+    them), each term's gene set holds its own and its descendants' genes; among the genes the
+    source knows (the universe), a hypergeometric test asks whether the cluster's top
+    ``top`` markers hold more of the set than chance. ``support`` is the sum over sources of
+    ``−log10 p`` (a term no marker hits scores 0 in that source), the ``mentioned`` source
+    counting half.
 
     Parameters
     ----------
     ranked
-        The cluster's up-regulated markers, best first.
+        Per cluster, its up-regulated markers, best first.
     know
         The marker knowledge.
+    ontology
+        The Cell Ontology (the hierarchy).
     top
-        Markers read.
+        Markers read per cluster.
 
     Returns
     -------
-    pandas.DataFrame
-        ``cl_id, support, expected, mentioned, evidence`` sorted by support (highest first);
-        ``support = expected + mentioned``; ``evidence`` the genes that gave it.
+    list of pandas.DataFrame
+        Per cluster: ``cl_id, support, expected, mentioned, n_genes, evidence`` sorted by
+        support (highest first); ``evidence`` the hit genes, best-ranked first.
     """
-    genes = list(ranked)[:top]
-    weight = {g: 1.0 - r / (2.0 * top) for r, g in enumerate(genes)}
-    evidence: dict[str, list[str]] = {}
-    parts: list[dict[str, float]] = []
-    mentions = {g: (1.0, terms) for g, terms in know.gene_terms.items()}
-    for source in (_distributions(know), mentions):
-        known = [g for g in genes if g in source]
-        norm = sum(weight[g] * source[g][0] for g in known) + 1.0
-        got: dict[str, float] = {}
-        for g in known:
-            mass, terms = source[g]
-            for term, share in terms.items():
-                got[term] = got.get(term, 0.0) + weight[g] * mass * share / norm
-                if g not in evidence.setdefault(term, []):
-                    evidence[term].append(g)
-        parts.append(got)
-    expected, mentioned = parts
-    ids = sorted(set(expected) | set(mentioned))
-    df = pd.DataFrame(
-        {
-            "cl_id": ids,
-            "expected": [expected.get(t, 0.0) for t in ids],
-            "mentioned": [mentioned.get(t, 0.0) for t in ids],
-            "evidence": [evidence.get(t, []) for t in ids],
-        }
-    )
-    df["support"] = df["expected"] + df["mentioned"]
-    return df.sort_values(["support", "cl_id"], ascending=[False, True]).reset_index(drop=True)[
-        ["cl_id", "support", "expected", "mentioned", "evidence"]
-    ]
+    from scipy.stats import hypergeom
+
+    sources = {
+        "expected": _term_sets(know.term_genes, ontology),
+        "mentioned": _term_sets(_by_term(know.gene_terms), ontology),
+    }
+    universes = {
+        name: set().union(*sets.values()) if sets else set() for name, sets in sources.items()
+    }
+    out = []
+    for genes in ranked:
+        top_genes = list(dict.fromkeys(genes))[:top]
+        rank = {g: r for r, g in enumerate(top_genes)}
+        logp: dict[str, dict[str, float]] = {}
+        hits_of: dict[str, set[str]] = {}
+        for name, sets in sources.items():
+            universe = universes[name]
+            drawn = [g for g in top_genes if g in universe]
+            got: dict[str, float] = {}
+            for term, members in sets.items():
+                hits = members.intersection(drawn)
+                if not hits:
+                    continue
+                p = float(hypergeom.sf(len(hits) - 1, len(universe), len(members), len(drawn)))
+                got[term] = -np.log10(max(p, 1e-300))
+                hits_of.setdefault(term, set()).update(hits)
+            logp[name] = got
+        ids = sorted(hits_of)
+        df = pd.DataFrame(
+            {
+                "cl_id": ids,
+                "expected": [logp["expected"].get(t, 0.0) for t in ids],
+                "mentioned": [logp["mentioned"].get(t, 0.0) for t in ids],
+                "n_genes": [len(hits_of[t]) for t in ids],
+                "evidence": [sorted(hits_of[t], key=rank.__getitem__) for t in ids],
+            }
+        )
+        df["support"] = df["expected"] + _W_MENTIONED * df["mentioned"]
+        cols = ["cl_id", "support", "expected", "mentioned", "n_genes", "evidence"]
+        out.append(
+            df.sort_values(["support", "cl_id"], ascending=[False, True]).reset_index(drop=True)[
+                cols
+            ]
+        )
+    return out
+
+
+def _by_term(gene_terms: Mapping[str, Mapping[str, float]]) -> dict[str, set[str]]:
+    out: dict[str, set[str]] = {}
+    for g, terms in gene_terms.items():
+        for t in terms:
+            out.setdefault(t, set()).add(g)
+    return out
 
 
 def name_offline(
@@ -369,16 +405,15 @@ def name_offline(
     ontology: Ontology,
     *,
     min_support: float,
-    specific: float = 0.6,
+    specific: float = 1.0,
 ) -> list[dict[str, Any]]:
     """Name each cluster from marker knowledge, or leave it ``unassigned``.
 
-    Per cluster and term: ``own`` = the term's :func:`score_terms` support minus its mean over
-    all clusters (a term every cluster supports tells none apart), clipped at 0; ``support`` =
-    ``own`` summed over the term and its descendants (evidence for "CD14-positive monocyte"
-    and "CD16-positive monocyte" is evidence for "monocyte"). The name is the deepest
-    non-broad term under the best-supported one that keeps at least ``specific`` of its support;
-    a cluster whose best support is under ``min_support`` is ``unassigned``.
+    The best-supported non-broad term (:func:`score_terms`) wins; then the deepest term under
+    it that keeps at least ``specific`` of its support (and at least two supporting genes) is
+    preferred (the default 1.0: only an equally supported descendant; lower values name more
+    specific terms and, measured on Kang, earn less ``cl_lineage``). A cluster whose best
+    support is under ``min_support`` (−log10 p, summed over the sources) is ``unassigned``.
 
     Parameters
     ----------
@@ -399,51 +434,44 @@ def name_offline(
         Per cluster: ``cl_id`` (None when unassigned), ``support``, ``evidence`` (genes),
         ``runner_up`` (the best term outside the chosen one's lineage) and ``why``.
     """
-    tables = [score_terms(genes, know) for genes in ranked]
-    own_all = pd.concat(
-        [t.assign(cluster=c) for c, t in enumerate(tables)], ignore_index=True
-    ).pivot_table(index="cluster", columns="cl_id", values="support", aggfunc="first")
-    own_all = own_all.reindex(range(len(tables))).fillna(0.0)
-    contrast = (own_all - own_all.mean(axis=0)).clip(lower=0.0)
     out: list[dict[str, Any]] = []
-    for c, table in enumerate(tables):
-        evidence = dict(zip(table["cl_id"], table["evidence"], strict=True))
-        own = {t: float(v) for t, v in contrast.loc[c].items() if v > 0 and t in ontology.terms}
-        support: dict[str, float] = {}
-        for t, v in own.items():
-            for a in (t, *ontology.terms[t].ancestors):
-                if a not in BROAD_CLASSES and a in ontology.terms:
-                    support[a] = support.get(a, 0.0) + v
-        if not support:
+    for table in score_terms(ranked, know, ontology):
+        table = table[~table["cl_id"].isin(BROAD_CLASSES)]
+        if table.empty:
             out.append(
                 {
                     "cl_id": None,
                     "support": 0.0,
                     "evidence": [],
                     "runner_up": "",
-                    "why": "no marker gene of this cluster points to a Cell Ontology term more "
-                    "than in the other clusters",
+                    "why": "no marker gene of this cluster is in the marker knowledge",
                 }
             )
             continue
-        order = sorted(support, key=lambda t: (-support[t], t))
-        top = order[0]
+        support = dict(zip(table["cl_id"], table["support"], strict=True))
+        n_genes = dict(zip(table["cl_id"], table["n_genes"], strict=True))
+        evidence = dict(zip(table["cl_id"], table["evidence"], strict=True))
+        top = str(table["cl_id"].iloc[0])
         lineage = {top} | ontology.descendants(top)
-        keep = [t for t in lineage if support.get(t, 0.0) >= specific * support[top]]
+        keep = [
+            t
+            for t in lineage
+            if support.get(t, 0.0) >= specific * support[top] and n_genes.get(t, 0) >= 2
+        ] or [top]
         best = max(keep, key=lambda t: (len(ontology.terms[t].ancestors), support[t], t))
-        others = [t for t in order if t not in lineage and t not in ontology.terms[top].ancestors]
-        runner = f"{others[0]} ({support[others[0]]:.2f})" if others else ""
-        genes = [g for t in own if t in ({best} | ontology.descendants(best)) for g in evidence[t]]
+        above = set(ontology.terms[top].ancestors)
+        others = [t for t in table["cl_id"] if t not in lineage and t not in above]
+        runner = f"{others[0]} ({support[others[0]]:.1f})" if others else ""
         ok = support[top] >= min_support
         out.append(
             {
                 "cl_id": best if ok else None,
-                "support": round(support[best], 4),
-                "evidence": list(dict.fromkeys(genes)),
+                "support": round(float(support[best]), 3),
+                "evidence": list(evidence[best]),
                 "runner_up": runner,
                 "why": ""
                 if ok
-                else f"best term {top} has support {support[top]:.2f} < "
+                else f"best term {top} has support {support[top]:.1f} < "
                 f"annotate.discover.min_support {min_support}",
             }
         )

@@ -69,9 +69,10 @@ class DiscoverConfig(BaseModel):
         "text (e.g. GO process names) mentions.",
     )
     min_support: float = Field(
-        0.5,
+        1.5,
         ge=0,
-        description="Offline naming: a cluster whose best term scores below this is `unassigned`.",
+        description="Offline naming: least enrichment (−log10 p, summed over knowledge sources) "
+        "of a cluster's best Cell Ontology term; below it the cluster is `unassigned`.",
     )
     min_cluster_cells: int = Field(
         10, ge=1, description="Smaller clusters are not named (left `unassigned`)."
