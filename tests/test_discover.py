@@ -62,7 +62,9 @@ def test_query_neighbors_equals_brute_force():
 def test_assign_by_neighbours_takes_the_majority_then_the_nearest():
     reference = np.array([[1, 0], [1, 0.1], [1, -0.1], [0, 1], [0.1, 1]], dtype=np.float32)
     clusters = np.array([0, 0, 0, 1, 1])
-    got = assign_by_neighbours(np.array([[1, 0.05], [0.05, 1]], dtype=np.float32), reference, clusters, 3)
+    got = assign_by_neighbours(
+        np.array([[1, 0.05], [0.05, 1]], dtype=np.float32), reference, clusters, 3
+    )
     assert got.tolist() == [0, 1]
     # a 1-1 tie goes to the nearest reference row's cluster
     tie = assign_by_neighbours(np.array([[0.2, 1]], dtype=np.float32), reference, clusters, 2)
@@ -203,3 +205,71 @@ def test_config_accepts_auto_and_checks_sizes():
 def test_per_class_frame_types(ancestors):
     per, _ = cl_per_class([B], [B], ancestors)
     assert isinstance(per, pd.DataFrame) and per["cl_exact"].iloc[0] == 1.0
+
+
+def test_llm_names_each_cluster_once_through_the_real_client(tmp_path, monkeypatch):
+    """GPTCelltype naming with the real openai client against the loopback server: one request
+    per cluster, cached (a second call sends none), an unusable answer a failure row."""
+    from servers.openai_server import FakeOpenAI
+
+    from raypipe.annotate.naming import llm_cluster_names
+    from raypipe.llm.generate import build_generator
+
+    monkeypatch.setenv("RAYPIPE_TEST_NAMING_KEY", "sk-loopback")
+
+    def answer(prompt: str) -> str | None:
+        last = prompt.splitlines()[-1]
+        return "B cells" if "MS4A1" in last else ("" if "BAD1" in last else "NK cells")
+
+    with FakeOpenAI("sk-loopback", chat_answer=answer) as srv:
+        job = load_config(
+            {
+                "input": {"path": "x.h5ad"},
+                "output_dir": str(tmp_path / "run"),
+                "llm": {
+                    "model": "fake-chat",
+                    "base_url": srv.base_url,
+                    "api_key_env": "RAYPIPE_TEST_NAMING_KEY",
+                    "max_tokens": 20,
+                },
+                "limits": {"max_retries": 0, "timeout_s": 10},
+                "annotate": {"tissue": "blood"},
+            }
+        )
+        markers = [["MS4A1", "CD79A"], ["NKG7", "GNLY"], ["BAD1", "BAD2"]]
+        gen = build_generator(job)
+        try:
+            rows, fails, usage = llm_cluster_names(markers, job, generator=gen)
+            assert srv.calls["/v1/chat/completions"] == 3
+            assert [r["name"] for r in rows] == ["B cells", "NK cells", None]
+            assert rows[0]["prompt"].endswith("MS4A1, CD79A") and "blood" in rows[0]["prompt"]
+            assert fails == [
+                {
+                    "stage": "annotate_discover_names",
+                    "item": "cluster 2",
+                    "reason": rows[2]["error"],
+                }
+            ]
+            assert usage["fake-chat"]["calls"] == 3
+            llm_cluster_names(markers, job, generator=gen)
+            assert srv.calls["/v1/chat/completions"] == 4  # only the failed cluster asked again
+        finally:
+            gen.close()
+
+
+def test_auto_with_zero_cells_fails_before_any_work(tmp_path):
+    from data_factory import job_dict, make_adata, write_gene_table, write_h5ad
+
+    from raypipe.errors import InputError
+    from raypipe.orchestrate.runner import run_job
+
+    path = write_h5ad(tmp_path / "zero.h5ad", make_adata(20)[:0].copy())
+    cfg = job_dict(
+        path,
+        tmp_path / "run",
+        write_gene_table(tmp_path / "genes.tsv"),
+        annotate={"enabled": True, "candidates": "auto"},
+    )
+    with pytest.raises(InputError, match="has no cells"):
+        run_job(load_config(cfg), progress=False)
+    assert not (tmp_path / "run" / "annotations" / "clusters.parquet").exists()

@@ -226,7 +226,7 @@ def discover(
                 "candidate": candidate or "unassigned",
                 "cl_id": cl_id,
                 "cl_label": term.label if term is not None else None,
-                "found_by": how if candidate else "unassigned",
+                "found_by": how if candidate or how.startswith("unassigned") else "unassigned",
                 "support": float(r.get("support", float("nan"))),
                 "evidence": list(r.get("evidence") or []),
                 "runner_up": r.get("runner_up", ""),
