@@ -7,6 +7,7 @@ python jobs/benchmark.py llm      # LLM actors vs a rate-limited loopback OpenAI
 python jobs/benchmark.py eval     # evaluation: shared kNN graph vs the previous scikit-learn path
 python jobs/benchmark.py texts    # gene texts: Ray actors vs plain SentenceTransformer.encode
 python jobs/benchmark.py scale    # 1M-cell end-to-end run, per-stage times and memory
+python jobs/benchmark.py discover # cell-type discovery: clustering + assignment at 100k and 1M
 python jobs/benchmark.py gpu      # CE at 4 Geneformer sizes + LangCell zero-shot (jobs/gpu_bench.sh)
 """
 
@@ -26,6 +27,7 @@ BENCHES = {
     "eval": "raypipe.bench.evaluate",
     "scale": "raypipe.bench.scale",
     "texts": "raypipe.bench.texts",
+    "discover": "raypipe.bench.discover",
     "gpu": "raypipe.bench.gpu",
 }
 

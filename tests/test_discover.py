@@ -76,7 +76,8 @@ def test_clustering_round_trips():
     for ref in (None, np.ones((3, 2), dtype=np.float32)):
         c = Clustering(np.array([1, 4, 7]), np.array([0, 1, 0]), pca, ref, "fp")
         back = Clustering.from_bytes(c.to_bytes())
-        assert back.fingerprint == "fp" and back.n_clusters == 2
+        assert back.fingerprint == "fp"
+        assert back.n_clusters == 2
         np.testing.assert_array_equal(back.rows, c.rows)
         assert (back.reference is None) == (ref is None)
 
@@ -104,7 +105,8 @@ def test_parse_name_answer(answer, name, why):
 
 def test_prompt_lists_markers_and_tissue():
     p = naming_prompt(["MS4A1", "CD79A"], "blood")
-    assert "blood cells" in p and p.endswith("MS4A1, CD79A")
+    assert "blood cells" in p
+    assert p.endswith("MS4A1, CD79A")
 
 
 def test_text_mentions_longest_term_and_not_process_targets(ontology):
@@ -141,9 +143,11 @@ def test_offline_naming_from_knowledge_and_unassigned(ontology):
         ["G3", "G4", "XYZ"],
     ]
     rows = name_offline(ranked, know, ontology, min_support=1.5)
-    assert rows[0]["cl_id"] == B and rows[0]["evidence"][:2] == ["MS4A1", "CD79A"]
+    assert rows[0]["cl_id"] == B
+    assert rows[0]["evidence"][:2] == ["MS4A1", "CD79A"]
     assert rows[1]["cl_id"] == CD14_MONO
-    assert rows[2]["cl_id"] is None and "min_support" in rows[2]["why"]
+    assert rows[2]["cl_id"] is None
+    assert "min_support" in rows[2]["why"]
     tables = score_terms(ranked, know, ontology)
     b = tables[0].set_index("cl_id")
     assert b.loc[B, "support"] == pytest.approx(b.loc["CL:0000945", "support"])  # true path
@@ -152,7 +156,8 @@ def test_offline_naming_from_knowledge_and_unassigned(ontology):
 
 def test_offline_naming_without_any_known_gene(ontology):
     rows = name_offline([["A1", "A2"]], MarkerKnowledge(), ontology, min_support=1.0)
-    assert rows[0]["cl_id"] is None and "marker knowledge" in rows[0]["why"]
+    assert rows[0]["cl_id"] is None
+    assert "marker knowledge" in rows[0]["why"]
 
 
 def test_broad_classes_are_real_terms(ontology):
@@ -168,7 +173,8 @@ def test_lineage_credit_rules(ancestors):
     assert not lineage_credit(CD4_AB, B, ancestors)
     assert not lineage_credit("CL:0000860", "CL:0000875", ancestors)  # classical vs non-classical
     assert lineage_credit(CD14_MONO, MONO, ancestors)
-    assert not lineage_credit(None, B, ancestors) and not lineage_credit(B, None, ancestors)
+    assert not lineage_credit(None, B, ancestors)
+    assert not lineage_credit(B, None, ancestors)
 
 
 def test_cl_metrics_and_per_class(ancestors):
@@ -204,7 +210,8 @@ def test_config_accepts_auto_and_checks_sizes():
 
 def test_per_class_frame_types(ancestors):
     per, _ = cl_per_class([B], [B], ancestors)
-    assert isinstance(per, pd.DataFrame) and per["cl_exact"].iloc[0] == 1.0
+    assert isinstance(per, pd.DataFrame)
+    assert per["cl_exact"].iloc[0] == 1.0
 
 
 def test_llm_names_each_cluster_once_through_the_real_client(tmp_path, monkeypatch):
@@ -242,7 +249,8 @@ def test_llm_names_each_cluster_once_through_the_real_client(tmp_path, monkeypat
             rows, fails, usage = llm_cluster_names(markers, job, generator=gen)
             assert srv.calls["/v1/chat/completions"] == 3
             assert [r["name"] for r in rows] == ["B cells", "NK cells", None]
-            assert rows[0]["prompt"].endswith("MS4A1, CD79A") and "blood" in rows[0]["prompt"]
+            assert rows[0]["prompt"].endswith("MS4A1, CD79A")
+            assert "blood" in rows[0]["prompt"]
             assert fails == [
                 {
                     "stage": "annotate_discover_names",

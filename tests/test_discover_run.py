@@ -125,7 +125,8 @@ def test_rerun_reuses_the_clustering_and_the_report_shows_it(offline_run):
     (out / "report").mkdir(exist_ok=True)
     assert draw_discovery(out, manifest)
     html = "".join(discovery_section(out, manifest, {"discovered": True}))
-    assert "Discovered cell types" in html and "discovered_dotplot.png" in html
+    assert "Discovered cell types" in html
+    assert "discovered_dotplot.png" in html
     assert (out / "report" / "discovered_dotplot.png").stat().st_size > 0
 
 
@@ -187,7 +188,8 @@ def test_llm_naming_asks_each_cluster_once_caches_and_respects_the_budget(
         assert all("Identify the cell type of blood cells" in p for p in clusters["prompt"])
         assert set(clusters["answer"]) <= {"B cells", "NK cells", "CD14+ Monocytes", "T cells"}
         b = clusters[clusters["answer"] == "B cells"]
-        assert (b["cl_id"] == "CL:0000236").all() and b["found_by"].str.startswith("llm").all()
+        assert (b["cl_id"] == "CL:0000236").all()
+        assert b["found_by"].str.startswith("llm").all()
         manifest = json.loads((tmp_path / "run" / "manifest.json").read_text())
         assert manifest["llm_usage"]
         run_job(cfg, progress=False)

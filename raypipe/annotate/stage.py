@@ -70,23 +70,6 @@ def embedding_mean(out_dir: AnyPath, method: str) -> np.ndarray:
     return (total / max(n, 1)).astype(np.float32)
 
 
-def _resolver(genes: GeneSpace) -> Any:
-    """Marker name → atlas symbols: official symbol, else alias (e.g. CD16 → FCGR3A, FCGR3B)."""
-    symbols = {s for s in genes.resolution.symbols if s}
-    table = genes.table
-
-    def resolve(name: str) -> list[str]:
-        if name in symbols:
-            return [name]
-        if table is None:
-            return []
-        official = table.lookup_symbol(name)
-        hits = [official] if official else list(table.lookup_alias(name))
-        return [h for h in hits if h in symbols]
-
-    return resolve
-
-
 def _candidate_names(job: JobConfig, atlas: AtlasInfo) -> list[str]:
     from raypipe.atlas.store import read_obs_columns
 
@@ -134,6 +117,7 @@ def prepare_candidates(
     import pyarrow as pa
 
     from raypipe.annotate.candidates import build_candidates, unmatched
+    from raypipe.annotate.knowledge import gene_resolver
     from raypipe.annotate.mapping import GeneNames, LabelMapper
     from raypipe.annotate.ontology import load_ontology
     from raypipe.annotate.scorers import marker_indices
@@ -174,7 +158,7 @@ def prepare_candidates(
         todo = [t for t in truth if t not in by_label]
         by_label.update({m.label: m for m in mapper.map_all(todo)} if todo else {})
         truth_cl = {t: by_label[t].cl_id for t in truth}
-    resolver = _resolver(genes)
+    resolver = gene_resolver(genes)
     warnings: list[str] = []
     llm = None
     if cfg.llm_markers:

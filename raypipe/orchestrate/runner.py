@@ -1,8 +1,8 @@
 """``raypipe run``: compose the stages a config names and run them on Ray.
 
 validate the job (read-only) → atlas (ingest on the fly if needed) → gene space (texts,
-embeddings, coverage) → each method's plan, run over the shards its ledger says are pending →
-annotation → evaluation → LLM usage and failures → manifest + summary.
+embeddings, coverage) → cell-type discovery (``annotate.candidates: auto``) → each method's
+plan, run over the shards its ledger says are pending → annotation → evaluation → LLM usage and failures → manifest + summary.
 
 This is the only module that knows every stage; each stage owns its builder
 (``raypipe.embed.methods.METHODS``, ``raypipe.annotate.stage.build_annotation``) and the kit
