@@ -227,12 +227,12 @@ def test_bad_inputs_fail_clearly_and_leave_no_clusters_table(ray_local, small, t
 
     failing(
         tmp_path / "one",
-        r"single cluster.*annotate.discover.resolution",
+        r"(?s)single cluster.*annotate.discover.resolution",
         annotate={"discover": {"resolution": 1e-6}},
     )
     failing(
         tmp_path / "tiny",
-        r"named none of its .* clusters.*min_cluster_cells",
+        r"(?s)named none of its .* clusters.*min_cluster_cells",
         annotate={"discover": {"min_cluster_cells": 100_000}},
     )
     failing(
@@ -240,3 +240,31 @@ def test_bad_inputs_fail_clearly_and_leave_no_clusters_table(ray_local, small, t
         r"needs at least 401 cells",
         annotate={"discover": {"n_neighbors": 400}},
     )
+
+
+@pytest.mark.slow
+def test_no_gene_in_any_marker_knowledge_fails_clearly(ray_local, tmp_path):
+    from data_factory import counts
+
+    genes = [f"ZZQ{i:03d}" for i in range(30)]  # no gene name any knowledge knows
+    adata = ad.AnnData(
+        X=counts(300, len(genes), seed=3),
+        obs=pd.DataFrame(index=[f"c{i}" for i in range(300)]),
+        var=pd.DataFrame(index=genes),
+    )
+    path = tmp_path / "unknown.h5ad"
+    adata.write_h5ad(path)
+    table = tmp_path / "genes.tsv"
+    pd.DataFrame({"symbol": genes, "text": ["uncharacterised protein"] * len(genes)}).to_csv(
+        table, sep="\t", index=False
+    )
+    cfg = job_dict(
+        path,
+        tmp_path / "run",
+        table,
+        input={"path": str(path), "rows_per_chunk": 64},
+        annotate={"enabled": True, "candidates": "auto", "discover": {"resolution": 2.0}},
+    )
+    with pytest.raises(InputError, match="none of the atlas genes is in the marker knowledge"):
+        run_job(load_config(cfg), progress=False)
+    assert not (tmp_path / "run" / "annotations" / "clusters.parquet").exists()
