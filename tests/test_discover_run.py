@@ -244,26 +244,28 @@ def test_bad_inputs_fail_clearly_and_leave_no_clusters_table(ray_local, small, t
 
 @pytest.mark.slow
 def test_no_gene_in_any_marker_knowledge_fails_clearly(ray_local, tmp_path):
-    from data_factory import counts
+    """Gene texts that name no cell type and no ontology markers: nothing can be named."""
+    from data_factory import ensembl_id, make_adata, write_h5ad
 
-    genes = [f"ZZQ{i:03d}" for i in range(30)]  # no gene name any knowledge knows
-    adata = ad.AnnData(
-        X=counts(300, len(genes), seed=3),
-        obs=pd.DataFrame(index=[f"c{i}" for i in range(300)]),
-        var=pd.DataFrame(index=genes),
-    )
-    path = tmp_path / "unknown.h5ad"
-    adata.write_h5ad(path)
+    path = write_h5ad(tmp_path / "atlas.h5ad", make_adata(300, seed=3))
     table = tmp_path / "genes.tsv"
-    pd.DataFrame({"symbol": genes, "text": ["uncharacterised protein"] * len(genes)}).to_csv(
-        table, sep="\t", index=False
-    )
+    pd.DataFrame(
+        {
+            "symbol": GENES,
+            "ensembl_id": [ensembl_id(i) for i in range(len(GENES))],
+            "text": ["a protein of unknown function"] * len(GENES),
+        }
+    ).to_csv(table, sep="\t", index=False)
     cfg = job_dict(
         path,
         tmp_path / "run",
         table,
-        input={"path": str(path), "rows_per_chunk": 64},
-        annotate={"enabled": True, "candidates": "auto", "discover": {"resolution": 2.0}},
+        annotate={
+            "enabled": True,
+            "candidates": "auto",
+            "ontology_markers": False,
+            "discover": {"resolution": 2.0},
+        },
     )
     with pytest.raises(InputError, match="none of the atlas genes is in the marker knowledge"):
         run_job(load_config(cfg), progress=False)
