@@ -58,6 +58,12 @@ def _sample_counts(atlas: AtlasInfo, rows: np.ndarray) -> Any:
     return x
 
 
+def _concat(*frames: pd.DataFrame) -> pd.DataFrame:
+    """Rows of every non-empty frame (pandas warns about concatenating empty ones)."""
+    full = [f for f in frames if not f.empty]
+    return pd.concat(full, ignore_index=True) if full else frames[0]
+
+
 def _ontology_metrics(
     job: JobConfig,
     dataset: str,
@@ -190,30 +196,24 @@ def run_evaluation(
         dataset, {}, labels, cfg=job.evaluate, annotations={} if discovered else annotations
     )
     if discovered:  # the calls are Cell Ontology names, not the label column's values
-        exact.skipped = pd.concat(
-            [
-                exact.skipped,
-                pd.DataFrame(
-                    [
-                        {
-                            "dataset": dataset,
-                            "method": m,
-                            "metric": metric,
-                            "reason": "annotate.candidates: auto names cells with Cell "
-                            "Ontology terms, not the label column's values: see cl_exact / "
-                            "cl_lineage",
-                        }
-                        for m in annotations
-                        for metric in ("accuracy", "macro_f1")
-                    ]
-                ),
-            ],
-            ignore_index=True,
+        why = (
+            "annotate.candidates: auto names cells with Cell Ontology terms, not the label "
+            "column's values: see cl_exact / cl_lineage"
+        )
+        exact.skipped = _concat(
+            exact.skipped,
+            pd.DataFrame(
+                [
+                    {"dataset": dataset, "method": m, "metric": metric, "reason": why}
+                    for m in annotations
+                    for metric in ("accuracy", "macro_f1")
+                ]
+            ),
         )
     timings["exact_metrics"] = round(time.perf_counter() - t, 3)
     cl_rows = _ontology_metrics(job, dataset, labels, cl_calls, candidates, out_dir)
-    ev.metrics = pd.concat([ev.metrics, exact.metrics, cl_rows], ignore_index=True)
-    ev.skipped = pd.concat([ev.skipped, exact.skipped], ignore_index=True)
+    ev.metrics = _concat(ev.metrics, exact.metrics, cl_rows)
+    ev.skipped = _concat(ev.skipped, exact.skipped)
     ev.confusion, ev.per_class = exact.confusion, exact.per_class
     ev.notes += exact.notes
     eval_dir = out_dir / "evaluation"

@@ -5,8 +5,8 @@ order, empty cells all zeros and flagged in ``obs["<method>_empty"]``;
 ``obs["raypipe_<method>_label"]`` (categorical), ``..._score``, ``..._margin`` and
 ``..._cl_id`` (the call's Cell Ontology id: CELLxGENE's ``cell_type`` /
 ``cell_type_ontology_term_id`` pair) for each annotated method, ``obs["raypipe_cluster"]``
-when the candidates were discovered (``annotate.candidates: auto``); ``uns["raypipe"]`` the manifest essentials and the metrics table; ``var`` as
-the atlas has it. Results are read part by part into the output arrays (nothing larger is
+when the candidates were discovered (``annotate.candidates: auto``); ``uns["raypipe"]`` the
+manifest essentials and the metrics table; ``var`` as the atlas has it. Results are read part by part into the output arrays (nothing larger is
 held); ``X`` is copied from the atlas row chunk by row chunk; files are written under a
 temporary name and renamed, so an interrupted export leaves nothing behind.
 """
