@@ -129,14 +129,14 @@ def test_text_mentions_longest_term_and_not_process_targets(ontology):
 def test_offline_naming_from_knowledge_and_unassigned(ontology):
     know = MarkerKnowledge()
     for g in ("MS4A1", "CD79A", "CD79B", "CD19"):
-        know.add(B, g, 1.0, "marker_table")
+        know.add(B, g, 1.0)
     for g in ("CD14", "LYZ", "S100A8"):
-        know.add(CD14_MONO, g, 1.0, "marker_table")
+        know.add(CD14_MONO, g, 1.0)
     for g in ("CD3E", "CD3D"):
-        know.add(T, g, 1.0, "marker_table")
+        know.add(T, g, 1.0)
     filler = [f"G{i}" for i in range(40)]
     for g in filler:
-        know.add("CL:0000540", g, 0.1, "ontology")  # neuron: background genes
+        know.add("CL:0000540", g, 0.1)  # neuron: background genes
     ranked = [
         ["MS4A1", "CD79A", "CD79B", "G1"],
         ["LYZ", "CD14", "S100A8", "G2"],

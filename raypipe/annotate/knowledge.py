@@ -112,22 +112,18 @@ class MarkerKnowledge:
     ----------
     term_genes
         CL id → atlas gene → weight (the term expects the gene).
-    term_sources
-        CL id → atlas gene → where that came from (config, marker_table, ontology:...).
     gene_terms
         Atlas gene → CL id → share of the gene's text mentions naming the term (sums to 1).
     """
 
     term_genes: dict[str, dict[str, float]] = field(default_factory=dict)
-    term_sources: dict[str, dict[str, str]] = field(default_factory=dict)
     gene_terms: dict[str, dict[str, float]] = field(default_factory=dict)
 
-    def add(self, term: str, gene: str, weight: float, source: str) -> None:
+    def add(self, term: str, gene: str, weight: float) -> None:
         """Record that ``term`` expects ``gene`` (the highest weight wins)."""
         genes = self.term_genes.setdefault(term, {})
         if weight > genes.get(gene, 0.0):
             genes[gene] = weight
-            self.term_sources.setdefault(term, {})[gene] = source
 
     @property
     def genes(self) -> set[str]:
@@ -189,7 +185,8 @@ def text_mentions(
     -------
     dict
         Gene → CL id → share of the gene's mentions (shares sum to 1; genes naming no term
-        are absent). A phrase naming several terms is left out.
+        are absent). A phrase naming several terms is left out, and so is a term named just
+        before "chemotaxis", "migration", … (the target of the process, not the expressing cell).
     """
     from raypipe.annotate.ontology import normalise
 
@@ -270,30 +267,30 @@ def marker_knowledge(
 
     know = MarkerKnowledge()
 
-    def add_named(name: str, genes: Iterable[tuple[str, float]], source: str) -> None:
+    def add_named(name: str, genes: Iterable[tuple[str, float]]) -> None:
         term = mapper.map(name).cl_id
         if term is None:
             return
         for g, w in genes:
             for hit in _resolve_marker(g, resolve):
-                know.add(term, hit, float(w), source)
+                know.add(term, hit, float(w))
 
     for name, genes in job.annotate.markers.items():
-        add_named(name, ((g, 1.0) for g in genes), "config")
+        add_named(name, ((g, 1.0) for g in genes))
     table = job.annotate.discover.marker_table
     if table:
         df = _read_marker_table(table)
         for name, rows in df.groupby("cell_type", sort=True):
-            add_named(str(name), zip(rows["gene"], rows["weight"], strict=True), "marker_table")
+            add_named(str(name), zip(rows["gene"], rows["weight"], strict=True))
     if job.annotate.ontology_markers:
         for term in ontology.live():
             if term.id in BROAD_CLASSES:
                 continue
             found = ontology_markers(mapper, term.id)
-            for g, w, src in zip(found.names, found.weights, found.sources, strict=True):
+            for g, w in zip(found.names, found.weights, strict=True):
                 hits = _resolve_marker(g, resolve)
                 for hit in hits:
-                    know.add(term.id, hit, w / len(hits), src)
+                    know.add(term.id, hit, w / len(hits))
     if gene_texts and job.annotate.discover.gene_text_knowledge:
         know.gene_terms = text_mentions(gene_texts, ontology, skip=BROAD_CLASSES)
     return know

@@ -128,7 +128,7 @@ class TreeSampler:
 
 # ---------------------------------------------------------------- synthetic data
 def build_synthetic(
-    source: Path, n_cells: int, atlas: Path, h5ad: Path, *, seed: int = 0
+    source: Path, n_cells: int, atlas: Path, h5ad: Path, *, seed: int = 0, thin: float | None = None
 ) -> dict[str, Any]:
     """Write ``n_cells`` resampled cells of ``source`` as a raypipe atlas and as an ``.h5ad``.
 
@@ -145,6 +145,10 @@ def build_synthetic(
         Destinations.
     seed
         Seed of the resampling.
+    thin
+        Keep each count with this probability (binomial thinning, seeded), so resampled copies
+        of one cell differ as two reads of it would (a clustering benchmark needs this: exact
+        copies make cliques); None copies counts as they are.
 
     Returns
     -------
@@ -161,6 +165,8 @@ def build_synthetic(
     from raypipe.atlas.ingest import chunk_hash, write_atlas_metadata
 
     recipe = {"source": str(source), "n_cells": n_cells, "seed": seed, "rows": ROWS_PER_CHUNK}
+    if thin is not None:
+        recipe["thin"] = thin
     stamp = atlas.with_name(atlas.name + ".recipe.json")
     ready = atlas.exists() and h5ad.exists() and stamp.exists()
     if ready and json.loads(stamp.read_text()) == recipe:
@@ -169,6 +175,7 @@ def build_synthetic(
     x_src = sp.csr_matrix(src.X, dtype=np.float32)
     rng = np.random.default_rng(seed)
     pick = rng.integers(0, src.n_obs, size=n_cells)
+    thinning = np.random.default_rng([seed, 1])
     obs = pd.DataFrame(
         {"cluster_id": pd.Categorical(np.asarray(src.obs["cluster_id"])[pick])},
         index=pd.Index([f"c{i:08d}" for i in range(n_cells)], name="cell_id"),
@@ -198,6 +205,9 @@ def build_synthetic(
             write_elem(fh, "var", var)
             for start in range(0, n_cells, ROWS_PER_CHUNK):
                 x = x_src[pick[start : start + ROWS_PER_CHUNK]]
+                if thin is not None:
+                    x.data = thinning.binomial(x.data.astype(np.int64), thin).astype(np.float32)
+                    x.eliminate_zeros()
                 x.sort_indices()
                 hashes.append(chunk_hash(x))
                 zero_cells += int(np.count_nonzero(np.diff(x.indptr) == 0))
