@@ -1,8 +1,9 @@
 """Discovery benchmark: clustering and assignment of a resampled atlas at 100k and 1M cells.
 
 Cells are resampled from real Kang 2018 PBMCs (8,684 cells, as ``jobs/benchmark.py scale``
-does) into a raypipe atlas, each copy's counts binomially thinned (``--thin``: exact copies
-would make cliques of duplicates in the kNN graph, and Leiden thousands of tiny clusters); then, timed separately, with peak RSS of the driver and every Ray
+does) into a raypipe atlas, each cell half the counts of two random real cells of one type
+(exact copies would make cliques of duplicates in the kNN graph, and Leiden thousands of tiny
+clusters); then, timed separately, with peak RSS of the driver and every Ray
 process it started (sampled every 0.2 s):
 
 * **cluster**: the driver's part (:func:`raypipe.annotate.clustering.load_or_fit`): read a
@@ -46,12 +47,6 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--shard-rows", type=int, default=32768, help="shards.rows")
     p.add_argument("--source", default=str(SOURCE), help="real cells to resample (.h5ad, counts)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument(
-        "--thin",
-        type=float,
-        default=0.8,
-        help="keep each count with this probability, so resampled copies differ",
-    )
     return p
 
 
@@ -138,7 +133,7 @@ def main(argv: list[str] | None = None) -> int:
     for n in [int(x) for x in args.cells.split(",") if x]:
         t = time.perf_counter()
         atlas = work / f"atlas_{n}.zarr"
-        build_synthetic(source, n, atlas, work / f"cells_{n}.h5ad", seed=args.seed, thin=args.thin)
+        build_synthetic(source, n, atlas, work / f"cells_{n}.h5ad", seed=args.seed, pairs=True)
         print(
             f"synthetic atlas ({n:,} cells resampled from {source.name}): "
             f"{time.perf_counter() - t:.1f} s"
