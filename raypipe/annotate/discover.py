@@ -85,7 +85,7 @@ def _gene_names(genes: GeneSpace, atlas: AtlasInfo) -> np.ndarray:
     return np.array([s or v for s, v in zip(symbols, var, strict=True)], dtype=object)
 
 
-def _naming_markers(stats: ClusterStats, names: np.ndarray, n_clusters: int) -> list[list[str]]:
+def _naming_markers(full: pd.DataFrame, n_clusters: int) -> list[list[str]]:
     """Per cluster, its specific up-regulated genes for naming, largest log fold change first.
 
     Kept: Welch t > 0 with p < 0.01, log2 fold change > 0.5, expressed in at least 25% of the
@@ -93,9 +93,6 @@ def _naming_markers(stats: ClusterStats, names: np.ndarray, n_clusters: int) -> 
     expressed genes shared by many types (ribosomal, interferon); the fold change ranks the
     ones that tell the cluster apart first (measured: docs/discovery.md).
     """
-    from raypipe.annotate.cluster_markers import rank_markers
-
-    full = rank_markers(stats, names, n_top=names.size)
     keep = full[
         (full["score"] > 0)
         & (full["pval"] < 0.01)
@@ -179,8 +176,9 @@ def discover(
     fp = plan.fingerprint
     names = _gene_names(genes, atlas)
     stats = merged_stats(job.output_dir, shards, k, names.size)
-    ranked = rank_markers(stats, names, n_top=cfg.n_markers)
-    up = _naming_markers(stats, names, k)
+    full = rank_markers(stats, names, n_top=names.size)  # every gene, ranked by t
+    ranked = full[full["rank"] < cfg.n_markers]
+    up = _naming_markers(full, k)
 
     ontology = load_ontology(job.annotate.ontology)
     gene_names = GeneNames.from_table(genes.table) if genes.table is not None else None
