@@ -79,12 +79,9 @@ def assign_by_neighbours(
     n_clusters = int(np.max(ref_clusters)) + 1
     counts = np.zeros((votes.shape[0], n_clusters), dtype=np.int64)
     np.add.at(counts, (np.repeat(np.arange(votes.shape[0]), k), votes.ravel()), 1)
-    best = counts.max(axis=1, keepdims=True)
-    tied = counts == best
-    out = np.empty(votes.shape[0], dtype=np.int64)
-    for i in range(votes.shape[0]):
-        out[i] = next(int(v) for v in votes[i] if tied[i, v])
-    return out
+    tied = counts == counts.max(axis=1, keepdims=True)
+    first = np.argmax(np.take_along_axis(tied, votes, axis=1), axis=1)  # nearest tied vote
+    return votes[np.arange(votes.shape[0]), first].astype(np.int64)
 
 
 @dataclass(frozen=True)
