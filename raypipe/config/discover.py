@@ -36,7 +36,7 @@ class DiscoverConfig(BaseModel):
         2000, gt=1, description="Most variable log-normalised genes the PCs are fitted on."
     )
     max_cells: int = Field(
-        1_000_000,
+        2_000_000,
         gt=0,
         description="Cluster every cell up to this many; above it cluster a seeded sample of "
         "`sample_cells` and assign every other cell to its nearest sampled neighbours' cluster.",
