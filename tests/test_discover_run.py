@@ -187,6 +187,7 @@ def test_llm_naming_asks_each_cluster_once_caches_and_respects_the_budget(
         assert srv.max_requests_in_window(1.0) <= 4  # the budget held
         assert all("Identify the cell type of blood cells" in p for p in clusters["prompt"])
         assert set(clusters["answer"]) <= {"B cells", "NK cells", "CD14+ Monocytes", "T cells"}
+        assert (clusters["llm_name"] == clusters["answer"]).all()  # the parsed names
         b = clusters[clusters["answer"] == "B cells"]
         assert (b["cl_id"] == "CL:0000236").all()
         assert b["found_by"].str.startswith("llm").all()

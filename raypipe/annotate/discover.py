@@ -237,6 +237,7 @@ def discover(
                 "naming_markers": list(up[c][: cfg.n_markers]),
                 "prompt": r.get("prompt", ""),
                 "answer": r.get("answer", ""),
+                "llm_name": r.get("name") or "",
             }
         )
     table = pd.DataFrame(records)
