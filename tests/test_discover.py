@@ -281,3 +281,39 @@ def test_auto_with_zero_cells_fails_before_any_work(tmp_path):
     with pytest.raises(InputError, match="has no cells"):
         run_job(load_config(cfg), progress=False)
     assert not (tmp_path / "run" / "annotations" / "clusters.parquet").exists()
+
+
+def test_marker_table_is_knowledge_and_an_unknown_cell_type_is_an_error(ontology, tmp_path):
+    from raypipe.annotate.knowledge import marker_knowledge
+    from raypipe.annotate.mapping import LabelMapper
+    from raypipe.errors import InputError
+
+    atlas_genes = {"MS4A1", "CD79A", "NKG7", "GNLY"}
+
+    def resolve(name: str) -> list[str]:
+        return [name] if name in atlas_genes else []
+
+    table = tmp_path / "markers.csv"
+    pd.DataFrame(
+        {
+            "cell_type": ["B cells", "B cells", "CL:0000623", "CL:0000623", "CL:0000623"],
+            "gene": ["MS4A1", "CD79A", "NKG7", "GNLY", "NOTINATLAS"],
+        }
+    ).to_csv(table, index=False)
+    job = load_config(
+        {
+            "input": {"path": "x.h5ad"},
+            "output_dir": "o",
+            "annotate": {"ontology_markers": False, "discover": {"marker_table": str(table)}},
+        }
+    )
+    know = marker_knowledge(job, ontology, LabelMapper(ontology), resolve)
+    assert know.term_genes == {
+        B: {"MS4A1": 1.0, "CD79A": 1.0},
+        "CL:0000623": {"NKG7": 1.0, "GNLY": 1.0},
+    }
+    pd.DataFrame({"cell_type": ["Zorblax cells"], "gene": ["MS4A1"]}).to_csv(table, index=False)
+    with pytest.raises(
+        InputError, match=r"match no Cell Ontology term.*markers.csv: Zorblax cells"
+    ):
+        marker_knowledge(job, ontology, LabelMapper(ontology), resolve)

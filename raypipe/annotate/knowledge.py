@@ -11,9 +11,10 @@ genes mark which Cell Ontology terms (extend it there, e.g. with a curated marke
   text names (``genes.text_source``: GO process names such as "B cell activation",
   "natural killer cell mediated cytotoxicity"), each gene's mentions sharing a weight of 1.
 
-:func:`name_offline` names each cluster from its ranked markers (:func:`score_terms`, a
-contrast across clusters, support summed up the ontology), or leaves it ``unassigned``: never
-a made-up name. Broad classes (:data:`BROAD_CLASSES`) are never names.
+:func:`name_offline` names each cluster from its ranked markers (:func:`score_terms`: the
+enrichment of each term's genes, its descendants' included, among the cluster's top markers),
+or leaves it ``unassigned``: never a made-up name. Broad classes (:data:`BROAD_CLASSES`) are
+never names.
 """
 
 from __future__ import annotations
@@ -266,22 +267,31 @@ def marker_knowledge(
     from raypipe.annotate.markers import ontology_markers
 
     know = MarkerKnowledge()
+    lost: dict[str, list[str]] = {}
 
-    def add_named(name: str, genes: Iterable[tuple[str, float]]) -> None:
+    def add_named(name: str, genes: Iterable[tuple[str, float]], where: str) -> None:
         term = mapper.map(name).cl_id
         if term is None:
+            lost.setdefault(where, []).append(name)
             return
         for g, w in genes:
             for hit in _resolve_marker(g, resolve):
                 know.add(term, hit, float(w))
 
     for name, genes in job.annotate.markers.items():
-        add_named(name, ((g, 1.0) for g in genes))
+        add_named(name, ((g, 1.0) for g in genes), "annotate.markers")
     table = job.annotate.discover.marker_table
     if table:
         df = _read_marker_table(table)
         for name, rows in df.groupby("cell_type", sort=True):
-            add_named(str(name), zip(rows["gene"], rows["weight"], strict=True))
+            add_named(str(name), zip(rows["gene"], rows["weight"], strict=True), str(table))
+    if lost:
+        raise InputError(
+            "marker knowledge names cell types that match no Cell Ontology term: "
+            + "; ".join(f"{where}: {', '.join(names)}" for where, names in lost.items()),
+            fix="write them as CL ids (CL:0000236) or CL labels, or map them with "
+            "annotate.mapping {name: CL id}",
+        )
     if job.annotate.ontology_markers:
         for term in ontology.live():
             if term.id in BROAD_CLASSES:
