@@ -176,12 +176,24 @@ class AtlasSource:
         self._matrix = None
 
     def _open_in_memory(self, path: AnyPath, layer: str | None) -> None:
+        self._handle.close()
+        self._handle = None
+        key = _memo_key(path, layer)
+        if key is None or key not in _IN_MEMORY:
+            held = self._read_in_memory(path, layer)
+            _IN_MEMORY.clear()  # one file held: the run's validation and ingest read it once
+            if key is not None:
+                _IN_MEMORY[key] = held
+        else:
+            held = _IN_MEMORY[key]
+        self._matrix, self.obs, self.var = held
+        self.n_obs, self.n_vars = self._matrix.shape
+
+    def _read_in_memory(self, path: AnyPath, layer: str | None) -> tuple[sp.csr_matrix, Any, Any]:
         import warnings
 
         import anndata as ad
 
-        self._handle.close()
-        self._handle = None
         log.warning("%s uses a legacy AnnData layout; reading it into memory", path)
         with warnings.catch_warnings():
             if not log.isEnabledFor(logging.INFO):  # `raypipe -v` shows them
@@ -200,9 +212,7 @@ class AtlasSource:
             if layer not in adata.layers:
                 raise InputError(f"{path} has no layer {layer!r}; layers: {list(adata.layers)}")
             adata.X = adata.layers[layer]
-        self._matrix = sp.csr_matrix(adata.X, dtype=np.float32)
-        self.obs, self.var = adata.obs, adata.var
-        self.n_obs, self.n_vars = self._matrix.shape
+        return sp.csr_matrix(adata.X, dtype=np.float32), adata.obs, adata.var
 
     def rows(self, start: int, stop: int) -> sp.csr_matrix:
         """Rows ``[start, stop)`` of the chosen matrix as float32 CSR (only those are read)."""
@@ -226,6 +236,19 @@ class AtlasSource:
         if self._fileobj is not None:
             self._fileobj.close()
             self._fileobj = None
+
+
+_IN_MEMORY: dict[tuple[str, str | None, int, int], tuple[sp.csr_matrix, Any, Any]] = {}
+"""The last legacy-layout file read whole (matrix, obs, var): a run's input checks and its
+ingest open the same file, and reading it (and warning about it) once is enough."""
+
+
+def _memo_key(path: AnyPath, layer: str | None) -> tuple[str, str | None, int, int] | None:
+    """(path, layer, size, mtime) of a local file; None for a bucket object (not memoised)."""
+    if isinstance(path, ObjectPath):
+        return None
+    st = Path(path).stat()
+    return str(Path(path).resolve()), layer, st.st_size, st.st_mtime_ns
 
 
 def _is_hdf5(path: AnyPath) -> bool:
