@@ -184,6 +184,7 @@ def _fit_space(
     genes: GeneSpace,
     shards: list[Shard],
     space: FittedSpace | None,
+    progress: bool = False,
 ) -> tuple[np.ndarray | None, np.ndarray | None, dict[str, Any]]:
     """Return the HVG mask and centring mean: recorded in ``space``, else fitted and recorded.
 
@@ -203,7 +204,9 @@ def _fit_space(
     if data is not None and data.get("hvg_genes") is not None:
         mask = np.isin(symbols, np.asarray(data["hvg_genes"], dtype=object)) & genes.has_text
     elif data is None and cfg.hvg is not None:
-        mask = hvg_mask(job, atlas, genes.collapse, genes.has_text, shards, cfg.hvg)
+        mask = hvg_mask(
+            job, atlas, genes.collapse, genes.has_text, shards, cfg.hvg, progress=progress
+        )
     mean = None
     if data is not None and data.get("genes_fingerprint") == genes.fingerprint:
         mean = np.asarray(data["center_mean"], dtype=np.float32)
@@ -234,8 +237,11 @@ def build_genept_w(
     genes: GeneSpace,
     shards: list[Shard],
     space: FittedSpace | None = None,
+    progress: bool = False,
 ) -> StagePlan:
     """GenePT-w: fold HVG selection and centring into one (genes × d) weight matrix.
+
+    ``progress`` draws the HVG pre-pass's bar (when it runs).
 
     With ``hvg`` set, the gene moments come from a cached, resumable pre-pass
     (:func:`raypipe.embed.hvg.hvg_mask`): a resume reads no expression data. The HVG set and
@@ -244,7 +250,7 @@ def build_genept_w(
     import ray
 
     cfg = job.embed.genept_w
-    mask, mean, fit_notes = _fit_space(job, atlas, genes, shards, space)
+    mask, mean, fit_notes = _fit_space(job, atlas, genes, shards, space, progress)
     notes: dict[str, Any] = {"hvg": cfg.hvg, "center": cfg.center, **fit_notes}
     weights = weight_matrix(
         genes.embeddings, genes.has_text, center=cfg.center, gene_mask=mask, center_mean=mean

@@ -39,8 +39,8 @@ class MethodEntry:
         (``build(..., candidate_texts=...)``; the ``langcell`` scorer reads them).
     fits_space
         Its builder fits statistics on the atlas (e.g. GenePT-w's HVG set) and takes the run's
-        :class:`~raypipe.core.space.FittedSpace` (``build(..., space=...)``) to record and
-        reuse them.
+        :class:`~raypipe.core.space.FittedSpace` (``build(..., space=..., progress=...)``) to
+        record and reuse them; ``progress`` draws the bar of a fitting pre-pass.
     preflight
         ``"module:function"`` checking the method's inputs on the driver before the run
         writes anything (e.g. loading the CE checkpoint), or None.

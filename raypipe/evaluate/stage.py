@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -105,14 +107,44 @@ def _ontology_metrics(
     return rows
 
 
+class _Steps:
+    """The evaluation's steps: each one timed (seconds, for the manifest) and counted on a bar."""
+
+    def __init__(self, progress: bool, *, report: bool) -> None:
+        from tqdm.auto import tqdm
+
+        n = 5 + int(report)  # embeddings, sample counts, PCA, sample metrics, exact (+ report)
+        self.timings: dict[str, Any] = {}
+        self.bar = tqdm(total=n, unit="step", desc="evaluate", disable=not progress)
+
+    @contextmanager
+    def __call__(self, name: str) -> Iterator[None]:
+        self.bar.set_postfix_str(name, refresh=True)
+        t0 = time.perf_counter()
+        yield
+        self.done(name, t0)
+
+    def done(self, name: str, t0: float) -> None:
+        self.timings[name] = round(time.perf_counter() - t0, 3)
+        self.bar.update()
+
+    def close(self) -> None:
+        self.bar.set_postfix_str("")
+        self.bar.close()
+
+
 def run_evaluation(
     job: JobConfig,
     atlas: AtlasInfo,
     out_dir: AnyPath,
     methods: list[str],
     candidates: Candidates | None,
+    *,
+    progress: bool = False,
 ) -> dict[str, Any]:
     """Compute every metric, write ``metrics.parquet`` (+ per-class, confusion) and the report.
+
+    ``progress`` draws a bar of the evaluation's steps (the step running is named beside it).
 
     Returns
     -------
@@ -143,16 +175,13 @@ def run_evaluation(
     sample = labelled[
         subsample_indices(labelled.size, job.evaluate.sample_size, seed=job.evaluate.seed)
     ]
-    timings: dict[str, Any] = {}
-    t = time.perf_counter()
-    embeddings = {m: load_embedding_rows(out_dir, m, sample) for m in methods}
-    timings["load_embeddings"] = round(time.perf_counter() - t, 3)
-    t = time.perf_counter()
-    x_sample = _sample_counts(atlas, sample)
-    timings["read_sample_counts"] = round(time.perf_counter() - t, 3)
-    t = time.perf_counter()
-    embeddings["pca"] = fit_pca_baseline(lambda: iter([x_sample]), job.evaluate.pca_components)
-    timings["pca_baseline"] = round(time.perf_counter() - t, 3)
+    steps = _Steps(progress, report=job.evaluate.report)
+    with steps("load_embeddings"):
+        embeddings = {m: load_embedding_rows(out_dir, m, sample) for m in methods}
+    with steps("read_sample_counts"):
+        x_sample = _sample_counts(atlas, sample)
+    with steps("pca_baseline"):
+        embeddings["pca"] = fit_pca_baseline(lambda: iter([x_sample]), job.evaluate.pca_components)
     annotations: dict[str, Any] = {}
     cl_calls: dict[str, Any] = {}
     text_emb: dict[str, np.ndarray] = {}
@@ -177,21 +206,19 @@ def run_evaluation(
         text_labels = candidates.labels
     dataset = job.input.name or Path(job.input.path).stem
     # quadratic metrics and retrieval: the seeded sample; accuracy/F1/confusion: every cell
-    t = time.perf_counter()
-    ev = evaluate_embeddings(
-        dataset,
-        embeddings,
-        labels[sample],
-        None if batches is None else batches[sample],
-        cfg=job.evaluate,
-        text_emb=text_emb or None,
-        text_labels=text_labels,
-        center=job.annotate.center,
-    )
-    timings["sample_metrics"] = round(time.perf_counter() - t, 3)
-    timings["per_metric"] = ev.timings
+    with steps("sample_metrics"):
+        ev = evaluate_embeddings(
+            dataset,
+            embeddings,
+            labels[sample],
+            None if batches is None else batches[sample],
+            cfg=job.evaluate,
+            text_emb=text_emb or None,
+            text_labels=text_labels,
+            center=job.annotate.center,
+        )
     ev.metrics["n_cells"] = labelled.size
-    t = time.perf_counter()
+    exact_t0 = time.perf_counter()
     discovered = candidates is not None and candidates.discovery is not None
     exact = evaluate_embeddings(
         dataset, {}, labels, cfg=job.evaluate, annotations={} if discovered else annotations
@@ -211,8 +238,8 @@ def run_evaluation(
                 ]
             ),
         )
-    timings["exact_metrics"] = round(time.perf_counter() - t, 3)
     cl_rows = _ontology_metrics(job, dataset, labels, cl_calls, candidates, out_dir)
+    steps.done("exact_metrics", exact_t0)
     ev.metrics = _concat(ev.metrics, exact.metrics, cl_rows)
     ev.skipped = _concat(ev.skipped, exact.skipped)
     ev.confusion, ev.per_class = exact.confusion, exact.per_class
@@ -233,27 +260,27 @@ def run_evaluation(
             eval_dir / f"per_class_{m}.parquet", pa.Table.from_pandas(pc.reset_index())
         )
     report = None
-    t = time.perf_counter()
     if job.evaluate.report:
         from raypipe.evaluate.report import write_report
 
         predictions = {m: p for m, p in annotations.items() if not m.endswith("_uncentred")}
-        report = write_report(
-            out_dir,
-            ev.metrics,
-            embeddings,
-            labels[sample],
-            {m: p[sample] for m, p in predictions.items()},
-            ev.confusion,
-            skipped=ev.skipped,
-            notes=ev.notes,
-            seed=job.evaluate.seed,
-            title=f"raypipe report: {dataset}",
-            neighbors=ev.graphs,
-        )
-    timings["report"] = round(time.perf_counter() - t, 3)
+        with steps("report"):
+            report = write_report(
+                out_dir,
+                ev.metrics,
+                embeddings,
+                labels[sample],
+                {m: p[sample] for m, p in predictions.items()},
+                ev.confusion,
+                skipped=ev.skipped,
+                notes=ev.notes,
+                seed=job.evaluate.seed,
+                title=f"raypipe report: {dataset}",
+                neighbors=ev.graphs,
+            )
+    steps.close()
     return {
-        "timings": timings,
+        "timings": steps.timings | {"per_metric": ev.timings},
         "metrics": str(out_dir / "metrics.parquet"),
         "report": str(report) if report else None,
         "table": ev.metrics,

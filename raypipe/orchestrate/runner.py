@@ -142,7 +142,9 @@ class _Run:
         for name in self.job.embed.methods:
             t = time.perf_counter()
             entry = METHODS.get(name)
-            extra: dict[str, Any] = {"space": self.space} if entry.fits_space else {}
+            extra: dict[str, Any] = (
+                {"space": self.space, "progress": self.progress} if entry.fits_space else {}
+            )
             if texts and entry.cell_text_scores:
                 extra["candidate_texts"] = texts
             plan = entry.build(self.job, atlas, genes, shards, **extra)
@@ -240,7 +242,12 @@ class _Run:
         else:
             watchdog.activity("the evaluation (metrics, neighbours, report)")
             ev = run_evaluation(
-                self.job, atlas, self.out_dir, list(self.job.embed.methods), candidates
+                self.job,
+                atlas,
+                self.out_dir,
+                list(self.job.embed.methods),
+                candidates,
+                progress=self.progress,
             )
             ev["fingerprint"] = fingerprint
             self.summary.evaluation = (
