@@ -7,6 +7,7 @@ python jobs/benchmark.py llm      # LLM actors vs a rate-limited loopback OpenAI
 python jobs/benchmark.py eval     # evaluation: shared kNN graph vs the previous scikit-learn path
 python jobs/benchmark.py texts    # gene texts: Ray actors vs plain SentenceTransformer.encode
 python jobs/benchmark.py scale    # 1M-cell end-to-end run, per-stage times and memory
+python jobs/benchmark.py inplace  # 1M-cell AnnData .zarr read in place vs ingested first
 python jobs/benchmark.py gpu      # CE at 4 Geneformer sizes + LangCell zero-shot (jobs/gpu_bench.sh)
 """
 
@@ -25,6 +26,7 @@ BENCHES = {
     "llm": "raypipe.bench.llm",
     "eval": "raypipe.bench.evaluate",
     "scale": "raypipe.bench.scale",
+    "inplace": "raypipe.bench.inplace",
     "texts": "raypipe.bench.texts",
     "gpu": "raypipe.bench.gpu",
 }

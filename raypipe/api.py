@@ -27,6 +27,7 @@ if TYPE_CHECKING:
 
     from raypipe.config import JobConfig
     from raypipe.orchestrate.runner import RunSummary
+    from raypipe.orchestrate.soma_export import SomaExport
 
 __all__ = ["Run", "embed", "open_run", "run"]
 
@@ -90,12 +91,16 @@ class Run:
 
     @property
     def atlas_path(self) -> str:
-        """The atlas the run read (``<output_dir>/atlas.zarr`` when it ingested on the fly)."""
-        local = self.output_dir / "atlas.zarr"
-        if local.is_dir():
-            return str(local)
+        """The atlas the run read (a ``.zarr``, or the atlas view of an input read in place).
+
+        ``<output_dir>/atlas.zarr`` when the run ingested on the fly, its
+        ``state/atlas_view.json`` when it read its input in place, else the manifest's path.
+        """
         path = (self.manifest.get("atlas") or {}).get("path")
-        if path and as_path(path).is_dir():
+        local = self.output_dir / ("state/atlas_view.json" if _is_view(path) else "atlas.zarr")
+        if local.exists():
+            return str(local)
+        if path and as_path(path).exists():
             return str(path)
         raise InputError(
             f"the atlas of run {self.output_dir} is gone ({path or 'no path in the manifest'})",
@@ -237,6 +242,40 @@ class Run:
             results=res,
             overwrite=overwrite,
         )
+
+    def export_soma(
+        self,
+        uri: str,
+        *,
+        methods: Sequence[str] | None = None,
+        measurement: str | None = None,
+        overwrite: bool = False,
+    ) -> SomaExport:
+        """Write the results into a TileDB-SOMA experiment (``obsm`` and new ``obs`` columns).
+
+        Cells are matched by name (``soma_joinid`` keys the rows); see
+        :mod:`raypipe.orchestrate.soma_export`. ``measurement`` defaults to the one the run
+        read (a SOMA input), else ``RNA``.
+        """
+        from raypipe.orchestrate.soma_export import export_soma
+
+        emb, ann = self._select(methods)
+        soma = ((self.manifest.get("config") or {}).get("input") or {}).get("soma") or {}
+        return export_soma(
+            uri,
+            out_dir=self.output_dir,
+            obs_names=self.obs_names.to_numpy(),
+            embeddings=emb,
+            annotations=ann,
+            measurement=measurement or soma.get("measurement") or "RNA",
+            overwrite=overwrite,
+        )
+
+
+def _is_view(path: str | None) -> bool:
+    from raypipe.atlas.store import is_view
+
+    return bool(path) and is_view(str(path))
 
 
 def open_run(output_dir: str | AnyPath) -> Run:

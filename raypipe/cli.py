@@ -62,6 +62,17 @@ def _cmd_export(args: argparse.Namespace) -> int:
     from raypipe.api import open_run
 
     run = open_run(args.run)
+    if args.soma:
+        rep = run.export_soma(
+            args.soma, methods=args.methods, measurement=args.measurement, overwrite=args.overwrite
+        )
+        print(
+            f"wrote into {rep.uri} ({rep.measurement}): {rep.n_cells:,} cells; obsm "
+            + (", ".join(rep.obsm) or "(none)")
+            + (f"; obs {', '.join(rep.obs_columns)}" if rep.obs_columns else "")
+            + (f" (replaced {', '.join(rep.replaced)})" if rep.replaced else "")
+        )
+        return 0
     out = run.export(args.out, methods=args.methods, overwrite=args.overwrite)
     methods = args.methods or run.methods
     annotated = [m for m in methods if m in run.annotation_methods]
@@ -221,11 +232,23 @@ def build_parser() -> argparse.ArgumentParser:
     run.set_defaults(func=_cmd_run)
 
     exp = sub.add_parser(
-        "export", help="write a finished run's results (with the atlas) as .h5ad or AnnData .zarr"
+        "export",
+        help="write a finished run's results (with the atlas) as .h5ad or AnnData .zarr, or "
+        "into a TileDB-SOMA experiment",
     )
     exp.add_argument("run", metavar="RUN", help="the run's output_dir")
+    where = exp.add_mutually_exclusive_group(required=True)
+    where.add_argument("--out", help="destination .h5ad or .zarr (a path or a bucket URL)")
+    where.add_argument(
+        "--soma",
+        metavar="URI",
+        help="a TileDB-SOMA experiment holding the run's cells: embeddings into "
+        "obsm['X_<method>'], calls into obs raypipe_<method>_label/cl_id/score (docs/soma.md)",
+    )
     exp.add_argument(
-        "--out", required=True, help="destination .h5ad or .zarr (a path or a bucket URL)"
+        "--measurement",
+        default=None,
+        help="with --soma: the measurement (default: the run's, or RNA)",
     )
     exp.add_argument(
         "--methods",
@@ -234,7 +257,11 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="METHOD",
         help="embedding methods to include (default: all the run computed)",
     )
-    exp.add_argument("--overwrite", action="store_true", help="replace an existing --out")
+    exp.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace an existing --out (with --soma: existing X_<method> arrays and obs columns)",
+    )
     exp.set_defaults(func=_cmd_export)
 
     rep = sub.add_parser("report", help="re-render a run's HTML report and print its path")

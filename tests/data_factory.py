@@ -200,3 +200,58 @@ def dense_genept_w(x: np.ndarray, emb: np.ndarray, target_sum: float = 1e4) -> n
     out = xl @ np.asarray(emb, dtype=np.float64)
     norm = np.linalg.norm(out, axis=1, keepdims=True)
     return np.divide(out, norm, out=np.zeros_like(out), where=norm > 0)
+
+
+def write_real_gene_table(shared: Path, path: Path, genes: list[str], n: int = 400) -> Path:
+    """A real gene→text table (orgdb symbol: full name) for up to ``n`` of ``genes``.
+
+    Quick to embed (short texts) yet real; tests of input formats use it with
+    ``genes.min_coverage`` low, so their runs spend their time reading cells.
+    """
+    with gzip.open(shared / "genes" / "orgHs_gene_text_go.tsv.gz", "rt") as fh:
+        org = pd.read_csv(fh, sep="\t", usecols=["symbol", "full_name"])
+    org = org[org["symbol"].isin(set(genes))].drop_duplicates("symbol").head(n)
+    text = org["symbol"] + ": " + org["full_name"]
+    pd.DataFrame({"symbol": org["symbol"], "text": text}).to_csv(path, sep="\t", index=False)
+    return path
+
+
+def write_anndata_zarr(
+    path: Path, adata: ad.AnnData, *, x: str = "csr", chunk: int = 32_768
+) -> Path:
+    """Write ``adata`` as an AnnData ``.zarr`` with anndata: X as ``csr`` (``chunk`` values per
+    Zarr chunk: row chunks of about ``chunk / nnz-per-cell`` cells), ``csc`` or ``dense``."""
+    import zarr
+    from anndata.io import write_elem
+
+    matrix: Any = {"csr": sp.csr_matrix, "csc": sp.csc_matrix}.get(x, np.asarray)
+    data = adata.X.toarray() if x == "dense" and sp.issparse(adata.X) else adata.X
+    group = zarr.open_group(str(path), mode="w", zarr_format=3)
+    with ad.settings.override(auto_shard_zarr_v3=False):
+        group.attrs.update({"encoding-type": "anndata", "encoding-version": "0.1.0"})
+        write_elem(group, "obs", adata.obs)
+        write_elem(group, "var", adata.var)
+        write_elem(
+            group, "X", matrix(data), dataset_kwargs={"chunks": (chunk,)} if x == "csr" else {}
+        )
+        for key in ("layers", "obsm", "obsp", "varm", "varp", "uns"):
+            write_elem(group, key, {})
+    return path
+
+
+#: Key and its environment variable for jobs embedding gene texts on a loopback OpenAI server.
+LOOPBACK_KEY = "sk-loopback-formats-21"
+LOOPBACK_KEY_ENV = "RAYPIPE_FORMATS_OPENAI_KEY"
+
+
+def loopback_text_model(base_url: str) -> dict[str, Any]:
+    """``text_model`` of a job embedding gene texts with the loopback OpenAI server (no model
+    to load: tests of input formats spend their time reading cells). Set
+    :data:`LOOPBACK_KEY_ENV` before Ray starts, so its workers see it."""
+    return {
+        "backend": "openai",
+        "model": "fake-embed",
+        "base_url": base_url,
+        "api_key_env": LOOPBACK_KEY_ENV,
+        "batch_size": 256,
+    }

@@ -170,13 +170,21 @@ def test_unknown_scorer_fails_at_load_listing_the_valid_ones(tmp_path):
     assert "'markers'" in msg
 
 
-HEAVY = ("torch", "transformers", "vllm", "sentence_transformers", "ray")
+HEAVY = (
+    "torch",
+    "transformers",
+    "vllm",
+    "sentence_transformers",
+    "ray",
+    "tiledbsoma",
+    "cellxgene_census",
+)
 
 LAZY_PROBE = """
 import sys, contextlib, io
 import raypipe.config
 from raypipe.cli import main
-for argv in (["--help"], ["run", "--help"], ["ingest", "--help"]):
+for argv in (["--help"], ["run", "--help"], ["ingest", "--help"], ["export", "--help"]):
     with contextlib.redirect_stdout(io.StringIO()):
         try:
             main(argv)

@@ -1,4 +1,4 @@
-"""The atlas stage: ingest inputs into a row-chunked Zarr atlas, plan and read shards."""
+"""The atlas stage: ingest inputs into a row-chunked Zarr atlas (or read them in place), plan and read shards."""
 
 from __future__ import annotations
 

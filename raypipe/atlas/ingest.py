@@ -24,7 +24,7 @@ import pandas as pd
 import scipy.sparse as sp
 
 from raypipe.atlas.reader import AtlasSource, open_source, resolve_input_path
-from raypipe.atlas.store import ATLAS_ATTR, AtlasInfo, open_atlas
+from raypipe.atlas.store import ATLAS_ATTR, AtlasInfo, check_values, open_atlas
 from raypipe.core.faults import fault_point
 from raypipe.core.outputs import disk_full_error, is_disk_full
 from raypipe.core.storage import AnyPath, ObjectPath, as_path, zarr_store
@@ -32,6 +32,7 @@ from raypipe.errors import InputError
 
 __all__ = [
     "IngestResult",
+    "atlas_metadata",
     "check_unique_obs_names",
     "chunk_hash",
     "detect_x_kind",
@@ -64,23 +65,7 @@ def detect_x_kind(nonint_values: int, max_value: float) -> str:
     return "unknown"
 
 
-def _check_chunk(x: sp.csr_matrix, start: int, path: AnyPath, var_names: pd.Index) -> None:
-    data = x.data
-    bad = ~np.isfinite(data)
-    if bad.any() or (data < 0).any():
-        pos = int(np.flatnonzero(bad | (data < 0))[0])
-        row = int(np.searchsorted(x.indptr, pos, side="right") - 1) + start
-        gene = var_names[int(x.indices[pos])]
-        what = "NaN/inf" if bad.any() else "negative"
-        raise InputError(
-            f"{path}: X holds {what} values (first at cell row {row}, gene {gene!r}: {data[pos]})",
-            fix="ingest raw counts or log-normalised values (e.g. adata.raw / a counts layer via "
-            "input.layer), not scaled or corrupted data",
-        )
-
-
-def write_atlas_metadata(
-    group: Any,
+def atlas_metadata(
     *,
     n_obs: int,
     var_names: pd.Index,
@@ -90,10 +75,10 @@ def write_atlas_metadata(
     chunk_hashes: list[str],
     source: str,
     layer: str | None,
-    zero_count_cells: int,
-) -> None:
-    """Mark a written Zarr group as a raypipe atlas (the metadata :func:`open_atlas` reads)."""
-    meta = {
+    zero_count_cells: int | None,
+) -> dict[str, Any]:
+    """Return the metadata :func:`open_atlas` reads (an atlas's Zarr attributes, or a view)."""
+    return {
         "format_version": 1,
         "n_obs": n_obs,
         "n_vars": len(var_names),
@@ -110,7 +95,17 @@ def write_atlas_metadata(
         "duplicate_genes": int(var_names.duplicated().sum()),
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }
-    group.attrs.update({"encoding-type": "anndata", "encoding-version": "0.1.0", ATLAS_ATTR: meta})
+
+
+def write_atlas_metadata(group: Any, **meta: Any) -> None:
+    """Mark a written Zarr group as a raypipe atlas (``meta``: :func:`atlas_metadata`'s keywords)."""
+    group.attrs.update(
+        {
+            "encoding-type": "anndata",
+            "encoding-version": "0.1.0",
+            ATLAS_ATTR: atlas_metadata(**meta),
+        }
+    )
 
 
 def chunk_hash(x: sp.csr_matrix) -> str:
@@ -247,7 +242,7 @@ def ingest(
                 for start, x in _chunks(src, rows_per_chunk):
                     x.sum_duplicates()
                     x.sort_indices()
-                    _check_chunk(x, start, src_path, var.index)
+                    check_values(x, start, src_path, var.index)
                     if x.nnz:
                         nonint += int(np.count_nonzero(x.data != np.round(x.data)))
                         max_value = max(max_value, float(x.data.max()))

@@ -25,7 +25,19 @@ BUILTINS = {"pbmc68k_reduced"}
 
 
 def resolve_input_path(path: str) -> AnyPath:
-    """Resolve ``builtin:NAME`` (data shipped inside an installed package), a path or a URL."""
+    """Resolve ``builtin:NAME`` (data shipped inside an installed package), a path or a URL.
+
+    A TileDB-SOMA experiment is refused here: runs read it in place (:mod:`raypipe.atlas.soma`).
+    """
+    from raypipe.atlas.soma import is_soma_input
+
+    if is_soma_input(path):
+        raise InputError(
+            f"{path} is a TileDB-SOMA experiment: raypipe runs read it in place, ingest does not "
+            "take it",
+            fix="set it as input.path of a job (docs/soma.md); `raypipe export RUN --out "
+            "FILE.h5ad` writes a run's cells with their results as AnnData",
+        )
     if path.startswith("builtin:"):
         name = path.split(":", 1)[1]
         if name not in BUILTINS:

@@ -11,6 +11,8 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from raypipe.config.soma import SomaConfig
+
 # Registry names, written out so that validating a config imports no backend; a test
 # (tests/test_config.py) keeps each Literal equal to its registry's names.
 EmbedMethod = Literal["genept_w", "genept_s", "ce"]  # raypipe.embed.methods.METHODS
@@ -28,7 +30,9 @@ class InputConfig(_Section):
     """Where the atlas comes from and which obs columns hold labels and batches."""
 
     path: str = Field(
-        description="Atlas `.zarr` written by `raypipe ingest`, or `.h5ad`/AnnData `.zarr`/10x folder (ingested on the fly)."
+        description="Atlas `.zarr` written by `raypipe ingest`; an AnnData `.zarr` (read in place "
+        "when X is row-chunked CSR, else ingested); `.h5ad`/10x folder (ingested on the fly); a "
+        "TileDB-SOMA experiment (`soma+file:///…`, `soma+s3://…`) or `census:<organism>`."
     )
     label_key: str | None = Field(
         None, description="obs column with cell-type labels (enables evaluation)."
@@ -47,6 +51,15 @@ class InputConfig(_Section):
     )
     name: str | None = Field(
         None, description="Dataset name used in metrics.parquet (default: the file stem)."
+    )
+    in_place: bool = Field(
+        True,
+        description="Read an AnnData `.zarr` where it is when its X is CSR in chunks no larger "
+        "than a shard (false: always ingest a copy into <output_dir>/atlas.zarr).",
+    )
+    soma: SomaConfig = Field(
+        default_factory=SomaConfig,
+        description="TileDB-SOMA / Census input (docs/soma.md); used when input.path is one.",
     )
     gene_symbol_column: str | None = Field(
         None,

@@ -10,7 +10,10 @@ in the LLM cache are not charged again in a real run, so this is an upper bound.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
+from types import SimpleNamespace
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -25,11 +28,10 @@ SENTENCE_SAMPLE = 2000
 
 def plan_estimates(job: JobConfig) -> tuple[int, list[str], list[tuple[str, Any]]]:
     """Return ``(n_cells, gene names, [(step, Estimate)])`` for every paid step of the run."""
-    from raypipe.atlas.reader import open_source
     from raypipe.embed.genept_s import cell_sentences, estimate_cost
     from raypipe.genes.space import estimate_costs
 
-    with open_source(job.input.path, job.input.layer) as src:
+    with _source(job) as src:
         n_cells, genes = src.n_obs, [str(v) for v in src.var.index]
         rows = estimate_costs(job, genes)
         ann = job.annotate
@@ -45,6 +47,24 @@ def plan_estimates(job: JobConfig) -> tuple[int, list[str], list[tuple[str, Any]
             sents = cell_sentences(block, np.asarray(genes), job.embed.genept_s.top_n)
             rows.append(("GenePT-s cell sentences", estimate_cost(job, n_cells, sents)))
     return n_cells, genes, rows
+
+
+@contextmanager
+def _source(job: JobConfig) -> Iterator[Any]:
+    """Open the input's rows, var and label column (a SOMA input: its selected cells)."""
+    from raypipe.atlas.reader import open_source
+    from raypipe.atlas.soma import SomaRows, is_soma_input, resolve_selection
+
+    if not is_soma_input(job.input.path):
+        with open_source(job.input.path, job.input.layer) as src:
+            yield src
+        return
+    keys = [job.input.label_key] if job.input.label_key else []
+    sel = resolve_selection(job.input.path, job.input.soma, keys)
+    rows = SomaRows(sel.source, sel.joinids)
+    yield SimpleNamespace(
+        n_obs=sel.joinids.size, var=sel.var, obs=rows.read_obs(keys, sel.joinids), rows=rows.rows
+    )
 
 
 def dry_run(job: JobConfig) -> str:

@@ -97,7 +97,32 @@ def check_output_dir(out_dir: AnyPath, job: JobConfig, overwrite: bool) -> dict[
             f"output_dir {out_dir} holds a run of a different input ({old_input}), not {job.input.path}",
             fix="use another output_dir, or pass --overwrite to replace that run",
         )
+    changed = _changed_selection(old, job)
+    if not overwrite and changed:
+        raise InputError(
+            f"output_dir {out_dir} holds a run of other cells of {job.input.path}: input.soma."
+            f"{changed[0]} was {changed[1]!r}, now {changed[2]!r} (another selection is another job)",
+            fix="use another output_dir, or pass --overwrite to replace that run",
+        )
     return old
+
+
+#: input.soma keys that choose the cells and values of a SOMA input (obs_columns do not)
+_SELECTION = ("measurement", "layer", "obs_value_filter", "census_version")
+
+
+def _changed_selection(old: dict[str, Any], job: JobConfig) -> tuple[str, Any, Any] | None:
+    """Return the first ``input.soma`` key choosing cells that differs from the previous run's."""
+    from raypipe.atlas.soma import is_soma_input
+
+    if not is_soma_input(job.input.path):
+        return None
+    before = (old.get("config", {}).get("input", {}) or {}).get("soma")
+    now = job.input.soma.model_dump(mode="json")
+    for key in _SELECTION:
+        if before is not None and before.get(key) != now[key]:
+            return key, before.get(key), now[key]
+    return None
 
 
 def clear_run(out_dir: AnyPath) -> list[str]:

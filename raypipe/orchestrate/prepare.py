@@ -3,12 +3,15 @@
 :func:`validate_job` is read-only: it checks everything that can be checked without
 computing — methods, files the config names, the input, its label/batch columns — so a typo
 fails before the output folder (or a previous run's manifest) is touched.
-:func:`ensure_atlas` then opens the input as an atlas, ingesting it into
-``<out>/atlas.zarr`` only when that copy is missing or stale.
+:func:`ensure_atlas` then opens the input as an atlas: a raypipe atlas as it is; an AnnData
+``.zarr`` with row-chunked CSR X or a TileDB-SOMA experiment read in place (an atlas view,
+:mod:`raypipe.atlas.views`); anything else ingested into ``<out>/atlas.zarr`` only when that
+copy is missing or stale. The atlas's ``extra["input"]`` says which, and why a copy was made.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -33,7 +36,7 @@ STAMP = Path("state") / "atlas_source.json"
 def _is_atlas(src: AnyPath) -> bool:
     from raypipe.atlas.store import ATLAS_ATTR
 
-    if not (src.is_dir() and ((src / "zarr.json").exists() or (src / ".zgroup").exists())):
+    if not _is_zarr(src):
         return False
     import zarr
 
@@ -118,6 +121,7 @@ def validate_job(job: JobConfig, *, force: bool = False) -> list[str]:
     """
     from raypipe.annotate.stage import check_annotate_config
     from raypipe.atlas.reader import open_source, resolve_input_path
+    from raypipe.atlas.soma import is_soma_input
     from raypipe.atlas.store import open_atlas, read_obs_columns, read_var
     from raypipe.embed.methods import METHODS
 
@@ -137,6 +141,8 @@ def validate_job(job: JobConfig, *, force: bool = False) -> list[str]:
             "Ontology terms",
         )
     check_annotate_config(job)  # the ontology loads; annotate.mapping names live CL terms
+    if is_soma_input(job.input.path):
+        return _validate_soma(job, force)
     src = resolve_input_path(job.input.path)
     if not src.exists():
         raise InputError(f"input file {src} does not exist", fix="check input.path in the config")
@@ -161,18 +167,49 @@ def validate_job(job: JobConfig, *, force: bool = False) -> list[str]:
     return []
 
 
+def _validate_soma(job: JobConfig, force: bool) -> list[str]:
+    """Open the SOMA experiment, resolve the filter, check its cells, genes and columns."""
+    from raypipe.atlas.soma import SomaRows, resolve_selection
+
+    keys = [k for k in (job.input.label_key, job.input.batch_key) if k]
+    sel = resolve_selection(job.input.path, job.input.soma, [*keys, *job.input.soma.obs_columns])
+    obs = SomaRows(sel.source).read_obs(keys, sel.joinids)
+    where = str(sel.source.get("uri") or job.input.path)
+    return _check_cells_and_genes(job, obs, [str(n) for n in sel.var.index], where, force)
+
+
+def _is_zarr(src: AnyPath) -> bool:
+    return src.is_dir() and ((src / "zarr.json").exists() or (src / ".zgroup").exists())
+
+
+def _noted(atlas: AtlasInfo, note: str) -> AtlasInfo:
+    return dataclasses.replace(atlas, extra=atlas.extra | {"input": note})
+
+
 def ensure_atlas(job: JobConfig, out_dir: AnyPath, *, progress: bool = True) -> AtlasInfo:
-    """Open ``input.path`` as an atlas, ingesting it into ``<out>/atlas.zarr`` when needed."""
+    """Open ``input.path`` as an atlas: as it is, in place (a view), or ingested when needed."""
     from raypipe.atlas.ingest import ingest
     from raypipe.atlas.reader import resolve_input_path
+    from raypipe.atlas.soma import is_soma_input
     from raypipe.atlas.store import open_atlas
+    from raypipe.atlas.views import inplace_layout, soma_view, zarr_view
 
+    if is_soma_input(job.input.path):
+        atlas = soma_view(job, out_dir)
+        return _noted(atlas, f"read in place (TileDB-SOMA, {atlas.n_obs:,} cells selected)")
     src = resolve_input_path(job.input.path)
     if _is_atlas(src):
-        return open_atlas(src)
+        return _noted(open_atlas(src), "a raypipe atlas, read as it is")
+    why = ""
+    if _is_zarr(src):
+        layout, why = inplace_layout(src, job)
+        if layout is not None:
+            atlas = zarr_view(src, layout, job, out_dir)
+            return _noted(atlas, "read in place (AnnData Zarr with row-chunked CSR X: no copy)")
+    copied = f"ingested into {out_dir / 'atlas.zarr'}" + (f" because {why}" if why else "")
     found = _ingested(job, src, out_dir)
     if found is not None:
-        return found
+        return _noted(found, copied)
     target = out_dir / "atlas.zarr"
     log.info("ingesting %s into %s", src, target)
     result = ingest(
@@ -185,4 +222,4 @@ def ensure_atlas(job: JobConfig, out_dir: AnyPath, *, progress: bool = True) -> 
         progress=progress,
     )
     atomic_write_json(out_dir / STAMP, _stamp(src, job.input.layer))
-    return result.atlas
+    return _noted(result.atlas, copied)

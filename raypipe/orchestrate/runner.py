@@ -75,6 +75,7 @@ class _Run:
         t = time.perf_counter()
         atlas = ensure_atlas(self.job, self.out_dir, progress=self.progress)
         self.summary.n_cells = atlas.n_obs
+        self.summary.input = str(atlas.extra.get("input", ""))  # in place, or why it was copied
         self.manifest.atlas = dict(atlas.extra) | {"path": atlas.path}
         self.summary.ray = init_ray(self.job.ray)
         self._timed("atlas", t)

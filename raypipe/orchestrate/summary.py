@@ -14,6 +14,7 @@ class RunSummary:
 
     output_dir: str
     n_cells: int = 0
+    input: str = ""
     n_shards: int = 0
     shards_done: dict[str, int] = field(default_factory=dict)
     shards_skipped: dict[str, int] = field(default_factory=dict)
@@ -34,6 +35,7 @@ class RunSummary:
             "== raypipe run summary ==",
             f"ray:        {self.ray}",
             f"cells:      {self.n_cells:,} in {self.n_shards} shards",
+            *([f"input:      {self.input}"] if self.input else []),
             f"wall time:  {self.wall_s:.1f} s ({cps:,.0f} cells/s end to end, all stages)",
             f"genes:      {self.coverage}",
         ]
