@@ -19,7 +19,7 @@ from raypipe.cli import main
 from raypipe.config import load_config
 from raypipe.orchestrate.runner import run_job
 
-pytestmark = pytest.mark.integration
+pytestmark = [pytest.mark.integration, pytest.mark.shared_gene_cache]
 
 CANDIDATES = ["B cell", "CD14-positive monocyte", "natural killer cell", "megakaryocyte"]
 
