@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from raypipe import __version__
+from raypipe.annotate.markers_cli import add_markers_parser
 from raypipe.errors import RaypipeError
 from raypipe.llm.cli import add_cache_parser
 
@@ -339,6 +340,7 @@ def build_parser() -> argparse.ArgumentParser:
     ref.set_defaults(func=_cmd_config_reference)
 
     add_cache_parser(sub)
+    add_markers_parser(sub)
     return p
 
 

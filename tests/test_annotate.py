@@ -151,7 +151,10 @@ def test_candidates_markers_text_and_unmatched(tiny_ontology, caplog):
     table = table.set_index("label")
     assert table.loc["CD14+ Monocytes", "cl_id"] == "CL:0001054"
     assert table.loc["CD14+ Monocytes", "text"].startswith("CD14-positive monocyte: A monocyte")
-    assert table.loc["CD14+ Monocytes", "markers"] == ["CD14"]
+    mono = table.loc["CD14+ Monocytes"]
+    signed = dict(zip(mono["markers"], mono["marker_weights"], strict=True))
+    assert [g for g, w in signed.items() if w > 0] == ["CD14"]
+    assert {g for g, w in signed.items() if w < 0} == {"CD3", "CD19"}  # "negative for CD3, CD19"
     assert table.loc["CD14+ Monocytes", "marker_source"] == "ontology"
     assert table.loc["B cells", "text"] == "B cell: A lymphocyte of B lineage. Makes antibodies."
     assert table.loc["Foo cells", "match_kind"] == "unmatched"

@@ -48,6 +48,24 @@ def test_weighted_ucell_reduces_to_ucell_and_follows_weights():
     assert gap(heavy0) > gap(plain) > 0
 
 
+def test_negative_markers_lower_the_score_of_cells_expressing_them():
+    rng = np.random.default_rng(2)
+    dense = rng.poisson(1.0, size=(60, 30)).astype(float)
+    dense[:, 0] += 20  # the positive marker: high everywhere
+    dense[:30, 1] += 20  # the negated marker: high in the first half, absent in the second
+    dense[30:, 1] = 0
+    x = sp.csr_matrix(dense)
+    sig, signed = [np.array([0, 1])], [np.array([1.0, -1.0])]
+    pos = marker_scores(x, [np.array([0])], max_rank=10)
+    off = marker_scores(x, sig, max_rank=10, weights=signed, negative=0.0)
+    np.testing.assert_allclose(off, pos, atol=1e-6)  # weight 0: the negative part is ignored
+    on = marker_scores(x, sig, max_rank=10, weights=signed, negative=0.5)
+    assert (on[:30, 0] < pos[:30, 0] - 0.3).all()  # expressing the absent marker costs
+    np.testing.assert_allclose(on[30:, 0], pos[30:, 0], atol=0.05)  # not expressing: no cost
+    only_neg = marker_scores(x, [np.array([1])], max_rank=10, weights=[np.array([-1.0])])
+    assert np.isnan(only_neg).all()  # no positive marker: the scorer abstains
+
+
 def test_combine_standardises_per_candidate():
     rng = np.random.default_rng(0)
     truth = np.repeat([0, 1], 50)
@@ -130,7 +148,7 @@ def test_ontology_markers_with_aliases_and_negation(gene_table):
     onto = load_ontology()
     mapper = LabelMapper(onto, genes=GeneNames.from_table(gene_table))
     nk = ontology_markers(mapper, "CL:0000623")  # natural killer cell
-    assert {"CD56", "CD27"} <= {n.upper() for n in nk.names}  # from its descendants names
+    assert "CD56" in {n.upper() for n in nk.names}  # from its descendants names
     assert all(s.startswith("ontology:") for s in nk.sources)
     ncm = ontology_markers(mapper, "CL:0002396")  # CD14-low, CD16-positive monocyte
     assert "CD16" in ncm.names
@@ -163,3 +181,64 @@ def test_ontology_markers_with_aliases_and_negation(gene_table):
     assert table.loc["B cells", "marker_source"] == "ontology"
     assert "CD38" in table.loc["B cells", "markers"]  # 14 of the 97 B-cell descendants name it
     assert "CD19" not in table.loc["B cells", "markers"]  # 1 of 97: under the 5% cut
+
+
+def test_llm_descriptions_asked_once_cached_checked_and_used_as_text(tmp_path, monkeypatch):
+    from servers.openai_server import FakeOpenAI
+
+    from raypipe.annotate.descriptions import check_description, llm_descriptions
+    from raypipe.config import load_config
+
+    good = (
+        "B cells are lymphocytes that make antibodies after antigen contact. They circulate "
+        "in blood and lymphoid organs. They express MS4A1, CD79A and CD19."
+    )
+
+    def answer(prompt):
+        if "'B cell'" in prompt:
+            return good
+        return "- a list\n- not prose"  # an unusable answer: a failure row, not a text
+
+    monkeypatch.setenv("RAYPIPE_TEST_DESC_KEY", "sk-loopback")
+    with FakeOpenAI("sk-loopback", chat_answer=answer) as srv:
+        job = load_config(
+            {
+                "input": {"path": "x.h5ad"},
+                "output_dir": str(tmp_path / "run"),
+                "cache": {"path": str(tmp_path / "cache")},
+                "llm": {
+                    "backend": "openai",
+                    "model": "fake-chat",
+                    "base_url": srv.base_url,
+                    "api_key_env": "RAYPIPE_TEST_DESC_KEY",
+                    "max_tokens": 120,
+                },
+                "limits": {"max_retries": 1, "backoff_base_s": 0.01, "timeout_s": 10},
+                "annotate": {"llm_descriptions": True, "tissue": "blood"},
+            }
+        )
+        asks = [("B cells", "B cell", "CL:0000236"), ("Mono", "monocyte", "CL:0000576")]
+        found, fails, _ = llm_descriptions(asks, job)
+        assert found == {"B cells": good}
+        assert [f["item"] for f in fails] == ["Mono"]
+        assert "list" in fails[0]["reason"]
+        prompts = [p for p in srv.served if "Describe the cell type" in p]
+        assert len(prompts) == 2
+        assert all("human blood" in p for p in prompts)
+        srv.reset_counters()
+        again, _, _ = llm_descriptions(asks, job)
+        assert again == found
+        assert srv.calls["/v1/chat/completions"] == 1  # B cell from the cache; Mono asked again
+        from raypipe.annotate.descriptions import descriptions_for_job
+        from raypipe.annotate.mapping import LabelMapping
+
+        maps = [LabelMapping(label, cl, name, "label", 1.0) for label, name, cl in asks]
+        texts, warnings, _ = descriptions_for_job(job, maps, tmp_path / "run")
+        assert texts == found
+        assert "Mono" in warnings[0]
+        fails_file = tmp_path / "run" / "state" / "failures" / "annotate_descriptions.parquet"
+        assert fails_file.is_file()
+    onto = load_ontology()
+    table = build_candidates(["B cells"], onto, descriptions=found).set_index("label")
+    assert table.loc["B cells", "text"].endswith(good)  # what the text scorer embeds
+    assert check_description("I'm sorry, I cannot help with that request today, really.")

@@ -19,6 +19,8 @@ COMMANDS = [
     ["genes"],
     ["genes", "fetch-orgdb"],
     ["cache"],
+    ["markers"],
+    ["markers", "fetch"],
 ]
 
 

@@ -11,12 +11,16 @@ One row per candidate, columns:
 ``match_detail``     the term text matched, or why nothing matched
 ``definition``       the CL definition ("" when unmatched)
 ``text``             LangCell-style ``"<cl_label>: <definition>"`` (+ description, + markers)
-``markers``          atlas gene symbols, highest weight first (:mod:`raypipe.annotate.markers`)
-``marker_weights``   their weights after the specificity division
-``marker_sources``   per marker: config / llm / ontology:term / ontology:definition/ancestors /
-                     ontology:descendants (+ the name it was written as, e.g. ``(CD16)``)
+``markers``          atlas gene symbols: positive markers, highest weight first, then negative
+                     ones (:mod:`raypipe.annotate.markers`)
+``marker_weights``   their weights after the specificity division; **negative** for a marker
+                     stated absent (``CD3E-`` in config, "lacks CD3" in a CL definition)
+``marker_sources``   per marker: config / llm / marker_db:<resource> (<its cell type>) /
+                     ontology:term / ontology:definition/ancestors / ontology:descendants /
+                     ontology:negated (+ the name it was written as, e.g. ``(CD16)``)
 ``missing_markers``  marker names that did not resolve to an atlas gene
-``marker_source``    where the candidate's markers came from: config / llm / ontology / none
+``marker_source``    where the candidate's positive markers came from, the most trusted source
+                     that has any: config / llm / marker_db / ontology / none
 
 The lead writes it to ``annotations/label_mapping.parquet``; unmatched candidates stay in it
 (text = the name itself) and are listed by :func:`unmatched` and in a logged warning.
@@ -27,13 +31,17 @@ from __future__ import annotations
 import logging
 import re
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pandas as pd
 
 from raypipe.annotate.mapping import LabelMapper, LabelMapping
 from raypipe.annotate.markers import MarkerSet, ontology_markers, specificity_weights
+from raypipe.annotate.names import parse_name
 from raypipe.annotate.ontology import Ontology
+
+if TYPE_CHECKING:
+    from raypipe.annotate.marker_db import MarkerDB
 
 __all__ = [
     "CANDIDATE_COLUMNS",
@@ -42,6 +50,7 @@ __all__ = [
     "candidate_text",
     "candidates_from_labels",
     "extract_marker_tokens",
+    "marker_source_counts",
     "resolver_from_aliases",
     "unmatched",
 ]
@@ -176,6 +185,8 @@ def build_candidates(
     mappings: Sequence[LabelMapping] | None = None,
     use_ontology_markers: bool = True,
     is_gene: Callable[[str], bool] | None = None,
+    resource: MarkerDB | None = None,
+    negatives: bool = True,
 ) -> pd.DataFrame:
     """Map candidate names (or CL ids) to CL terms and build their text and markers.
 
@@ -207,6 +218,13 @@ def build_candidates(
         ontology-derived names that are not genes (``NK1.1``, ``pre-BCR``) are dropped instead
         of being listed as missing. An alias naming several genes (``CD16`` → FCGR3A, FCGR3B)
         splits its weight among them.
+    resource
+        A curated marker resource (:class:`~raypipe.annotate.marker_db.MarkerDB`), trusted
+        after config and LLM markers and before the ontology; the markers the term's own
+        name states (``CD14-positive``) are added to the resource's.
+    negatives
+        Keep negative markers (config names written ``GENE-``; names and definitions of the
+        term saying a marker is absent) as negative weights.
 
     Returns
     -------
@@ -223,6 +241,7 @@ def build_candidates(
     by_name = {m.label: m for m in mappings}
     rows: list[dict[str, Any]] = []
     gene_weights: list[dict[str, float]] = []
+    negs: list[dict[str, float]] = []
     for name in unique:
         mp = by_name.get(name) or mapper.map(name)
         term = ontology.terms.get(mp.cl_id) if mp.cl_id else None
@@ -231,28 +250,51 @@ def build_candidates(
         found_set = MarkerSet()
         if markers.get(name):
             for g in markers[name]:
-                found_set.add(str(g), 1.0, "config")
+                found_set.add(*_signed(str(g)), "config")
         elif llm_markers.get(name):
             for g in llm_markers[name]:
                 found_set.add(str(g), 1.0, "llm")
+        elif term is not None and resource is not None and resource.markers_for(term.id):
+            for g, (w, cell_type) in resource.markers_for(term.id).items():
+                found_set.add(g, w, f"marker_db:{resource.source} ({cell_type})")
+            if use_ontology_markers:  # the term's own name still says what sets it apart
+                for g in sorted(mapper.stated_markers(term.id)):  # (CD14- vs CD16-positive)
+                    found_set.add(g, 1.0, "ontology:term")
         elif term is not None and use_ontology_markers:
             found_set = ontology_markers(mapper, term.id)
+        if term is not None and use_ontology_markers and not markers.get(name):
+            for g in sorted(mapper.negated_markers(term.id)):
+                found_set.add(g, -1.0, "ontology:negated")
         weights: dict[str, float] = {}
+        negative: dict[str, float] = {}
         origin: dict[str, str] = {}
+        neg_origin: dict[str, str] = {}
         missing: list[str] = []
         for g, w, src in zip(found_set.names, found_set.weights, found_set.sources, strict=True):
+            if w < 0 and not negatives:
+                continue
             hits = _resolve_one(g, resolver)
             if not hits:
                 if not (src.startswith("ontology") and is_gene is not None and not is_gene(g)):
                     missing.append(g)
                 continue
             share = w / len(hits)
+            into, said = (negative, neg_origin) if w < 0 else (weights, origin)
             for h in hits:
-                if share > weights.get(h, 0.0):
-                    weights[h] = share
-                    origin[h] = f"{src} ({g})" if g.upper() != h.upper() else src
+                if abs(share) > abs(into.get(h, 0.0)):
+                    into[h] = share
+                    said[h] = f"{src} ({g})" if g.upper() != h.upper() else src
+        for h in list(negative):
+            if h in weights:  # stated both ways (a descendant's name): no signal
+                negative.pop(h)
+            else:
+                origin[h] = neg_origin[h]
+        negs.append(negative)
         gene_weights.append(weights)
-        source = found_set.sources[0].split(":")[0] if found_set.sources else "none"
+        positive = [
+            src for src, w in zip(found_set.sources, found_set.weights, strict=True) if w > 0
+        ]
+        source = positive[0].split(":")[0] if positive else "none"
         rows.append(
             {
                 "label": name,
@@ -269,11 +311,14 @@ def build_candidates(
             }
         )
     final = specificity_weights(gene_weights)
-    for row, gw in zip(rows, final, strict=True):
+    for row, gw, neg in zip(rows, final, negs, strict=True):
         order = sorted(gw, key=lambda g: (-gw[g], g))
-        row["markers"] = order
-        row["marker_weights"] = [round(float(gw[g]), 4) for g in order]
-        row["marker_sources"] = [row["_origin"].get(g, "") for g in order]
+        neg_order = sorted(neg, key=lambda g: (neg[g], g))
+        row["markers"] = order + neg_order
+        row["marker_weights"] = [round(float(gw[g]), 4) for g in order] + [
+            round(float(neg[g]), 4) for g in neg_order
+        ]
+        row["marker_sources"] = [row["_origin"].get(g, "") for g in order + neg_order]
         row["text"] = candidate_text(
             row.pop("_title"),
             row["definition"],
@@ -293,6 +338,36 @@ def build_candidates(
             ", ".join(lost),
         )
     return table
+
+
+def _signed(name: str) -> tuple[str, float]:
+    """Split a config marker into name and sign: ``CD3E-`` (``-negative``) is absent, -1."""
+    marks = parse_name(name).markers
+    if len(marks) == 1 and marks[0].polarity == "negative":
+        return marks[0].name, -1.0
+    return name, 1.0
+
+
+def marker_source_counts(table: pd.DataFrame, *, least: int = 3) -> dict[str, tuple[int, int]]:
+    """Per marker source: candidates with at least ``least`` of its markers in the atlas.
+
+    Returns
+    -------
+    dict
+        ``source → (candidates with >= least positive atlas markers from it, candidates
+        with any)``; sources are config / llm / marker_db / ontology.
+    """
+    out: dict[str, tuple[int, int]] = {}
+    for srcs, wts in zip(table["marker_sources"], table["marker_weights"], strict=True):
+        per: dict[str, int] = {}
+        for src, w in zip(list(srcs), list(wts), strict=True):
+            if w > 0:
+                key = str(src).split(":")[0].split(" ")[0]
+                per[key] = per.get(key, 0) + 1
+        for key, n in per.items():
+            enough, anyn = out.get(key, (0, 0))
+            out[key] = (enough + (n >= least), anyn + 1)
+    return dict(sorted(out.items()))
 
 
 def _resolve_one(name: str, resolver: Resolver | None) -> list[str]:

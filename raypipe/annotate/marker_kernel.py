@@ -5,8 +5,11 @@ once, and each marker's rank is found by binary search (genes strictly higher, p
 position among ties; genes at zero share the average rank of the zero block), capped at
 ``max_rank + 1``. The weighted Mann-Whitney U of each candidate's signature then gives
 ``1 - (Σ w r - W(m+1)/2) / (W * max_rank)`` clipped to [0, 1] (see
-:func:`raypipe.annotate.scorers.marker_scores` for the definition). No dense copy of the marker
-columns is made; rows run in parallel (``prange``). Compiled once per machine (``cache=True``).
+:func:`raypipe.annotate.scorers.marker_scores` for the definition). Negative weights are a
+second signature (the markers stated absent), scored the same way with ``|w|`` and subtracted
+times ``negative``: ``score = UCell(positive) - negative * UCell(negative)`` (a candidate
+without positive markers is NaN). No dense copy of the marker columns is made; rows run in
+parallel (``prange``). Compiled once per machine (``cache=True``).
 """
 
 from __future__ import annotations
@@ -27,7 +30,9 @@ def _kernel():  # type: ignore[no-untyped-def]
         import numba
 
         @numba.njit(parallel=True, cache=True, nogil=True)
-        def kernel(indptr, indices, data, col_to_used, n_used, ptr, pos, wts, g, max_rank, out):  # type: ignore[no-untyped-def]
+        def kernel(
+            indptr, indices, data, col_to_used, n_used, ptr, pos, wts, g, max_rank, neg_scale, out
+        ):  # type: ignore[no-untyped-def]
             n = indptr.size - 1
             k = ptr.size - 1
             cap = max_rank + 1.0
@@ -58,17 +63,27 @@ def _kernel():  # type: ignore[no-untyped-def]
                     ranks[u] = min(r, cap)
                 for j in range(k):
                     a, b = ptr[j], ptr[j + 1]
-                    if a == b:
+                    total, acc, m = 0.0, 0.0, 0
+                    ntotal, nacc, nm = 0.0, 0.0, 0
+                    for q in range(a, b):
+                        w = wts[q]
+                        if w > 0:
+                            total += w
+                            acc += w * ranks[pos[q]]
+                            m += 1
+                        elif w < 0:
+                            ntotal -= w
+                            nacc -= w * ranks[pos[q]]
+                            nm += 1
+                    if m == 0:
                         out[i, j] = np.nan
                         continue
-                    total = 0.0
-                    acc = 0.0
-                    for q in range(a, b):
-                        total += wts[q]
-                        acc += wts[q] * ranks[pos[q]]
-                    m = b - a
                     s = 1.0 - (acc - total * (m + 1) / 2.0) / (total * max_rank)
-                    out[i, j] = min(max(s, 0.0), 1.0)
+                    s = min(max(s, 0.0), 1.0)
+                    if nm > 0 and neg_scale > 0:
+                        ns = 1.0 - (nacc - ntotal * (nm + 1) / 2.0) / (ntotal * max_rank)
+                        s -= neg_scale * min(max(ns, 0.0), 1.0)
+                    out[i, j] = s
 
         _KERNEL = kernel
     return _KERNEL
@@ -80,8 +95,12 @@ def ucell_scores(
     weights: Sequence[np.ndarray] | None,
     *,
     max_rank: int,
+    negative: float = 0.0,
 ) -> np.ndarray:
     """(n, k) float32 weighted UCell scores; NaN columns for candidates without markers.
+
+    Negative weights mark genes stated absent; their UCell score, times ``negative``, is
+    subtracted (``negative=0`` ignores them).
 
     ``expr`` must be CSR with every index in range; ``marker_idx`` holds valid column indices.
     """
@@ -113,6 +132,7 @@ def ucell_scores(
         wts,
         g,
         float(max_rank),
+        float(negative),
         out,
     )
     return out

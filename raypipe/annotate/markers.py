@@ -6,10 +6,16 @@
    CL term in ``annotate.tissue``; the answer is parsed strictly (a comma-separated list of
    gene symbols) and every name resolved through gene aliases; an answer naming no known gene
    is a failure row (``failures.parquet``), never silently empty markers;
-3. **ontology**: markers named positively in the term's label/synonyms (weight 1), its
+3. **marker_db**: a curated resource (``annotate.marker_db``, :mod:`raypipe.annotate.marker_db`:
+   PanglaoDB), its cell types mapped to CL terms once;
+4. **ontology**: markers named positively in the term's label/synonyms (weight 1), its
    definition and its ancestors' names (1), and its descendants' labels/synonyms (0.5 × the
-   share of descendants stating them; under 5% dropped); negated mentions (``CD14-low``,
-   "negative for CD3") are dropped.
+   share of descendants stating them; under 5% dropped).
+
+**Negative markers** (weight −1): a config marker written ``GENE-``, and every marker the term's
+names or definition state as absent (``CD16-negative``, "lacks CD3", "negative for CD19"; low
+expression, ``CD14-low``, is not absence) — the ``markers`` scorer subtracts their signature
+score, times ``annotate.negative_markers``.
 
 Gene weights are then made specific (:func:`specificity_weights`): a candidate's weight for a
 gene is multiplied by its share of the weight all candidates give that gene (a marker every

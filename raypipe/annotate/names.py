@@ -9,18 +9,25 @@ user's label and for a CL label/synonym, so both sides can be compared concept b
   ``-high``, ``bright``/``dim``, a trailing ``-``), a ``CD<number>`` token, or a token that is
   a gene symbol/alias (``is_gene``) and not a cell-type word of the ontology (``vocabulary``);
   a marker written without polarity counts as positive (``CD4 T cells``, ``Mono_CD14``);
+* numbers are concepts of their own: a free-standing number or roman numeral (``type 2``,
+  ``type II``, ``L2/3``) and the digits that end a word (``ILC2`` → ``ilc`` + 2, ``AT1`` →
+  ``at`` + 1) go to :attr:`ParsedName.numbers` (roman numerals as digits), so ``type 1`` and
+  ``type 2`` never read as the same name;
 * everything else is a word: lower case, singular, British spellings made American
   (``haem`` → ``hem``, ``leuc`` → ``leuk``), split on ``_ / - , ( )`` and spaces; the filler
-  word ``cell`` is dropped (``B`` and ``B cells`` are the same concept).
+  word ``cell`` is dropped (``B`` and ``B cells`` are the same concept), a one-letter capital
+  is a word even when it is a filler word in lower case (``type A``).
 
 :func:`extract_marker_mentions` reads a free-text definition ("a monocyte that expresses CD14
-and is negative for CD3, CD19") and keeps the positive mentions only. :class:`GeneNames` says
+and is negative for CD3, CD19") and keeps the positive mentions (``negative=True``: the
+negated ones). :class:`GeneNames` says
 which marker names are the same gene (``FCGR3A`` ~ ``CD16``); :func:`align_abbreviation` and
 :func:`acronym_words` are the abbreviation conventions the label mapper uses.
 """
 
 from __future__ import annotations
 
+import functools
 import re
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
@@ -46,7 +53,9 @@ _SUFFIX = re.compile(
     r"(\+\+?|-positive|-negative|-bright|-dim|-high|-hi|-low|-lo|-int|-neg|-pos|"
     r"(?<=\d)(?:bright|dim|high|hi|low|lo)|-(?=[\s,/)_;+]|$|[A-Z]{2,}\d)|−(?=[\s,/)_;]|$))",
 )
-_TOKEN = re.compile(r"[A-Za-z][A-Za-z0-9.]*")
+_TOKEN = re.compile(r"[A-Za-z][A-Za-z0-9.]*|\d+")
+_ROMAN = {"i": "1", "ii": "2", "iii": "3", "iv": "4"}
+_TRAILING_DIGITS = re.compile(r"^([A-Za-z]+?)(\d+)$")
 _CD = re.compile(r"^CD\d+[A-Za-z]{0,3}$", re.IGNORECASE)
 _GENE_LIKE = re.compile(r"^[A-Z][A-Z0-9]*\d[A-Z0-9]*$|^[A-Z]{3,}[0-9]*[A-Z0-9]*$")
 _NO_SINGULAR = ("ss", "us", "is", "os", "ys")
@@ -54,6 +63,11 @@ _SPELLING = (("haem", "hem"), ("leuc", "leuk"), ("oesin", "eosin"), ("foet", "fe
 _NEG_CLAUSE = re.compile(
     r"\b(?:negative for|lacks?|lacking|does not express|do not express|not expressing|"
     r"low expression of|low levels? of|low responsiveness to|absence of|absent)\b[^.;]*",
+    re.IGNORECASE,
+)
+_ABSENT_CLAUSE = re.compile(
+    r"\b(?:negative for|lacks?|lacking|does not express|do not express|not expressing|"
+    r"absence of)\b[^.;]*",
     re.IGNORECASE,
 )
 
@@ -75,6 +89,8 @@ class ParsedName:
     markers: tuple[Marker, ...]
     all_words: tuple[str, ...] = ()  # words with the filler kept (for initials)
     acronyms: frozenset[str] = frozenset()  # words written like acronyms (``TEM``, ``Tcm``)
+    numbers: tuple[str, ...] = ()  # digits and roman numerals, as digits (``II`` → ``2``)
+    capitals: frozenset[str] = frozenset()  # words written with two or more capitals (``RGC``)
 
     @property
     def positive(self) -> tuple[str, ...]:
@@ -91,6 +107,7 @@ def _polarity(suffix: str) -> str:
     return _NEG
 
 
+@functools.lru_cache(maxsize=65536)
 def normalise_word(word: str) -> str:
     """Lower case, singular, American spelling: ``"Haematopoietic"`` → ``"hematopoietic"``."""
     w = word.lower()
@@ -137,12 +154,18 @@ def parse_name(
     words: list[str] = []
     all_words: list[str] = []
     acronyms: set[str] = set()
+    capitals: set[str] = set()
     markers: list[Marker] = []
+    numbers: list[str] = []
     pos = 0
     for m in _TOKEN.finditer(raw):
         if m.start() < pos:
             continue
         tok = m.group(0).rstrip(".")
+        if tok.isdigit():
+            numbers.append(str(int(tok)))
+            pos = m.start() + len(tok)
+            continue
         end = m.start() + len(tok)
         rest = raw[end:]
         sm = _SUFFIX.match(rest)
@@ -164,14 +187,33 @@ def parse_name(
         ):
             markers.append(Marker(tok.upper(), _POS))
         else:
+            glued = _TRAILING_DIGITS.match(tok)
+            if glued:  # "ILC2", "AT1", "Lamp5": the word, then its number
+                tok = glued.group(1)
+                key = normalise_word(tok)
+                numbers.append(str(int(glued.group(2))))
+            if key in _ROMAN:
+                numbers.append(_ROMAN[key])
+                pos = end
+                continue
             all_words.append(key)
-            if key not in FILLER:
+            if key not in FILLER or (len(tok) == 1 and tok.isupper()):
                 words.append(key)
                 upper = sum(c.isupper() for c in tok)
                 if tok.isalpha() and (upper >= 2 or (upper == 1 and len(tok) <= 3)):
                     acronyms.add(key)
+                if upper >= 2:
+                    capitals.add(key)
         pos = end
-    return ParsedName(text, tuple(words), tuple(markers), tuple(all_words), frozenset(acronyms))
+    return ParsedName(
+        text,
+        tuple(words),
+        tuple(markers),
+        tuple(all_words),
+        frozenset(acronyms),
+        tuple(numbers),
+        frozenset(capitals),
+    )
 
 
 def _gene_shaped(tok: str) -> bool:
@@ -184,12 +226,15 @@ def _is_plain_word(tok: str, vocab: Callable[[str], bool]) -> bool:
 
 
 def extract_marker_mentions(
-    text: str, *, is_gene: Callable[[str], bool] | None = None
+    text: str, *, is_gene: Callable[[str], bool] | None = None, negative: bool = False
 ) -> list[Marker]:
-    """Positive marker mentions in free text (a CL definition), in order, unique.
+    """Positive (or, with ``negative``, absent) marker mentions in free text, in order, unique.
 
     Mentions inside a negating clause ("negative for CD3, CD19", "lacks CD4") or with a
-    negative/low polarity (``CD14-low``, ``CD16-negative``) are dropped.
+    negative/low polarity (``CD14-low``, ``CD16-negative``) are not positive. With
+    ``negative=True`` only the mentions stated as *absent* are returned: inside "negative for",
+    "lacks", "does not express" ... clauses or written ``-negative``; low expression
+    (``CD14-low``, "low levels of") is neither.
 
     Parameters
     ----------
@@ -198,17 +243,25 @@ def extract_marker_mentions(
     is_gene
         Predicate for tokens without a digit (``GNLY``); without it only tokens with a digit or
         an explicit polarity count.
+    negative
+        Return the absent markers instead of the positive ones.
     """
     spans = [m.span() for m in _NEG_CLAUSE.finditer(text)]
+    absent = [m.span() for m in _ABSENT_CLAUSE.finditer(text)]
     out: list[Marker] = []
     seen: set[str] = set()
     for m in _TOKEN.finditer(text):
         tok = m.group(0).rstrip(".")
-        if any(a <= m.start() < b for a, b in spans):
-            continue
         end = m.start() + len(tok)
         sm = _SUFFIX.match(text[end:].replace("−", "-"))
-        if sm and _polarity(sm.group(0)) != _POS:
+        polarity = _polarity(sm.group(0)) if sm else _POS
+        if negative:  # stated absent, never written positive ("lacks CD3 and is CD56+")
+            explicit_pos = sm is not None and polarity == _POS
+            if polarity == _LOW or explicit_pos:
+                continue
+            if polarity != _NEG and not any(a <= m.start() < b for a, b in absent):
+                continue
+        elif polarity != _POS or any(a <= m.start() < b for a, b in spans):
             continue
         if not (tok[:1].isupper() or _CD.match(tok)):
             continue
@@ -219,7 +272,7 @@ def extract_marker_mentions(
             continue
         if tok.upper() not in seen:
             seen.add(tok.upper())
-            out.append(Marker(tok.upper(), _POS))
+            out.append(Marker(tok.upper(), _NEG if negative else _POS))
     return out
 
 

@@ -76,6 +76,8 @@ class ScoreInputs:
         k float arrays of gene weights matching ``marker_idx`` (None = equal weights).
     max_rank
         UCell rank cap.
+    negative
+        Weight of the negative markers' signature (``annotate.negative_markers``).
     langcell_sim, langcell_ctm
         (n, k) LangCell's per-cell softmax-over-candidates similarity and matching scores
         (NaN rows for cells without tokens), columns in candidate order.
@@ -91,6 +93,7 @@ class ScoreInputs:
     marker_idx: Sequence[np.ndarray] | None = None
     marker_weights: Sequence[np.ndarray] | None = None
     max_rank: int = 1500
+    negative: float = 0.0
     langcell_sim: np.ndarray | None = None
     langcell_ctm: np.ndarray | None = None
     langcell_alpha: float = 0.1
@@ -178,6 +181,7 @@ def marker_scores(
     *,
     max_rank: int = 1500,
     weights: Sequence[np.ndarray] | None = None,
+    negative: float = 0.0,
 ) -> np.ndarray:
     """UCell-like signature scores (weighted when ``weights`` is given).
 
@@ -190,12 +194,16 @@ def marker_scores(
     max_rank
         Rank cap (UCell's ``maxRank``); ranks above it count as ``max_rank + 1``.
     weights
-        k arrays of positive gene weights (same shapes as ``marker_idx``); None = equal.
+        k arrays of gene weights (same shapes as ``marker_idx``); None = equal. A negative
+        weight marks a gene stated absent: those genes form a second signature whose score,
+        times ``negative``, is subtracted (so the score can drop below 0).
+    negative
+        Weight of the negative signature (0 ignores it).
 
     Returns
     -------
     numpy.ndarray
-        (n, k) float32 scores in [0, 1]; 1 = the markers are the cell's top genes. Candidates
+        (n, k) float32 scores in [0, 1] (minus the negative part); 1 = the markers are the top genes. Candidates
         with no markers score NaN (the marker scorer has nothing to say about them).
     """
     from raypipe.annotate.marker_kernel import ucell_scores
@@ -209,7 +217,7 @@ def marker_scores(
         raise InputError(f"marker column index out of range for a matrix with {g} genes")
     if weights is not None and [np.size(w) for w in weights] != [i.size for i in idx]:
         raise InputError("marker weights must match the marker indices, candidate by candidate")
-    return ucell_scores(mat, idx, weights, max_rank=max_rank)
+    return ucell_scores(mat, idx, weights, max_rank=max_rank, negative=negative)
 
 
 @SCORERS.register("text")
@@ -232,7 +240,11 @@ def _markers(inputs: ScoreInputs) -> np.ndarray:
             fix="set annotate.markers or use candidates whose CL definition names genes",
         )
     return marker_scores(
-        inputs.expr, inputs.marker_idx, max_rank=inputs.max_rank, weights=inputs.marker_weights
+        inputs.expr,
+        inputs.marker_idx,
+        max_rank=inputs.max_rank,
+        weights=inputs.marker_weights,
+        negative=inputs.negative,
     )
 
 

@@ -101,13 +101,18 @@ def _candidate_names(job: JobConfig, atlas: AtlasInfo) -> list[str]:
 def check_annotate_config(job: JobConfig) -> None:
     """Fail early (before any embedding work) on an ``annotate`` section that cannot run.
 
-    Checks that the ontology loads and that every ``annotate.mapping`` id is a live CL term.
+    Checks that the ontology loads, that every ``annotate.mapping`` id is a live CL term and
+    that the marker resource (``annotate.marker_db``) is there and readable.
     """
     from raypipe.annotate.mapping import check_overrides
     from raypipe.annotate.ontology import load_ontology
 
     if job.annotate.enabled and job.annotate.mapping:
         check_overrides(job.annotate.mapping, load_ontology(job.annotate.ontology))
+    if job.annotate.enabled and job.annotate.marker_db.enabled:
+        from raypipe.annotate.marker_db import check_marker_db
+
+        check_marker_db(job)
 
 
 def prepare_candidates(
@@ -125,6 +130,7 @@ def prepare_candidates(
 
     from raypipe.annotate.candidates import build_candidates, unmatched
     from raypipe.annotate.mapping import GeneNames, LabelMapper
+    from raypipe.annotate.marker_db import marker_db_for_job
     from raypipe.annotate.ontology import load_ontology
     from raypipe.annotate.scorers import marker_indices
     from raypipe.llm.cost import CostMeter
@@ -148,8 +154,11 @@ def prepare_candidates(
         overrides=cfg.mapping,
         embed=embed,
         embed_threshold=cfg.mapping_embed_threshold,
+        tissue=cfg.tissue,
+        species=job.genes.species,
     )
     mappings = mapper.map_all(names)
+    resource = marker_db_for_job(job, mapper, out_dir)
     resolver = _resolver(genes)
     warnings: list[str] = []
     llm = None
@@ -171,6 +180,13 @@ def prepare_candidates(
             )
         elif path.exists():
             path.unlink()
+    descriptions = None
+    if cfg.llm_descriptions:
+        from raypipe.annotate.descriptions import descriptions_for_job
+
+        descriptions, more, llm_usage = descriptions_for_job(job, mappings, out_dir)
+        usage.merge(llm_usage)
+        warnings += more
     cand = build_candidates(
         names,
         ontology,
@@ -181,6 +197,9 @@ def prepare_candidates(
         mappings=mappings,
         use_ontology_markers=cfg.ontology_markers,
         is_gene=gene_names.is_gene if gene_names is not None else None,
+        resource=resource,
+        negatives=cfg.negative_markers > 0,
+        descriptions=descriptions,
     )
     lost = unmatched(cand)
     if lost:
@@ -254,6 +273,7 @@ class AnnotateShards(AtlasShardStage):
         smoothing_block: int = 4096,
         smoothing_graph: str = "embedding",
         threads: int = 1,
+        negative: float = 0.0,
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
@@ -266,7 +286,7 @@ class AnnotateShards(AtlasShardStage):
         self.smoothing, self.smoothing_k, self.graph = smoothing, smoothing_k, smoothing_graph
         self.smoothing_block = smoothing_block
         self.top_k, self.threshold = top_k, unassigned_threshold
-        self.langcell_alpha = langcell_alpha
+        self.langcell_alpha, self.negative = langcell_alpha, negative
         self._langcell: tuple[np.ndarray, np.ndarray] | None = None
 
     def _score(self, emb: np.ndarray | None, x: Any) -> dict[str, np.ndarray]:
@@ -284,6 +304,7 @@ class AnnotateShards(AtlasShardStage):
             langcell_ctm=self._langcell[1] if self._langcell else None,
             langcell_alpha=self.langcell_alpha,
             marker_weights=self.marker_weights,
+            negative=self.negative,
         )
         return score_cells(inputs, self.weights, standardise=self.standardise)[0]
 
@@ -416,6 +437,7 @@ def build_annotation(
         "top_k": job.annotate.top_k,
         "unassigned_threshold": job.annotate.unassigned_threshold,
         "langcell_alpha": job.annotate.langcell_alpha,
+        "negative": job.annotate.negative_markers,
         "threads": max(1, round(job.ray.actor_cpus)),
     }
     step = StageSpec(AnnotateShards, kwargs, job.ray.actors, job.ray.actor_cpus)

@@ -59,6 +59,9 @@ def candidate_rows(
             how += f" ({float(conf):.2f})"
         markers = _as_list(getattr(r, "markers", None))
         sources = _as_list(getattr(r, "marker_sources", None))
+        signs = _as_list(getattr(r, "marker_weights", None))
+        if len(signs) == len(markers):  # a negative marker shows as "-CD3E"
+            markers = [f"-{g}" if w < 0 else g for g, w in zip(markers, signs, strict=True)]
         shown = [
             f"{g} [{s.split(' ')[0]}]" if s else str(g)
             for g, s in zip(markers[:max_markers], sources[:max_markers] or [""] * 99, strict=False)
@@ -109,6 +112,15 @@ def summary_lines(
             f"  {r['candidate']} → {r['CL term']} [{r['found by']}]; markers: {r['markers']}"
             f"{miss}{f1}"
         )
+    if {"marker_sources", "marker_weights"} <= set(table.columns):
+        from raypipe.annotate.candidates import marker_source_counts
+
+        counts = marker_source_counts(table)
+        if counts:
+            lines.append(
+                "  marker sources (candidates with >= 3 markers in the atlas / with any): "
+                + ", ".join(f"{k} {a}/{b}" for k, (a, b) in counts.items())
+            )
     lost = rows.loc[rows["CL term"].str.startswith("—"), "candidate"].tolist()
     if lost:
         lines.append(

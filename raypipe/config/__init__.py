@@ -9,6 +9,7 @@ from raypipe.config.loading import (
     config_hash,
     load_config,
 )
+from raypipe.config.markers import MarkerDBConfig, MarkerDBName
 from raypipe.config.models import (
     AnnotateConfig,
     CacheConfig,
@@ -53,6 +54,8 @@ __all__ = [
     "JobConfig",
     "LLMConfig",
     "LimitsConfig",
+    "MarkerDBConfig",
+    "MarkerDBName",
     "Price",
     "RayConfig",
     "ScorerName",

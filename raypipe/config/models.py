@@ -11,6 +11,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from raypipe.config.markers import MarkerDBConfig
 from raypipe.config.soma import SomaConfig
 
 # Registry names, written out so that validating a config imports no backend; a test
@@ -124,6 +125,11 @@ class GenesConfig(_Section):
     fallback: Literal["none", "symbol"] = Field(
         "none",
         description="When the text source is unavailable: `symbol` uses gene names as text (loudly warned).",
+    )
+    species: Literal["human", "mouse"] = Field(
+        "human",
+        description="Species of the atlas: Cell Ontology terms and marker-resource rows of "
+        "other species are never used.",
     )
 
 
@@ -328,7 +334,19 @@ class AnnotateConfig(_Section):
         False, description="Ask the `llm` backend once per candidate for canonical markers."
     )
     tissue: str | None = Field(
-        None, description="Tissue named in the LLM marker prompt, e.g. `blood`."
+        None,
+        description="Tissue of the atlas (`lung`, `kidney`, `blood`; a UBERON name): steers "
+        "label mapping to its terms and is named in LLM prompts.",
+    )
+    marker_db: MarkerDBConfig = Field(
+        default_factory=MarkerDBConfig, description="Curated marker resource (PanglaoDB)."
+    )
+    negative_markers: float = Field(
+        0.5,
+        ge=0,
+        description="Weight of a candidate's negative markers (stated absent: `GENE-` in "
+        '`annotate.markers`, "negative for CD3" in a CL definition), subtracted in the '
+        "`markers` scorer; 0 ignores them.",
     )
     center: bool = Field(
         True, description="Centre cells and candidate texts against their means before cosine."
@@ -362,7 +380,11 @@ class AnnotateConfig(_Section):
     langcell_text_max_length: int = Field(
         512, gt=0, description="langcell scorer: candidate-text tokens kept (LangCell: 512)."
     )
-    llm_descriptions: bool = Field(False, description="Add LLM-written candidate descriptions.")
+    llm_descriptions: bool = Field(
+        False,
+        description="Ask the `llm` backend once per candidate (cached) for a 2-3 sentence "
+        "description, appended to the candidate text the `text` scorer embeds.",
+    )
 
     @field_validator("mapping")
     @classmethod
