@@ -9,6 +9,7 @@ python jobs/benchmark.py texts    # gene texts: Ray actors vs plain SentenceTran
 python jobs/benchmark.py scale    # 1M-cell end-to-end run, per-stage times and memory
 python jobs/benchmark.py inplace  # 1M-cell AnnData .zarr read in place vs ingested first
 python jobs/benchmark.py gpu      # CE at 4 Geneformer sizes + LangCell zero-shot (jobs/gpu_bench.sh)
+python jobs/benchmark.py reprocess  # a grown atlas: reuse of the fitted space vs --refit
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ BENCHES = {
     "inplace": "raypipe.bench.inplace",
     "texts": "raypipe.bench.texts",
     "gpu": "raypipe.bench.gpu",
+    "reprocess": "raypipe.bench.reprocess",
 }
 
 

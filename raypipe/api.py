@@ -340,6 +340,7 @@ def run(
     overwrite: bool = False,
     progress: bool = True,
     force: bool = False,
+    refit: bool = False,
 ) -> Run:
     """Run a job (what ``raypipe run`` does) and return the finished :class:`Run`.
 
@@ -356,11 +357,14 @@ def run(
     force
         Use a suspicious label column (numeric, one class per few cells) with a warning
         instead of refusing it (``raypipe run --force``).
+    refit
+        Fit the statistics recorded from the atlas (HVG genes, centring means) again, as a
+        new embedding-space version (``raypipe run --refit``).
     """
     from raypipe.orchestrate.runner import run_job
 
     job = _load(config, overrides)
-    summary = run_job(job, overwrite=overwrite, progress=progress, force=force)
+    summary = run_job(job, overwrite=overwrite, progress=progress, force=force, refit=refit)
     done = open_run(job.output_dir)
     done.summary = summary
     return done

@@ -53,7 +53,11 @@ def _cmd_run(args: argparse.Namespace) -> int:
         print(dry_run(job))
         return 0
     summary = run_job(
-        job, overwrite=args.overwrite, progress=not args.no_progress, force=args.force
+        job,
+        overwrite=args.overwrite,
+        progress=not args.no_progress,
+        force=args.force,
+        refit=args.refit,
     )
     print(summary.render())
     return 0
@@ -228,7 +232,15 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument(
         "--force",
         action="store_true",
-        help="use a suspicious label column (numeric, or nearly one class per cell) anyway",
+        help="use a suspicious label column (numeric, or nearly one class per cell) anyway; "
+        "with --overwrite, also delete files raypipe did not write inside its own folders",
+    )
+    run.add_argument(
+        "--refit",
+        action="store_true",
+        help="fit the statistics recorded from the atlas (HVG genes, centring means) again: a "
+        "new embedding-space version, every shard recomputed (default: reuse them, so a grown "
+        "atlas computes only its new shards)",
     )
     run.set_defaults(func=_cmd_run)
 
@@ -354,13 +366,34 @@ def main(argv: list[str] | None = None) -> int:
     # (they filter only while raypipe logs below INFO): `-v` shows everything
     logging.getLogger("raypipe").setLevel(level)
     try:
-        return int(args.func(args) or 0)
-    except RaypipeError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("interrupted: finished shards are kept; re-run to resume", file=sys.stderr)
+        try:
+            return int(args.func(args) or 0)
+        except RaypipeError as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 2
+        except KeyboardInterrupt:
+            print("interrupted: finished shards are kept; re-run to resume", file=sys.stderr)
+            return 130
+        finally:
+            _end_ray()
+    except KeyboardInterrupt:  # a Ctrl-C while the error above was being printed
+        _end_ray()
         return 130
+
+
+def _end_ray() -> None:
+    """Shut this process's Ray down now, with Ctrl-C ignored from here to the exit.
+
+    Otherwise Ray's own ``atexit`` shutdown runs during interpreter teardown, where a Ctrl-C
+    prints an "Exception ignored in atexit callback" traceback and can crash the process
+    (SIGSEGV in Ray's C++ teardown); after this, that handler has nothing left to do.
+    """
+    import signal
+
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    ray = sys.modules.get("ray")  # never imported here: only when the command used it
+    if ray is not None and ray.is_initialized():
+        ray.shutdown()
 
 
 if __name__ == "__main__":  # pragma: no cover

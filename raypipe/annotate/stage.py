@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 import numpy as np
 import pandas as pd
 
+from raypipe.annotate.checks import check_candidate_keys, label_candidates, markers_in_atlas
 from raypipe.atlas.store import AtlasShardStage
 from raypipe.config import config_hash
 from raypipe.core.outputs import part_path, read_parquet, write_parquet_atomic
@@ -27,6 +28,7 @@ from raypipe.errors import ConfigError
 if TYPE_CHECKING:
     from raypipe.atlas.store import AtlasInfo
     from raypipe.config import JobConfig
+    from raypipe.core.space import FittedSpace
     from raypipe.genes.space import GeneSpace
 
 __all__ = [
@@ -91,7 +93,7 @@ def _candidate_names(job: JobConfig, atlas: AtlasInfo) -> list[str]:
         return list(job.annotate.candidates)
     if job.input.label_key:
         labels = read_obs_columns(atlas.path, [job.input.label_key])[job.input.label_key]
-        return sorted({str(v) for v in labels.dropna().unique()})
+        return label_candidates(labels)  # blank labels are missing, never a candidate
     raise ConfigError(
         "annotate.enabled but there are no candidates",
         fix="list annotate.candidates, or set input.label_key to map its values to Cell Ontology terms",
@@ -101,8 +103,11 @@ def _candidate_names(job: JobConfig, atlas: AtlasInfo) -> list[str]:
 def check_annotate_config(job: JobConfig) -> None:
     """Fail early (before any embedding work) on an ``annotate`` section that cannot run.
 
-    Checks that the ontology loads, that every ``annotate.mapping`` id is a live CL term and
-    that the marker resource (``annotate.marker_db``) is there and readable.
+    Checks that the ontology loads, that every ``annotate.mapping`` id is a live CL term,
+    that the marker resource (``annotate.marker_db``) is there and readable, and (for
+    candidates the config lists) that markers/mapping keys name candidates; keys against a
+    label column's candidates are checked where its values are read
+    (:func:`check_candidate_keys`).
     """
     from raypipe.annotate.mapping import check_overrides
     from raypipe.annotate.ontology import load_ontology
@@ -113,6 +118,11 @@ def check_annotate_config(job: JobConfig) -> None:
         from raypipe.annotate.marker_db import check_marker_db
 
         check_marker_db(job)
+    if job.annotate.enabled and job.annotate.candidates:
+        blank = [c for c in job.annotate.candidates if not str(c).strip()]
+        if blank:
+            raise ConfigError("annotate.candidates has an empty name", fix="remove the empty entry")
+        check_candidate_keys(job, list(job.annotate.candidates))
 
 
 def prepare_candidates(
@@ -187,10 +197,11 @@ def prepare_candidates(
         descriptions, more, llm_usage = descriptions_for_job(job, mappings, out_dir)
         usage.merge(llm_usage)
         warnings += more
+    markers = markers_in_atlas(cfg.markers, resolver, warnings)
     cand = build_candidates(
         names,
         ontology,
-        markers=cfg.markers or None,
+        markers=markers or None,
         llm_markers=llm,
         resolver=resolver,
         mapper=mapper,
@@ -377,12 +388,18 @@ class AnnotateShards(AtlasShardStage):
         return sim, ctm
 
 
-def annotation_fingerprint(job: JobConfig, method_fp: str, cand: Candidates) -> str:
-    """Hash what an annotation part depends on: settings, the embeddings, the candidates."""
+def annotation_fingerprint(
+    job: JobConfig, method_fp: str, cand: Candidates, cell_mean: np.ndarray | None = None
+) -> str:
+    """Hash what an annotation part depends on: settings, the embeddings, the candidates.
+
+    ``cell_mean`` (the atlas's mean cell the text scorer centres on) is part of it too.
+    """
     return stage_hash(
         "annotate",
         config_hash(job.annotate),
         method_fp,
+        "" if cell_mean is None else stage_hash(np.asarray(cell_mean).tobytes()),
         "|".join(cand.labels),
         stage_hash(cand.text_emb.tobytes()),
         stage_hash(repr([i.tolist() for i in cand.marker_idx]).encode()),
@@ -390,10 +407,30 @@ def annotation_fingerprint(job: JobConfig, method_fp: str, cand: Candidates) -> 
     )
 
 
+def _cell_mean(job: JobConfig, method: str, method_fp: str, space: FittedSpace | None) -> Any:
+    """Return the method's mean cell: recorded in ``space`` (reused later) or computed."""
+    name, depends = f"annotate_{method}", stage_hash("cell_mean", method_fp)
+    data = space.get(name, depends) if space is not None else None
+    if data is not None:
+        return np.asarray(data["cell_mean"], dtype=np.float32)
+    mean = embedding_mean(as_path(job.output_dir), method)
+    if space is not None:
+        space.put(name, depends, {"cell_mean": [float(v) for v in mean]})
+    return mean
+
+
 def build_annotation(
-    job: JobConfig, atlas: AtlasInfo, method: str, method_fp: str, cand: Candidates
+    job: JobConfig,
+    atlas: AtlasInfo,
+    method: str,
+    method_fp: str,
+    cand: Candidates,
+    space: FittedSpace | None = None,
 ) -> tuple[StagePlan | None, str]:
     """Plan the annotation of one embedding method's cells.
+
+    The atlas's mean cell (centring of the text scorer) is fitted once and recorded in
+    ``space``: an atlas that grows keeps its old cells' annotations.
 
     Returns
     -------
@@ -416,7 +453,8 @@ def build_annotation(
             f"annotate: no scorer applies to {method} (text needs a GenePT method, langcell "
             "the ce method); skipped",
         )
-    fp = annotation_fingerprint(job, method_fp, cand)
+    cell_mean = _cell_mean(job, method, method_fp, space)
+    fp = annotation_fingerprint(job, method_fp, cand, cell_mean)
     kwargs = {
         "method": method,
         "atlas_path": atlas.path,
@@ -424,7 +462,7 @@ def build_annotation(
         "fingerprint": fp,
         "labels": cand.labels,
         "text_emb": ray.put(cand.text_emb),
-        "cell_mean": ray.put(embedding_mean(as_path(job.output_dir), method)),
+        "cell_mean": ray.put(cell_mean),
         "marker_idx": cand.marker_idx,
         "marker_weights": cand.marker_weights,
         "weights": weights,

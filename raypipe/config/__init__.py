@@ -36,6 +36,7 @@ from raypipe.config.models import (
     TextSourceName,
 )
 from raypipe.config.reference import ConfigKey, reference, reference_markdown, reference_page
+from raypipe.config.runtime import LeaseConfig, WatchdogConfig
 
 __all__ = [
     "AnnotateConfig",
@@ -53,6 +54,7 @@ __all__ = [
     "InputConfig",
     "JobConfig",
     "LLMConfig",
+    "LeaseConfig",
     "LimitsConfig",
     "MarkerDBConfig",
     "MarkerDBName",
@@ -64,6 +66,7 @@ __all__ = [
     "StorageConfig",
     "TextModelConfig",
     "TextSourceName",
+    "WatchdogConfig",
     "apply_overrides",
     "config_hash",
     "load_config",

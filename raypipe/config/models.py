@@ -12,6 +12,7 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from raypipe.config.markers import MarkerDBConfig
+from raypipe.config.runtime import LeaseConfig, WatchdogConfig
 from raypipe.config.soma import SomaConfig
 
 # Registry names, written out so that validating a config imports no backend; a test
@@ -202,6 +203,12 @@ class LimitsConfig(_Section):
     breaker_cooldown_s: float = Field(
         2.0, gt=0, description="How long the circuit breaker stays open before a trial request."
     )
+    failure_budget: int = Field(
+        12,
+        gt=0,
+        description="Failed requests in a row (no success between) after which a step stops "
+        "with the endpoint's last error instead of retrying on.",
+    )
 
 
 class CacheConfig(_Section):
@@ -226,6 +233,15 @@ class StorageConfig(_Section):
         None, description="Bucket region (default: the AWS config/env chain)."
     )
     anonymous: bool = Field(False, description="Read public buckets without credentials.")
+    connect_timeout_s: float = Field(
+        10.0, gt=0, description="Seconds to connect to the storage endpoint, per attempt."
+    )
+    read_timeout_s: float = Field(
+        60.0, gt=0, description="Seconds to wait for the endpoint's answer, per attempt."
+    )
+    max_attempts: int = Field(
+        3, gt=0, description="Attempts per storage request (the first one included)."
+    )
 
 
 class Price(_Section):
@@ -456,6 +472,8 @@ class JobConfig(_Section):
     annotate: AnnotateConfig = Field(default_factory=AnnotateConfig)
     evaluate: EvaluateConfig = Field(default_factory=EvaluateConfig)
     ray: RayConfig = Field(default_factory=RayConfig)
+    lease: LeaseConfig = Field(default_factory=LeaseConfig)
+    watchdog: WatchdogConfig = Field(default_factory=WatchdogConfig)
 
     def cache_dir(self) -> str:
         """Return the LLM cache folder (a path or URL)."""

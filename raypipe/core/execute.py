@@ -10,6 +10,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any
 
+from raypipe.core import watchdog
 from raypipe.core.plan import StageSpec
 
 if TYPE_CHECKING:
@@ -293,11 +294,12 @@ def run_plan(
     *,
     progress: bool = True,
     desc: str | None = None,
-) -> list[Shard]:
-    """Run a plan over the shards its ledger says are pending; return those shards.
+) -> dict[Shard, str]:
+    """Run a plan over the shards its ledger says are stale; return them with the reason.
 
     Parts and markers of shard indices beyond ``shards`` are dropped first (the atlas shrank);
     fresh shards are reused; the rest stream through the plan's steps with a progress bar.
+    The result maps each computed shard to why it was (:meth:`Ledger.why_stale`).
     """
     from tqdm.auto import tqdm
 
@@ -305,15 +307,25 @@ def run_plan(
 
     ledger = Ledger(out_dir, plan.kind, method)
     ledger.drop_stale(len(shards))
-    todo = ledger.pending(shards, plan.fingerprint)
+    todo = ledger.stale(shards, plan.fingerprint)
     bar = tqdm(
         total=sum(s.n_rows for s in todo),
         unit="cell",
         desc=desc or ledger.stage,
         disable=not progress or not todo,
     )
+    name = desc or ledger.stage
+    left = [len(todo)]
+
+    def done(row: dict[str, Any]) -> None:
+        bar.update(int(row["n_cells"]))
+        left[0] -= 1
+        watchdog.progress(f"{name}: {left[0]} of {len(todo)} shards still running on Ray actors")
+
+    if todo:
+        watchdog.activity(f"{name}: {len(todo)} shards starting on Ray actors")
     try:
-        map_shards(plan.steps, todo, on_done=lambda row: bar.update(int(row["n_cells"])))
+        map_shards(plan.steps, list(todo), on_done=done)
     finally:
         bar.close()
     return todo

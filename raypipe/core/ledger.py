@@ -24,7 +24,16 @@ from raypipe.core.outputs import (
 from raypipe.core.plan import Shard
 from raypipe.core.storage import AnyPath, as_path
 
-__all__ = ["Ledger", "stage_name"]
+__all__ = ["STALE_REASONS", "Ledger", "stage_name"]
+
+NEW = "new rows (no result yet)"
+RANGE = "rows added or removed (its row range moved)"
+ROWS = "its rows changed"
+SETTINGS = "settings or fitted space changed"
+MISSING = "its part is missing"
+RETRY = "failed items are retried"
+#: Why a shard is computed again, as :meth:`Ledger.why_stale` says it.
+STALE_REASONS = (NEW, RANGE, ROWS, SETTINGS, MISSING, RETRY)
 
 #: Marker folders of the kinds other than ``embeddings`` (whose markers are named by method).
 _STAGE_PREFIX = {"annotations": "annotate_"}
@@ -70,21 +79,42 @@ class Ledger:
         """Return a shard's marker (None when absent or unreadable)."""
         return read_marker(self.marker(shard))
 
+    def why_stale(self, shard: Shard, fingerprint: str) -> str | None:
+        """Why ``shard`` must be computed (one of :data:`STALE_REASONS`), or None when fresh.
+
+        Fresh: done with exactly this fingerprint, content and range, its part present.
+        """
+        m = self.read(shard.index)
+        if m is None:
+            return NEW
+        if (m.get("start"), m.get("stop")) != (shard.start, shard.stop):
+            return RANGE
+        if m.get("content_hash") != shard.content_hash:
+            return ROWS
+        if m.get("fingerprint") != fingerprint:
+            return SETTINGS
+        if not self.part(shard.index).exists():
+            return MISSING
+        if m.get("retry"):  # items that failed for a transient reason are retried
+            return RETRY
+        return None
+
     def is_fresh(self, shard: Shard, fingerprint: str) -> bool:
         """Whether ``shard`` is done with exactly this fingerprint, content and range."""
-        m = self.read(shard.index)
-        return (
-            m is not None
-            and m.get("fingerprint") == fingerprint
-            and m.get("content_hash") == shard.content_hash
-            and (m.get("start"), m.get("stop")) == (shard.start, shard.stop)
-            and self.part(shard.index).exists()
-            and not m.get("retry")  # items that failed for a transient reason are retried
-        )
+        return self.why_stale(shard, fingerprint) is None
+
+    def stale(self, shards: list[Shard], fingerprint: str) -> dict[Shard, str]:
+        """Return the shards to compute, in order, each with why (:meth:`why_stale`)."""
+        out = {}
+        for s in shards:
+            why = self.why_stale(s, fingerprint)
+            if why is not None:
+                out[s] = why
+        return out
 
     def pending(self, shards: list[Shard], fingerprint: str) -> list[Shard]:
         """Return the shards whose marker is missing or stale (content, range, settings)."""
-        return [s for s in shards if not self.is_fresh(s, fingerprint)]
+        return list(self.stale(shards, fingerprint))
 
     def write(
         self,

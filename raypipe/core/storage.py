@@ -33,9 +33,18 @@ from pathlib import Path
 from types import SimpleNamespace
 from typing import IO, Any
 
+from raypipe.core.storage_options import (
+    DEFAULT_TIMEOUTS,
+    OPTIONS_ENV,
+    StorageError,
+    explain,
+    request_bound,
+    storage_options,
+)
 from raypipe.errors import InputError
 
 __all__ = [
+    "DEFAULT_TIMEOUTS",
     "OPTIONS_ENV",
     "AnyPath",
     "ObjectPath",
@@ -55,17 +64,10 @@ __all__ = [
     "zarr_store",
 ]
 
-#: Environment variable carrying the ``storage:`` config section (JSON, no secrets) to workers.
-OPTIONS_ENV = "RAYPIPE_STORAGE_OPTIONS"
-
 #: The extra to install for each scheme's filesystem.
 _EXTRAS = {"s3": "s3", "s3a": "s3", "gs": "gcs", "gcs": "gcs"}
 
 _URL = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*)://")
-
-
-class StorageError(InputError):
-    """Object storage refused or could not serve a request (names the URL, never a secret)."""
 
 
 def is_url(path: str | os.PathLike[str] | ObjectPath) -> bool:
@@ -76,13 +78,30 @@ def is_url(path: str | os.PathLike[str] | ObjectPath) -> bool:
     return m is not None and m.group(1).lower() not in {"file", "local"}
 
 
-def configure(*, endpoint: str | None, region: str | None, anonymous: bool) -> None:
-    """Set the ``storage:`` config section for this process and the Ray workers it starts."""
-    opts = {
-        k: v
-        for k, v in {"endpoint": endpoint, "region": region, "anonymous": anonymous}.items()
-        if v
+def configure(
+    *,
+    endpoint: str | None,
+    region: str | None,
+    anonymous: bool,
+    connect_timeout_s: float | None = None,
+    read_timeout_s: float | None = None,
+    max_attempts: int | None = None,
+) -> None:
+    """Set the ``storage:`` config section for this process and the Ray workers it starts.
+
+    The timeouts bound every request: at most ``max_attempts`` tries, each waiting at most
+    ``connect_timeout_s`` to connect and ``read_timeout_s`` for the answer (defaults:
+    :data:`DEFAULT_TIMEOUTS`).
+    """
+    given = {
+        "endpoint": endpoint,
+        "region": region,
+        "anonymous": anonymous,
+        "connect_timeout_s": connect_timeout_s,
+        "read_timeout_s": read_timeout_s,
+        "max_attempts": max_attempts,
     }
+    opts = {k: v for k, v in given.items() if v and DEFAULT_TIMEOUTS.get(k) != v}
     if opts:
         os.environ[OPTIONS_ENV] = json.dumps(opts, sort_keys=True)
     else:
@@ -100,32 +119,6 @@ def reset() -> None:
             fsspec.get_filesystem_class(protocol).clear_instance_cache()
         except (ImportError, ValueError):
             continue
-
-
-def storage_options(protocol: str) -> dict[str, Any]:
-    """Return fsspec options for ``protocol`` from the ``storage:`` section (may be empty)."""
-    try:
-        opts = json.loads(os.environ.get(OPTIONS_ENV) or "{}")
-    except ValueError:
-        opts = {}
-    # other processes (Ray workers, concurrent runs) write here: never trust a cached listing
-    out: dict[str, Any] = {"use_listings_cache": False}
-    if protocol in {"s3", "s3a"}:
-        client: dict[str, Any] = {}
-        if opts.get("endpoint"):
-            out["endpoint_url"] = opts["endpoint"]
-        if opts.get("region"):
-            client["region_name"] = opts["region"]
-        if opts.get("anonymous"):
-            out["anon"] = True
-        if client:
-            out["client_kwargs"] = client
-    elif protocol in {"gs", "gcs"}:
-        if opts.get("endpoint"):
-            out["endpoint_url"] = opts["endpoint"]
-        if opts.get("anonymous"):
-            out["token"] = "anon"
-    return out
 
 
 @lru_cache(maxsize=16)
@@ -151,42 +144,6 @@ def _fs(protocol: str, options: str) -> Any:
 def open_fs(protocol: str) -> Any:
     """Return the fsspec filesystem for ``protocol`` (cached per process and options)."""
     return _fs(protocol, json.dumps(storage_options(protocol), sort_keys=True))
-
-
-def _explain(exc: BaseException, url: str, action: str) -> StorageError:
-    """Turn a filesystem exception into a clear error naming ``url`` (and no credentials)."""
-    name = type(exc).__name__
-    text = str(exc)
-    low = text.lower()
-    if isinstance(exc, PermissionError) or any(
-        s in low for s in ("accessdenied", "access denied", "forbidden", "invalidaccesskeyid")
-    ):
-        why, fix = (
-            "access denied (wrong or missing credentials?)",
-            "check the credentials of this environment (AWS_PROFILE/instance role/IRSA, "
-            "GOOGLE_APPLICATION_CREDENTIALS/workload identity) and the bucket policy",
-        )
-    elif "credentials" in low and ("unable to locate" in low or "nocredentials" in low):
-        why, fix = (
-            "no credentials found",
-            "give this environment credentials (AWS_PROFILE, an instance role/IRSA, "
-            "GOOGLE_APPLICATION_CREDENTIALS/workload identity) or set storage.anonymous for "
-            "public data",
-        )
-    elif "signaturedoesnotmatch" in low:
-        why, fix = "credentials were rejected", "check the secret key of this environment"
-    elif "nosuchbucket" in low or "bucket does not exist" in low:
-        why, fix = "the bucket does not exist", "create the bucket or fix the URL"
-    elif isinstance(exc, FileNotFoundError):
-        why, fix = "no such object", "check the URL"
-    elif any(s in low for s in ("connect", "endpoint", "timed out", "timeout")):
-        why, fix = (
-            f"the storage endpoint could not be reached ({name})",
-            "check AWS_ENDPOINT_URL / storage.endpoint and the network",
-        )
-    else:
-        why, fix = f"{name}: {text[:200]}", "check the URL and the credentials of this environment"
-    return StorageError(f"cannot {action} {url}: {why}", fix=fix)
 
 
 class ObjectPath:
@@ -267,7 +224,7 @@ class ObjectPath:
         except InputError:
             raise
         except Exception as exc:
-            raise _explain(exc, str(self), action) from None
+            raise explain(exc, str(self), action) from None
 
     def exists(self) -> bool:
         """Whether an object or a non-empty prefix exists here."""
@@ -308,9 +265,9 @@ class ObjectPath:
         try:
             return self.fs.open(self.key, mode, **kwargs)  # type: ignore[no-any-return]
         except FileNotFoundError:
-            raise _explain(FileNotFoundError(), str(self), "read") from None
+            raise explain(FileNotFoundError(), str(self), "read") from None
         except Exception as exc:
-            raise _explain(exc, str(self), "open") from None
+            raise explain(exc, str(self), "open") from None
 
     def read_bytes(self) -> bytes:
         """Read the whole object."""
@@ -322,7 +279,7 @@ class ObjectPath:
 
     def write_bytes(self, data: bytes) -> int:
         """Write the object in one PUT (visible whole or not at all)."""
-        self._call("write", self.fs.pipe_file, self.key, data)
+        self._call("write", self.fs.pipe_file, self.key, data, timeout=request_bound(len(data)))
         return len(data)
 
     def write_text(self, text: str, encoding: str = "utf-8") -> int:
@@ -359,12 +316,14 @@ class ObjectPath:
         a reader that finds it finds everything else already uploaded.
         """
         if local.is_file():
-            self._call("write", self.fs.put_file, str(local), self.key)
+            bound = request_bound(local.stat().st_size)
+            self._call("write", self.fs.put_file, str(local), self.key, timeout=bound)
             return
         files = sorted(f for f in local.rglob("*") if f.is_file())
         for f in sorted(files, key=lambda f: f.relative_to(local).as_posix() == last):
             dest = f"{self.key}/{f.relative_to(local).as_posix()}"
-            self._call("write", self.fs.put_file, str(f), dest)
+            bound = request_bound(f.stat().st_size)
+            self._call("write", self.fs.put_file, str(f), dest, timeout=bound)
 
     def invalidate(self) -> None:
         """Forget listings cached by the filesystem (after another process wrote here)."""

@@ -44,6 +44,7 @@ __all__ = [
     "CEEncode",
     "CETokenize",
     "build_ce",
+    "check_checkpoint",
     "pack_tokens",
     "unpack_tokens",
 ]
@@ -242,16 +243,7 @@ def build_ce(
     from raypipe.embed.dictionaries import GeneformerDictionaries
 
     cfg = job.embed.ce
-    if not cfg.model:
-        raise ConfigError(
-            "embed.methods has ce but embed.ce.model is not set",
-            fix="set embed.ce.model to a Geneformer/LangCell checkpoint folder or hub id "
-            "(for a smoke test: raypipe ce init-random --out models/ce-random)",
-        )
-    if Path(cfg.model).exists() is False and "/" not in cfg.model:
-        raise InputError(
-            f"embed.ce.model {cfg.model} does not exist", fix="give the checkpoint folder"
-        )
+    model = _model(cfg)
     dicts = GeneformerDictionaries.load(cfg.dictionary)
     tok = _tokenizer(cfg.dictionary, cfg.variant, None)
     ens, how = _atlas_ensembl_ids(atlas, genes, dicts)
@@ -267,7 +259,7 @@ def build_ce(
     parts: list[object] = ["ce", config_hash(cfg), atlas.var_hash, atlas.x_kind, dicts.name]
     langcell: dict[str, Any] = {}
     if candidate_texts is not None:
-        langcell = _langcell_kwargs(job, cfg.model, candidate_texts)
+        langcell = _langcell_kwargs(job, model, candidate_texts)
         parts.append(stage_hash("langcell", json.dumps(langcell, sort_keys=True)))
     fingerprint = stage_hash(*parts)
     common = {"dictionary": cfg.dictionary, "variant": cfg.variant, "max_length": None}
@@ -310,8 +302,46 @@ def build_ce(
     return StagePlan([tokenize, encode], fingerprint, notes=notes)
 
 
-def _langcell_kwargs(job: JobConfig, model: str, texts: dict[str, str]) -> dict[str, Any]:
-    """Check the LangCell setup on the driver (files only) and return the encode kwargs."""
+def check_checkpoint(job: JobConfig) -> None:
+    """Load the CE checkpoint on the driver, as the encode actors will, before any write.
+
+    A bad checkpoint (a missing part, a head that does not fit, weights that do not load)
+    then stops the run with one error naming the file, before the atlas, gene texts and
+    annotations are written, instead of surfacing as Ray actor deaths later. The model is
+    loaded on the CPU in float32 and freed at once.
+    """
+    from raypipe.embed.ce_model import CellEncoder
+
+    cfg = job.embed.ce
+    model = _model(cfg)
+    model = str(local_copy(model)) if is_url(model) else model
+    ann = job.annotate
+    if ann.enabled and ann.scorers.get("langcell", 0) > 0:
+        from raypipe.embed.langcell import LangCellModel
+
+        _check_langcell(job, model)
+        LangCellModel.load(model, dtype="float32", device="cpu")
+    else:
+        CellEncoder(model, pooling=cfg.pooling, dtype="float32", device="cpu")
+
+
+def _model(cfg: Any) -> str:
+    """Return ``embed.ce.model``, or fail naming the setting when it is missing."""
+    if not cfg.model:
+        raise ConfigError(
+            "embed.methods has ce but embed.ce.model is not set",
+            fix="set embed.ce.model to a Geneformer/LangCell checkpoint folder or hub id "
+            "(for a smoke test: raypipe ce init-random --out models/ce-random)",
+        )
+    if Path(cfg.model).exists() is False and "/" not in cfg.model:
+        raise InputError(
+            f"embed.ce.model {cfg.model} does not exist", fix="give the checkpoint folder"
+        )
+    return str(cfg.model)
+
+
+def _check_langcell(job: JobConfig, model: str) -> None:
+    """Check the LangCell setup on the driver (settings and files; no weights are read)."""
     from raypipe.embed.langcell import check_langcell_layout
 
     cfg = job.embed.ce
@@ -325,9 +355,14 @@ def _langcell_kwargs(job: JobConfig, model: str, texts: dict[str, str]) -> dict[
             f"the langcell scorer reads LangCell's <cls> embedding but embed.ce.pooling is {cfg.pooling}",
             fix="leave embed.ce.pooling unset (or cls) for LangCell",
         )
+    check_langcell_layout(model)
+
+
+def _langcell_kwargs(job: JobConfig, model: str, texts: dict[str, str]) -> dict[str, Any]:
+    """Check the LangCell setup on the driver (files only) and return the encode kwargs."""
     if not texts:
         raise ConfigError("the langcell scorer got no candidate texts")
-    check_langcell_layout(model)
+    _check_langcell(job, model)
     return {
         "candidate_names": [str(n) for n in texts],
         "candidate_texts": [str(t) for t in texts.values()],

@@ -27,6 +27,7 @@ if TYPE_CHECKING:
     from raypipe.atlas.store import AtlasInfo
     from raypipe.config import JobConfig
     from raypipe.core.plan import Shard
+    from raypipe.core.space import FittedSpace
     from raypipe.genes.space import GeneSpace
 
 __all__ = ["GenePTW", "build_genept_w", "fold_collapse", "genept_w", "weight_matrix"]
@@ -38,6 +39,7 @@ def weight_matrix(
     *,
     center: bool = False,
     gene_mask: np.ndarray | None = None,
+    center_mean: np.ndarray | None = None,
 ) -> np.ndarray:
     """Return the (g, d) matrix applied to expression: rows of genes without text are zero.
 
@@ -52,13 +54,17 @@ def weight_matrix(
         gene shares, which otherwise dominates every cell).
     gene_mask
         (g,) bool: genes to use (e.g. highly variable genes); others get zero weight.
+    center_mean
+        (d,) the mean to subtract when ``center`` (a recorded one, see
+        :class:`raypipe.core.space.FittedSpace`); default: computed here.
     """
     w = np.asarray(gene_emb, dtype=np.float32).copy()
     use = np.asarray(has_text, dtype=bool).copy()
     if gene_mask is not None:
         use &= np.asarray(gene_mask, dtype=bool)
     if center and use.any():
-        w -= w[use].mean(axis=0, keepdims=True)
+        mean = w[use].mean(axis=0) if center_mean is None else center_mean
+        w -= np.asarray(mean, dtype=np.float32)[None, :]
     w[~use] = 0.0
     return w
 
@@ -172,25 +178,77 @@ class GenePTW(AtlasShardStage):
         )
 
 
+def _fit_space(
+    job: JobConfig,
+    atlas: AtlasInfo,
+    genes: GeneSpace,
+    shards: list[Shard],
+    space: FittedSpace | None,
+) -> tuple[np.ndarray | None, np.ndarray | None, dict[str, Any]]:
+    """Return the HVG mask and centring mean: recorded in ``space``, else fitted and recorded.
+
+    Fitted on the atlas (HVG from the cached moments pre-pass), they are recorded in the
+    run's fitted space; a later run on a grown or changed atlas reuses them (same genes, same
+    mean, so old cells' vectors stay bit-identical) unless refitted (``--refit``) or the
+    settings they depend on changed. The centring mean is recomputed when the gene
+    embeddings changed (every shard is recomputed then anyway).
+    """
+    from raypipe.embed.hvg import hvg_mask
+
+    cfg = job.embed.genept_w
+    symbols = np.asarray(genes.resolution.unique_symbols, dtype=object)
+    depends = stage_hash("genept_w-space", cfg.hvg, cfg.target_sum, atlas.x_kind, genes.source)
+    data = space.get("genept_w", depends) if space is not None else None
+    mask = None
+    if data is not None and data.get("hvg_genes") is not None:
+        mask = np.isin(symbols, np.asarray(data["hvg_genes"], dtype=object)) & genes.has_text
+    elif data is None and cfg.hvg is not None:
+        mask = hvg_mask(job, atlas, genes.collapse, genes.has_text, shards, cfg.hvg)
+    mean = None
+    if data is not None and data.get("genes_fingerprint") == genes.fingerprint:
+        mean = np.asarray(data["center_mean"], dtype=np.float32)
+    notes: dict[str, Any] = {}
+    if mask is not None:
+        notes["hvg_genes"] = int(mask.sum())
+    if mean is None:
+        use = genes.has_text & (mask if mask is not None else True)
+        emb = np.asarray(genes.embeddings, dtype=np.float32)
+        mean = emb[use].mean(axis=0) if use.any() else np.zeros(emb.shape[1], np.float32)
+        if space is not None:
+            space.put(
+                "genept_w",
+                depends,
+                {
+                    "hvg_genes": None if mask is None else [str(g) for g in symbols[mask]],
+                    "center_mean": [float(v) for v in mean],
+                    "genes_fingerprint": genes.fingerprint,
+                    "n_cells": atlas.n_obs,
+                },
+            )
+    return mask, mean, notes
+
+
 def build_genept_w(
-    job: JobConfig, atlas: AtlasInfo, genes: GeneSpace, shards: list[Shard]
+    job: JobConfig,
+    atlas: AtlasInfo,
+    genes: GeneSpace,
+    shards: list[Shard],
+    space: FittedSpace | None = None,
 ) -> StagePlan:
     """GenePT-w: fold HVG selection and centring into one (genes × d) weight matrix.
 
     With ``hvg`` set, the gene moments come from a cached, resumable pre-pass
-    (:func:`raypipe.embed.hvg.hvg_mask`): a resume reads no expression data.
+    (:func:`raypipe.embed.hvg.hvg_mask`): a resume reads no expression data. The HVG set and
+    centring mean are recorded in ``space`` and reused by later runs (:func:`_fit_space`).
     """
     import ray
 
-    from raypipe.embed.hvg import hvg_mask
-
     cfg = job.embed.genept_w
-    mask = None
-    notes: dict[str, Any] = {"hvg": cfg.hvg, "center": cfg.center}
-    if cfg.hvg is not None:
-        mask = hvg_mask(job, atlas, genes.collapse, genes.has_text, shards, cfg.hvg)
-        notes["hvg_genes"] = int(mask.sum())
-    weights = weight_matrix(genes.embeddings, genes.has_text, center=cfg.center, gene_mask=mask)
+    mask, mean, fit_notes = _fit_space(job, atlas, genes, shards, space)
+    notes: dict[str, Any] = {"hvg": cfg.hvg, "center": cfg.center, **fit_notes}
+    weights = weight_matrix(
+        genes.embeddings, genes.has_text, center=cfg.center, gene_mask=mask, center_mean=mean
+    )
     payload = ray.put({"collapse": genes.collapse, "weights": weights})
     fingerprint = stage_hash(
         "genept_w", config_hash(cfg), genes.fingerprint, atlas.x_kind, stage_hash(weights.tobytes())

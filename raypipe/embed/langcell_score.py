@@ -19,7 +19,7 @@ import numpy as np
 
 from raypipe.errors import InputError
 
-__all__ = ["read_candidate_texts", "score_tokens_file"]
+__all__ = ["check_tokens", "read_candidate_texts", "score_tokens_file"]
 
 
 def read_candidate_texts(path: str | Path) -> dict[str, str]:
@@ -50,6 +50,40 @@ def read_candidate_texts(path: str | Path) -> dict[str, str]:
             fix="give every candidate a non-empty string",
         )
     return {str(k): str(v) for k, v in data.items()}
+
+
+def check_tokens(pf: Any, src: Path) -> None:
+    """Check a tokens parquet before any model is loaded: rows, id dtype, unique cell names.
+
+    Raises
+    ------
+    InputError
+        No rows; ``input_ids`` not lists of integers (float ids would be truncated, strings
+        are no ids); repeated ``obs_name`` (scores are matched to cells by name).
+    """
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    fix = "write it with `raypipe tokenize CELLS.h5ad --out tokens.parquet`"
+    ids = pf.schema_arrow.field("input_ids").type
+    listy = pa.types.is_list(ids) or pa.types.is_large_list(ids) or pa.types.is_fixed_size_list(ids)
+    if not listy or not pa.types.is_integer(ids.value_type):
+        raise InputError(
+            f"tokens parquet {src}: column input_ids holds {ids}, not lists of integer token ids",
+            fix=f"store the ids as integers (list<int64>); {fix}",
+        )
+    if pf.metadata.num_rows == 0:
+        raise InputError(f"tokens parquet {src} has no rows (no cells to score)", fix=fix)
+    names = pq.read_table(src, columns=["obs_name"]).column("obs_name").to_pandas()
+    dup = names[names.duplicated(keep=False)]
+    if len(dup):
+        raise InputError(
+            f"tokens parquet {src}: {len(dup):,} rows share {dup.nunique():,} obs_name(s) "
+            f"(e.g. {', '.join(map(repr, dup.unique()[:3]))}); scores are matched to cells "
+            "by name",
+            fix="give every cell a unique obs_name (e.g. adata.obs_names_make_unique() "
+            "before raypipe tokenize)",
+        )
 
 
 def score_tokens_file(
@@ -115,6 +149,7 @@ def score_tokens_file(
             f"tokens parquet {src} needs columns obs_name and input_ids; it has {', '.join(cols)}",
             fix="write it with `raypipe tokenize` or give those two columns",
         )
+    check_tokens(pf, src)
     cand = read_candidate_texts(texts)
     lc = LangCellModel.load(
         model,

@@ -37,12 +37,33 @@ class MethodEntry:
     cell_text_scores
         Its stage computes LangCell's per-cell zero-shot scores when given the candidate texts
         (``build(..., candidate_texts=...)``; the ``langcell`` scorer reads them).
+    fits_space
+        Its builder fits statistics on the atlas (e.g. GenePT-w's HVG set) and takes the run's
+        :class:`~raypipe.core.space.FittedSpace` (``build(..., space=...)``) to record and
+        reuse them.
+    preflight
+        ``"module:function"`` checking the method's inputs on the driver before the run
+        writes anything (e.g. loading the CE checkpoint), or None.
     """
 
     builder: str
     title: str
     text_space: bool = False
     cell_text_scores: bool = False
+    fits_space: bool = False
+    preflight: str | None = None
+
+    def check(self, job: JobConfig) -> None:
+        """Run the method's driver-side preflight (``"module:function"``), if it has one.
+
+        Called before the run writes anything: e.g. CE loads its checkpoint here.
+        """
+        if self.preflight is None:
+            return
+        import importlib
+
+        module, _, attr = self.preflight.partition(":")
+        getattr(importlib.import_module(module), attr)(job)
 
     def build(
         self,
@@ -62,12 +83,23 @@ class MethodEntry:
 
 METHODS: Registry[MethodEntry] = Registry("embedding method")
 METHODS.add(
-    "genept_w", MethodEntry("raypipe.embed.genept_w:build_genept_w", "GenePT-w", text_space=True)
+    "genept_w",
+    MethodEntry(
+        "raypipe.embed.genept_w:build_genept_w", "GenePT-w", text_space=True, fits_space=True
+    ),
 )
 METHODS.add(
     "genept_s", MethodEntry("raypipe.embed.genept_s:build_genept_s", "GenePT-s", text_space=True)
 )
-METHODS.add("ce", MethodEntry("raypipe.embed.ce:build_ce", "CE", cell_text_scores=True))
+METHODS.add(
+    "ce",
+    MethodEntry(
+        "raypipe.embed.ce:build_ce",
+        "CE",
+        cell_text_scores=True,
+        preflight="raypipe.embed.ce:check_checkpoint",
+    ),
+)
 
 
 def text_space_methods() -> list[str]:

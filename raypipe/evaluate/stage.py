@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import pandas as pd
 
+from raypipe.core.labels import missing_labels
 from raypipe.core.outputs import read_parquet
 from raypipe.core.storage import AnyPath, sorted_paths
 
@@ -108,7 +109,7 @@ def run_evaluation(
     obs = read_obs_columns(atlas.path, [k for k in (label_key, batch_key) if k])
     labels = obs[label_key].to_numpy()
     batches = obs[batch_key].to_numpy() if batch_key else None
-    labelled = np.flatnonzero(~pd.isna(obs[label_key]).to_numpy())
+    labelled = np.flatnonzero(~missing_labels(obs[label_key]))
     sample = labelled[
         subsample_indices(labelled.size, job.evaluate.sample_size, seed=job.evaluate.seed)
     ]

@@ -49,6 +49,7 @@ class ModelUsage:
     tokens_out: int = 0
     cache_hits: int = 0
     failures: int = 0
+    failed_calls: int = 0
 
 
 @dataclass
@@ -67,6 +68,10 @@ class CostMeter:
         m.items += items
         m.tokens_in += int(tokens_in)
         m.tokens_out += int(tokens_out)
+
+    def add_failed_call(self, model: str) -> None:
+        """Record one request that was sent and failed (an error, a timeout, a bad answer)."""
+        self._m(model).failed_calls += 1
 
     def add_hits(self, model: str, n: int) -> None:
         """Record ``n`` items answered from the cache."""
@@ -105,7 +110,8 @@ class CostMeter:
         for r in self.summary(prices):
             cost = "price unknown" if r["cost_usd"] is None else f"${r['cost_usd']:.4f}"
             lines.append(
-                f"{r['model']}: {r['calls']} calls, {r['items']} items, {r['tokens_in']} tokens "
+                f"{r['model']}: {r['calls']} calls ({r['failed_calls']} more sent and failed), "
+                f"{r['items']} items, {r['tokens_in']} tokens "
                 f"in, {r['tokens_out']} out, {r['cache_hits']} cache hits, "
                 f"{r['failures']} failed, {cost}"
             )

@@ -26,6 +26,7 @@ from raypipe.llm.cache import LLMCache, cache_key
 from raypipe.llm.cost import CostMeter, check_failure_share, estimate_tokens
 from raypipe.llm.ratelimit import (
     CallFailed,
+    FailureBudget,
     LocalLimiter,
     RayLimiter,
     call_with_retries,
@@ -125,6 +126,11 @@ class OpenAIClientBase:
         self.meter = meter or CostMeter()
         self.prices = {k: v.model_dump() for k, v in job.prices.items()}
         self.failures: list[dict[str, Any]] = []
+        self.budget = FailureBudget(
+            int(getattr(lim, "failure_budget", 12)),
+            f"the endpoint {base_url or 'https://api.openai.com/v1'} (model {model!r})",
+            on_failure=lambda: self.meter.add_failed_call(model),
+        )
         self._loop = _Loop()
         self._client: Any = None
         self._slots: asyncio.Semaphore | None = None
@@ -156,6 +162,7 @@ class OpenAIClientBase:
             backoff_base_s=self.backoff_base_s,
             backoff_max_s=self.backoff_max_s,
             slots=self._slots,
+            budget=self.budget,
         )
 
     def _fatal(self, exc: CallFailed) -> ConfigError:

@@ -32,11 +32,14 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
+from raypipe.errors import RaypipeError
 from raypipe.llm.budget import WindowBudget
 
 __all__ = [
     "CallFailed",
     "CircuitOpen",
+    "EndpointFailing",
+    "FailureBudget",
     "LocalLimiter",
     "RayLimiter",
     "Retryable",
@@ -72,6 +75,64 @@ class CallFailed(Exception):
     def __init__(self, reason: str, *, retryable: bool, status: int | None = None) -> None:
         super().__init__(reason)
         self.reason, self.retryable, self.status = reason, retryable, status
+
+
+class EndpointFailing(RaypipeError):
+    """An endpoint failed more requests in a row than ``limits.failure_budget``: stop the step."""
+
+
+@dataclass
+class FailureBudget:
+    """Failed requests in a row one client tolerates before its step stops (no silent hangs).
+
+    The circuit breaker spaces out requests to a failing endpoint; this budget ends the
+    wait: after ``limit`` failed requests with no success between, :meth:`failed` raises
+    :class:`EndpointFailing` with the endpoint and its last error.
+
+    Attributes
+    ----------
+    limit
+        ``limits.failure_budget``.
+    endpoint
+        What the requests go to (named in the error).
+    on_failure
+        Called once per failed request (e.g. to count it in the usage line).
+    """
+
+    limit: int
+    endpoint: str
+    on_failure: Callable[[], None] | None = None
+    in_row: int = 0
+    sent: int = 0
+    failed_total: int = 0
+    last: str = ""
+
+    def ok(self) -> None:
+        """Count a request that succeeded."""
+        self.sent += 1
+        self.in_row = 0
+
+    def failed(self, reason: str, *, endpoint_down: bool = True) -> None:
+        """Count a failed request; raise :class:`EndpointFailing` once the budget is spent.
+
+        Only failures that say the endpoint is down (5xx, timeouts, connection errors,
+        malformed answers) spend the budget; an answer refusing one input (a 4xx) or a rate
+        limit (429) shows the endpoint is up: it is counted, and ends the run of failures.
+        """
+        self.sent += 1
+        self.failed_total += 1
+        self.in_row = self.in_row + 1 if endpoint_down else 0
+        self.last = reason
+        if self.on_failure is not None:
+            self.on_failure()
+        if self.in_row >= self.limit:
+            raise EndpointFailing(
+                f"{self.endpoint} failed {self.in_row} requests in a row ({self.failed_total} "
+                f"of {self.sent} sent by this client failed); last error: {reason}",
+                fix="check that the endpoint is up and serves the model; finished items are "
+                "cached, so a re-run pays only for the rest (limits.failure_budget sets how "
+                "many failures in a row stop the step)",
+            )
 
 
 @dataclass(frozen=True)
@@ -341,6 +402,7 @@ async def call_with_retries(
     classify: Callable[[BaseException], Retryable] = classify_error,
     rng: random.Random | None = None,
     slots: asyncio.Semaphore | None = None,
+    budget: FailureBudget | None = None,
 ) -> T:
     """Run ``fn`` under the limiter, retrying transient failures.
 
@@ -351,6 +413,8 @@ async def call_with_retries(
 
     ``slots`` (the client's in-flight bound) is held from the limiter grant to the answer and
     released during backoff, so a granted request is sent at once, never queued behind others.
+    ``budget`` counts every request sent; once it is spent it raises
+    :class:`EndpointFailing` (the whole step stops, naming the endpoint and the last error).
 
     Raises
     ------
@@ -372,6 +436,8 @@ async def call_with_retries(
         except Exception as exc:
             info = classify(exc)
             last = info
+            if budget is not None:
+                budget.failed(redact(info.reason), endpoint_down=info.retry and info.status != 429)
             if info.retry and info.status != 429:
                 limiter.report(False)  # the endpoint may be down: feed the breaker
             elif not info.retry and not info.fatal and info.status is not None:
@@ -386,6 +452,8 @@ async def call_with_retries(
                     delay = max(delay, info.retry_after_s)
                 await asyncio.sleep(delay)
             continue
+        if budget is not None:
+            budget.ok()
         return result
     reason = last.reason if last else "no attempt"
     raise CallFailed(

@@ -43,7 +43,12 @@ def check_output_dir(out_dir: Path, job: JobConfig) -> None:
 
 
 def check_obs_names(adata: ad.AnnData) -> None:
-    """Refuse duplicate obs names (results are matched to cells by name)."""
+    """Refuse an AnnData without cells, and duplicate obs names (results are matched by name)."""
+    if adata.n_obs == 0:
+        raise InputError(
+            f"adata has 0 cells (shape {adata.shape[0]} × {adata.shape[1]}): nothing to embed",
+            fix="pass an AnnData with cells (check the filtering that produced it)",
+        )
     names = adata.obs_names
     if names.has_duplicates:
         shared = names.duplicated(keep=False)
@@ -100,7 +105,7 @@ def matrix_to_embed(adata: ad.AnnData, layer: str | None) -> tuple[Any, pd.DataF
 
 def check_gene_names(var: pd.DataFrame, job: JobConfig) -> None:
     """Fail early when var names are neither gene symbols nor Ensembl ids (suggest a column)."""
-    from raypipe.genes.identity import resolve_genes
+    from raypipe.genes.identity import gene_names_from_var, resolve_genes
     from raypipe.genes.sources import build_text_source
     from raypipe.genes.space import gene_table_for
 
@@ -111,7 +116,7 @@ def check_gene_names(var: pd.DataFrame, job: JobConfig) -> None:
             raise  # the run would stop on it too: say so before anything is written
         source = None  # the run falls back to symbols (loudly)
     table = gene_table_for(job.genes, source)
-    names = [str(n) for n in var.index]
+    names, _, _ = gene_names_from_var(var, job.input.gene_symbol_column)  # as the run will
     if table is None or not names:
         return  # nothing to check against: names are trusted, as in a run
 
@@ -162,6 +167,9 @@ def write_input(
         {k: adata.obs[k].to_numpy() for k in keys}, index=adata.obs_names.astype(str)
     )
     ids = [c for c in ("ensembl_id", "gene_ids", "gene_id", "feature_id") if c in var.columns]
+    symbols = job.input.gene_symbol_column
+    if symbols is not None and symbols not in ids:
+        ids.append(symbols)  # checked by check_gene_names; the run matches genes by it
     small_var = pd.DataFrame(
         {c: var[c].astype(str).to_numpy() for c in ids}, index=var.index.astype(str)
     )

@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING
 
 import pandas as pd
 
+from raypipe.core.labels import missing_labels
 from raypipe.errors import InputError
 
 if TYPE_CHECKING:
@@ -48,8 +49,7 @@ def check_labels(job: JobConfig, obs: pd.DataFrame, where: str, *, force: bool) 
         return []
     col = obs[key]
     n = len(col)
-    missing = int(pd.isna(col).sum()) + int((col.astype(str).str.strip() == "").sum())
-    missing = min(missing, n)
+    missing = int(missing_labels(col).sum())
     n_classes = int(col.dropna().nunique())
     warnings = []
     if missing:

@@ -76,6 +76,8 @@ class Manifest:
     genes: dict[str, Any] = field(default_factory=dict)
     shards: dict[str, Any] = field(default_factory=dict)
     methods: dict[str, dict[str, Any]] = field(default_factory=dict)
+    embedding_space: dict[str, Any] | None = None
+    lease_takeover: dict[str, Any] | None = None
     annotate: dict[str, Any] | None = None
     evaluation: dict[str, Any] | None = None
     llm_usage: list[dict[str, Any]] | None = None

@@ -11,14 +11,22 @@ from __future__ import annotations
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from raypipe.core.storage import AnyPath, rmtree, sorted_paths
+from raypipe.core.lease import LEASE
+from raypipe.core.storage import AnyPath, ObjectPath, as_path, rmtree, sorted_paths
 from raypipe.errors import InputError
 from raypipe.orchestrate.manifest import MANIFEST, is_raypipe_manifest, read_manifest
 
 if TYPE_CHECKING:
     from raypipe.config import JobConfig
 
-__all__ = ["RUN_ENTRIES", "check_output_dir", "clear_run", "make_output_dir", "same_input"]
+__all__ = [
+    "RUN_ENTRIES",
+    "check_output_dir",
+    "clear_run",
+    "foreign_files",
+    "make_output_dir",
+    "same_input",
+]
 
 #: What a run writes at the top of its folder (``--overwrite`` deletes these and nothing else).
 RUN_ENTRIES = frozenset(
@@ -33,8 +41,20 @@ RUN_ENTRIES = frozenset(
         "genes",
         "state",
         "atlas.zarr",
+        LEASE,
     }
 )
+#: What raypipe writes inside its folders (file suffixes; None: anything, e.g. a Zarr store).
+#: ``--overwrite`` refuses, without ``--force``, a file anywhere under them that is not one.
+_INSIDE: dict[str, frozenset[str] | None] = {
+    "embeddings": frozenset({".parquet"}),
+    "annotations": frozenset({".parquet"}),
+    "evaluation": frozenset({".parquet"}),
+    "genes": frozenset({".parquet"}),
+    "report": frozenset({".html", ".png", ".json"}),
+    "state": frozenset({".json", ".parquet", ".h5ad"}),
+    "atlas.zarr": None,
+}
 #: Kept by ``--overwrite``: the content-addressed LLM cache (paid results never go stale).
 KEPT = frozenset({"cache"})
 
@@ -55,15 +75,44 @@ def same_input(a: str | None, b: str) -> bool:
     return Path(a).expanduser().resolve() == Path(b).expanduser().resolve()
 
 
-def check_output_dir(out_dir: AnyPath, job: JobConfig, overwrite: bool) -> dict[str, Any] | None:
+def _files(folder: AnyPath) -> list[str]:
+    """Every file under ``folder``, relative to it (any depth)."""
+    if isinstance(folder, ObjectPath):
+        found = folder._call("list", folder.fs.find, folder.key)
+        return sorted(str(f)[len(folder.key) + 1 :] for f in found)
+    return sorted(p.relative_to(folder).as_posix() for p in folder.rglob("*") if not p.is_dir())
+
+
+def foreign_files(out_dir: AnyPath) -> list[str]:
+    """Files inside raypipe's own folders of a run that raypipe does not write (any depth).
+
+    E.g. ``embeddings/genept_w/mine.csv``: ``--overwrite`` would delete it with its folder.
+    """
+    out = []
+    for name, suffixes in _INSIDE.items():
+        folder = out_dir / name
+        if suffixes is None or not folder.is_dir():
+            continue
+        for rel in _files(folder):
+            leaf = rel.rsplit("/", 1)[-1]
+            tmp = leaf.startswith(".") and (leaf.endswith(".tmp") or ".tmp-" in leaf)
+            if not tmp and not any(leaf.endswith(sfx) for sfx in suffixes):
+                out.append(f"{name}/{rel}")
+    return out
+
+
+def check_output_dir(
+    out_dir: AnyPath, job: JobConfig, overwrite: bool, *, force: bool = False
+) -> dict[str, Any] | None:
     """Check ``output_dir`` can take this run, touching nothing; return its previous manifest.
 
     Raises
     ------
     InputError
         When ``out_dir`` is a file, holds files raypipe did not write and no raypipe manifest,
-        holds a manifest raypipe did not write, or holds a run of another input (without
-        ``--overwrite``).
+        holds a manifest raypipe did not write, holds a run of another input (without
+        ``--overwrite``), or, with ``--overwrite`` and without ``force``, holds files raypipe
+        does not write inside its own folders (:func:`foreign_files`).
     """
     if not out_dir.exists():
         return None
@@ -91,12 +140,24 @@ def check_output_dir(out_dir: AnyPath, job: JobConfig, overwrite: bool) -> dict[
                 fix="use a new output_dir (raypipe never writes into a folder it did not make)",
             )
         return None
+    if overwrite and not force:
+        alien = foreign_files(out_dir)
+        if alien:
+            raise InputError(
+                f"--overwrite would delete {len(alien)} file(s) in {out_dir} that raypipe did "
+                f"not write: {', '.join(alien[:10])}" + (" ..." if len(alien) > 10 else ""),
+                fix="move them out of the run folder, or add --force to delete them with it",
+            )
     old_input = old.get("config", {}).get("input", {}).get("path")
     if not overwrite and not same_input(old_input, job.input.path):
-        raise InputError(
-            f"output_dir {out_dir} holds a run of a different input ({old_input}), not {job.input.path}",
-            fix="use another output_dir, or pass --overwrite to replace that run",
-        )
+        note = _grown_input(out_dir, old, job)
+        if note is None:
+            raise InputError(
+                f"output_dir {out_dir} holds a run of a different input ({old_input}), not "
+                f"{job.input.path}, and {job.input.path} does not hold every cell of it",
+                fix="use another output_dir, or pass --overwrite to replace that run",
+            )
+        old = dict(old, input_note=note)
     changed = _changed_selection(old, job)
     if not overwrite and changed:
         raise InputError(
@@ -125,6 +186,46 @@ def _changed_selection(old: dict[str, Any], job: JobConfig) -> tuple[str, Any, A
     return None
 
 
+def _grown_input(out_dir: AnyPath, old: dict[str, Any], job: JobConfig) -> str | None:
+    """Return a note when the new ``input.path`` holds every cell of the last run, else None.
+
+    A grown atlas under a new file name may take over a run folder: its cells are matched by
+    name here (before anything is written); each shard is then reused only when its rows'
+    content hash is unchanged.
+    """
+    from raypipe.atlas.reader import open_source, resolve_input_path
+    from raypipe.atlas.store import ATLAS_ATTR, read_obs_names
+
+    old_atlas = out_dir / "atlas.zarr"
+    if not old_atlas.is_dir():
+        old_atlas = as_path(str((old.get("atlas") or {}).get("path") or ""))
+    src = resolve_input_path(job.input.path)
+    try:
+        before = set(read_obs_names(old_atlas))
+        if (src / "zarr.json").exists() and ATLAS_ATTR in _attrs(src):
+            after = set(read_obs_names(src))
+        else:
+            with open_source(src, job.input.layer) as source:
+                after = {str(n) for n in source.obs.index}
+    except (InputError, OSError):
+        return None
+    if not before or not before <= after:
+        return None
+    return (
+        f"input.path changed from {old.get('config', {}).get('input', {}).get('path')} to "
+        f"{job.input.path}, which holds all {len(before):,} cells of the previous run "
+        f"(+{len(after) - len(before):,} new): shards whose rows are unchanged are reused"
+    )
+
+
+def _attrs(path: AnyPath) -> dict[str, Any]:
+    import zarr
+
+    from raypipe.core.storage import zarr_store
+
+    return dict(zarr.open_group(zarr_store(path), mode="r").attrs)
+
+
 def clear_run(out_dir: AnyPath) -> list[str]:
     """Delete raypipe's own entries of a run folder (``--overwrite``); return what was kept.
 
@@ -135,6 +236,8 @@ def clear_run(out_dir: AnyPath) -> list[str]:
         return []
     kept = []
     for p in sorted_paths(out_dir.iterdir()):
+        if p.name == LEASE:
+            continue  # this run's own lease
         if p.name in KEPT or not _ours(p.name):
             kept.append(p.name)
         else:

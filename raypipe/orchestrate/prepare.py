@@ -101,11 +101,20 @@ def _check_cells_and_genes(
     if obs is None:
         return []
     check_unique_obs_names(obs.index.astype(str), where)
-    return check_labels(job, obs, where, force=force)
+    warnings = check_labels(job, obs, where, force=force)
+    ann, key = job.annotate, job.input.label_key
+    if ann.enabled and not ann.candidates and key and key in obs.columns:
+        from raypipe.annotate.checks import check_candidate_keys, label_candidates
+
+        check_candidate_keys(job, label_candidates(obs[key]))
+    return warnings
 
 
 def validate_job(job: JobConfig, *, force: bool = False) -> list[str]:
     """Check the job end to end without writing anything; return warnings for the summary.
+
+    The input and config first (cheap), then each method's preflight (e.g. the CE
+    checkpoint is loaded on the driver), so every input is checked before the first write.
 
     Parameters
     ----------
@@ -119,6 +128,16 @@ def validate_job(job: JobConfig, *, force: bool = False) -> list[str]:
     ConfigError, InputError
         Naming the setting, file or column, with the fix.
     """
+    from raypipe.embed.methods import METHODS
+
+    warnings = _check_job_input(job, force)
+    for name in job.embed.methods:
+        METHODS.get(name).check(job)
+    return warnings
+
+
+def _check_job_input(job: JobConfig, force: bool) -> list[str]:
+    """:func:`validate_job` without the methods' preflights."""
     from raypipe.annotate.stage import check_annotate_config
     from raypipe.atlas.reader import open_source, resolve_input_path
     from raypipe.atlas.soma import is_soma_input

@@ -16,7 +16,10 @@ import time
 from typing import TYPE_CHECKING, Any
 
 from raypipe.config import JobConfig, config_hash
+from raypipe.core import watchdog
+from raypipe.core.lease import Lease
 from raypipe.core.outputs import read_frame
+from raypipe.core.space import FittedSpace
 from raypipe.core.storage import as_path, sorted_paths
 from raypipe.core.storage import configure as configure_storage
 from raypipe.llm.text_stage import release_text_actors
@@ -48,32 +51,47 @@ def _reason(exc: BaseException) -> str:
 class _Run:
     """One run's state as it goes: the job, its manifest, its summary, what it computed."""
 
-    def __init__(self, job: JobConfig, manifest: Manifest, progress: bool) -> None:
+    def __init__(
+        self, job: JobConfig, manifest: Manifest, progress: bool, space: FittedSpace, lease: Lease
+    ) -> None:
         self.job, self.manifest, self.progress = job, manifest, progress
+        self.space, self.lease = space, lease
         self.out_dir = as_path(job.output_dir)
         self.summary = RunSummary(output_dir=str(self.out_dir))
         self.computed: dict[str, list[Shard]] = {}
 
     def _timed(self, name: str, t0: float) -> None:
+        self.lease.check()  # another run took the folder over: stop before writing more
         self.summary.timings[name] = time.perf_counter() - t0
         self.manifest.timings = self.summary.timings
+        watchdog.activity(f"the manifest write to {self.out_dir / MANIFEST}")
         self.manifest.write(self.out_dir)  # a failure later keeps what got this far
+        watchdog.activity(f"the step after {name}")
 
-    def run_plan(self, plan: StagePlan, method: str, shards: list[Shard], desc: str) -> int:
+    def run_plan(
+        self, plan: StagePlan, method: str, shards: list[Shard], desc: str
+    ) -> dict[str, list[int]]:
+        """Run ``plan`` over its stale shards; return why each was computed (reason → shards)."""
         from raypipe.core.execute import run_plan
 
         todo = run_plan(
             plan, self.job.output_dir, method, shards, progress=self.progress, desc=desc
         )
-        self.computed[f"{plan.kind}/{method}"] = todo
+        self.computed[f"{plan.kind}/{method}"] = list(todo)
         self.summary.outputs.append(str(self.out_dir / plan.kind / method))
-        return len(todo)
+        why: dict[str, list[int]] = {}
+        for shard, reason in todo.items():
+            why.setdefault(reason, []).append(shard.index)
+        self.summary.recomputed[desc] = {r: len(v) for r, v in why.items()}
+        return why
 
     def atlas(self) -> AtlasInfo:
         from raypipe.core.execute import init_ray
 
         t = time.perf_counter()
+        watchdog.activity(f"the atlas: opening or ingesting {self.job.input.path}")
         atlas = ensure_atlas(self.job, self.out_dir, progress=self.progress)
+        watchdog.activity("Ray to start (or the cluster to answer)")
         self.summary.n_cells = atlas.n_obs
         self.summary.input = str(atlas.extra.get("input", ""))  # in place, or why it was copied
         self.manifest.atlas = dict(atlas.extra) | {"path": atlas.path}
@@ -87,6 +105,7 @@ class _Run:
 
         t = time.perf_counter()
         fault_point("genes", self.out_dir)
+        watchdog.activity(f"gene texts and their embeddings ({self.job.text_model.model})")
         genes = prepare_gene_space(self.job, atlas, self.out_dir, progress=self.progress)
         self.summary.coverage = genes.coverage.summary()
         self.summary.warnings += genes.warnings
@@ -122,14 +141,18 @@ class _Run:
         for name in self.job.embed.methods:
             t = time.perf_counter()
             entry = METHODS.get(name)
-            extra = {"candidate_texts": texts} if texts and entry.cell_text_scores else {}
+            extra: dict[str, Any] = {"space": self.space} if entry.fits_space else {}
+            if texts and entry.cell_text_scores:
+                extra["candidate_texts"] = texts
             plan = entry.build(self.job, atlas, genes, shards, **extra)
-            n = self.run_plan(plan, name, shards, desc=name)
+            why = self.run_plan(plan, name, shards, desc=name)
+            n = sum(len(v) for v in why.values())
             self.summary.shards_done[name] = n
             self.summary.shards_skipped[name] = len(shards) - n
             self.manifest.methods[name] = {
                 "fingerprint": plan.fingerprint,
                 "shards_computed": n,
+                "recomputed": why,
                 **plan.notes,
             }
             self._timed(name, t)
@@ -139,6 +162,7 @@ class _Run:
         from raypipe.annotate.stage import prepare_candidates
 
         t = time.perf_counter()
+        watchdog.activity("the annotation candidates (ontology, markers, texts)")
         cand = prepare_candidates(self.job, atlas, genes, self.out_dir)
         self.summary.warnings += list(cand.warnings or [])
         self.summary.outputs.append(str(self.out_dir / "annotations" / "label_mapping.parquet"))
@@ -154,15 +178,18 @@ class _Run:
         assert self.manifest.annotate is not None
         for method in self.job.embed.methods:
             method_fp = self.manifest.methods[method]["fingerprint"]
-            plan, why_not = build_annotation(self.job, atlas, method, method_fp, cand)
+            plan, why_not = build_annotation(
+                self.job, atlas, method, method_fp, cand, space=self.space
+            )
             if plan is None:
                 self.summary.warnings.append(why_not)
                 continue
-            n = self.run_plan(plan, method, shards, desc=f"annotate_{method}")
+            why = self.run_plan(plan, method, shards, desc=f"annotate_{method}")
             self.manifest.annotate["methods"][method] = {
                 "fingerprint": plan.fingerprint,
                 **plan.notes,
-                "shards_computed": n,
+                "shards_computed": sum(len(v) for v in why.values()),
+                "recomputed": why,
             }
         self._timed("annotate", t)
 
@@ -187,13 +214,20 @@ class _Run:
         old = previous.get("evaluation") or {}
         if old.get("fingerprint") == fingerprint and metrics.exists():
             ev = dict(old, reused=True)
+            self.summary.evaluation = "reused (same outputs as the previous run)"
             self.summary.metrics = read_frame(metrics)
             self.summary.outputs += [p for p in (old.get("metrics"), old.get("report")) if p]
         else:
+            watchdog.activity("the evaluation (metrics, neighbours, report)")
             ev = run_evaluation(
                 self.job, atlas, self.out_dir, list(self.job.embed.methods), candidates
             )
             ev["fingerprint"] = fingerprint
+            self.summary.evaluation = (
+                "computed (first evaluation)"
+                if not old
+                else "recomputed (the atlas, a setting or an output it reads changed)"
+            )
             if "table" in ev:
                 self.summary.metrics = ev.pop("table")
                 self.summary.outputs += [p for p in (ev.get("metrics"), ev.get("report")) if p]
@@ -287,30 +321,85 @@ class _Run:
         return summary_lines(candidates.table, per_class or None)
 
 
+def _space_line(space: FittedSpace) -> str:
+    """Return the summary's line on the fitted space (what was reused, what was fitted)."""
+    parts = []
+    if space.reused:
+        parts.append("reused " + ", ".join(space.reused))
+    if space.fitted:
+        parts.append(("refitted " if space.refit else "fitted ") + ", ".join(space.fitted))
+    where = str(space.path) if space.entries else "nothing fitted on the atlas"
+    return f"v{space.version}" + (f" ({'; '.join(parts)})" if parts else "") + f": {where}"
+
+
 def run_job(
-    job: JobConfig, *, overwrite: bool = False, progress: bool = True, force: bool = False
+    job: JobConfig,
+    *,
+    overwrite: bool = False,
+    progress: bool = True,
+    force: bool = False,
+    refit: bool = False,
 ) -> RunSummary:
     """Run every stage the config names; return the summary (also written to the manifest).
 
     Everything that can be checked is checked before the output folder is touched; from then
     on every failure leaves ``manifest.json`` with ``status: failed`` and the reason (finished
     shards are kept and reused by the next run). ``force`` uses a suspicious label column
-    (numeric, one class per few cells) with a warning instead of refusing it.
+    (numeric, one class per few cells) with a warning instead of refusing it. Statistics
+    fitted on the atlas (HVG genes, centring means) are recorded by the first run and reused
+    (:class:`~raypipe.core.space.FittedSpace`); ``refit`` fits them again as a new version.
     """
     t_start = time.perf_counter()
     st = job.storage  # endpoint/region/anonymous for this process and the Ray workers it starts
-    configure_storage(endpoint=st.endpoint, region=st.region, anonymous=st.anonymous)
+    configure_storage(
+        endpoint=st.endpoint,
+        region=st.region,
+        anonymous=st.anonymous,
+        connect_timeout_s=st.connect_timeout_s,
+        read_timeout_s=st.read_timeout_s,
+        max_attempts=st.max_attempts,
+    )
     out_dir = as_path(job.output_dir)
-    previous = check_output_dir(out_dir, job, overwrite)
+    previous = check_output_dir(out_dir, job, overwrite, force=force)
     notes = validate_job(job, force=force)
-    kept = clear_run(out_dir) if overwrite else []
     make_output_dir(out_dir)
+    lease = Lease(job.output_dir, job.lease.heartbeat_s, job.lease.stale_after_s).acquire()
+    try:
+        with watchdog.Watchdog(job.watchdog.stall_s):
+            return _run_leased(job, lease, previous, notes, overwrite, progress, refit, t_start)
+    finally:
+        lease.release()
+
+
+def _run_leased(
+    job: JobConfig,
+    lease: Lease,
+    previous: dict[str, Any] | None,
+    notes: list[str],
+    overwrite: bool,
+    progress: bool,
+    refit: bool,
+    t_start: float,
+) -> RunSummary:
+    """:func:`run_job` once the folder's lease is held."""
+    out_dir = as_path(job.output_dir)
+    kept = clear_run(out_dir) if overwrite else []
     manifest = Manifest(config=job.model_dump(mode="json"), config_hash=config_hash(job))
     if previous is not None and not overwrite:
         manifest.previous = {k: previous.get(k) for k in ("status", "config_hash", "finished")}
+    space = FittedSpace.open(job.output_dir, refit=refit)
     manifest.write(out_dir)
-    run = _Run(job, manifest, progress)
+    run = _Run(job, manifest, progress, space, lease)
     run.summary.warnings += notes
+    if lease.took_over:
+        run.summary.warnings.append(
+            f"took over the lease of {out_dir} from a run that is gone "
+            f"({lease.took_over['why']}; pid {lease.took_over.get('pid')} on host "
+            f"{lease.took_over.get('host')}, started {lease.took_over.get('started')})"
+        )
+        manifest.lease_takeover = lease.took_over
+    if previous and previous.get("input_note"):
+        run.summary.warnings.append(previous["input_note"])
     if kept:
         run.summary.warnings.append(f"--overwrite kept what raypipe did not write: {kept}")
     try:
@@ -319,6 +408,7 @@ def run_job(
         finally:
             release_text_actors()  # the local text model kept for the run's texts
     except BaseException as exc:
+        manifest.embedding_space = space.record()
         manifest.finish("failed", error=_reason(exc))
         manifest.wall_s = time.perf_counter() - t_start
         manifest.warnings = run.summary.warnings
@@ -331,6 +421,10 @@ def run_job(
         raise
     summary = run.summary
     summary.wall_s = time.perf_counter() - t_start
+    if not exceeded:
+        space.commit()
+    manifest.embedding_space = space.record()
+    summary.space = _space_line(space)
     manifest.finish("failed" if exceeded else "complete", error=exceeded)
     manifest.wall_s, manifest.warnings = summary.wall_s, summary.warnings
     manifest.outputs = list(summary.outputs)

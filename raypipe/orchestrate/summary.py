@@ -27,6 +27,9 @@ class RunSummary:
     metrics: Any = None
     llm: str = ""
     candidates: list[str] = field(default_factory=list)
+    recomputed: dict[str, dict[str, int]] = field(default_factory=dict)
+    space: str = ""
+    evaluation: str = ""
 
     def render(self) -> str:
         """Human summary."""
@@ -44,6 +47,15 @@ class RunSummary:
                 f"{m:<11} {self.shards_done[m]} shards computed, {self.shards_skipped.get(m, 0)} reused; "
                 f"{self.timings.get(m, 0.0):.1f} s"
             )
+        for stage, why in self.recomputed.items():
+            if why:
+                lines.append(
+                    f"  {stage} computed: " + ", ".join(f"{n} because {r}" for r, n in why.items())
+                )
+        if self.space:
+            lines.append(f"fitted space: {self.space}")
+        if self.evaluation:
+            lines.append(f"evaluation: {self.evaluation}")
         lines.append("stage times: " + ", ".join(f"{k} {v:.1f}s" for k, v in self.timings.items()))
         lines.append("outputs:")
         lines += [f"  {o}" for o in self.outputs]
