@@ -8,6 +8,7 @@ python jobs/benchmark.py eval     # evaluation: shared kNN graph vs the previous
 python jobs/benchmark.py texts    # gene texts: Ray actors vs plain SentenceTransformer.encode
 python jobs/benchmark.py scale    # 1M-cell end-to-end run, per-stage times and memory
 python jobs/benchmark.py inplace  # 1M-cell AnnData .zarr read in place vs ingested first
+python jobs/benchmark.py discover # cell-type discovery: clustering + assignment at 100k and 1M
 python jobs/benchmark.py gpu      # CE at 4 Geneformer sizes + LangCell zero-shot (jobs/gpu_bench.sh)
 python jobs/benchmark.py reprocess  # a grown atlas: reuse of the fitted space vs --refit
 """
@@ -29,6 +30,7 @@ BENCHES = {
     "scale": "raypipe.bench.scale",
     "inplace": "raypipe.bench.inplace",
     "texts": "raypipe.bench.texts",
+    "discover": "raypipe.bench.discover",
     "gpu": "raypipe.bench.gpu",
     "reprocess": "raypipe.bench.reprocess",
 }

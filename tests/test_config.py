@@ -137,6 +137,7 @@ def test_config_literals_equal_registry_names():
     from typing import get_args
 
     from raypipe import config as C
+    from raypipe.annotate.naming import NAMERS
     from raypipe.annotate.scorers import SCORERS
     from raypipe.embed.methods import METHODS
     from raypipe.genes.sources import TEXT_SOURCES
@@ -149,6 +150,7 @@ def test_config_literals_equal_registry_names():
         "EmbedderName": (C.EmbedderName, EMBEDDERS),
         "GeneratorName": (C.GeneratorName, GENERATORS),
         "ScorerName": (C.ScorerName, SCORERS),
+        "NamingName": (C.NamingName, NAMERS),
     }
     for name, (literal, registry) in pairs.items():
         assert sorted(get_args(literal)) == registry.names(), name

@@ -7,8 +7,8 @@ import pytest
 from sklearn.metrics import silhouette_samples
 from sklearn.neighbors import NearestNeighbors
 
+from raypipe.core.neighbors import cosine_neighbors
 from raypipe.evaluate import metrics as M
-from raypipe.evaluate.neighbors import cosine_neighbors
 from raypipe.evaluate.silhouette import cosine_silhouette_samples
 
 

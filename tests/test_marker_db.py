@@ -107,7 +107,7 @@ def test_fetch_and_read_errors_name_the_file_and_the_fix(served, tmp_path):
         fetch_markers(url=f"{base}/missing.tsv.gz", dest=dest)
     with pytest.raises(InputError, match=r"not found[\s\S]*raypipe markers fetch"):
         read_marker_file(tmp_path / "nowhere.tsv")
-    from raypipe.annotate.stage import check_annotate_config
+    from raypipe.annotate.prepare import check_annotate_config
     from raypipe.config import load_config
 
     job = load_config(

@@ -82,7 +82,7 @@ def test_bad_langcell_head_fails_before_anything_is_written(shared_data, tmp_pat
 
 # ---------------------------------------------------------------------------- candidates
 def test_blank_labels_are_missing_never_a_candidate(tmp_path):
-    from raypipe.annotate.stage import _candidate_names
+    from raypipe.annotate.prepare import _candidate_names
     from raypipe.atlas import ingest
     from raypipe.core.labels import missing_labels
 
@@ -116,7 +116,7 @@ def test_blank_labels_are_missing_never_a_candidate(tmp_path):
     ],
 )
 def test_a_key_naming_no_candidate_fails_naming_the_nearest(section, entry, nearest, tmp_path):
-    from raypipe.annotate.stage import check_annotate_config
+    from raypipe.annotate.prepare import check_annotate_config
 
     job = load_config(
         job_dict(

@@ -1,7 +1,7 @@
 """Candidate checks: blank labels are missing; config keys must name candidates; markers exist.
 
 Run before anything is written (:func:`raypipe.orchestrate.prepare.validate_job`) and when
-the candidates are built (:func:`raypipe.annotate.stage.prepare_candidates`).
+the candidates are built (:func:`raypipe.annotate.prepare.prepare_candidates`).
 """
 
 from __future__ import annotations

@@ -42,12 +42,54 @@ from raypipe.core.storage import local_copy
 from raypipe.errors import InputError
 
 __all__ = [
+    "BROAD_CLASSES",
     "Ontology",
     "OntologyMatch",
     "OntologyTerm",
     "load_ontology",
     "normalise",
 ]
+
+#: Cell Ontology classes too broad to be a cell type: never a discovered name, and no credit in
+#: ``cl_lineage`` (:mod:`raypipe.evaluate.ontology_metrics`). The one list.
+BROAD_CLASSES: dict[str, str] = {
+    "CL:0000000": "cell",
+    "CL:0000003": "native cell",
+    "CL:0002371": "somatic cell",
+    "CL:0000255": "eukaryotic cell",
+    "CL:0000548": "animal cell",
+    "CL:0002242": "nucleate cell",
+    "CL:0000226": "single nucleate cell",
+    "CL:0000219": "motile cell",
+    "CL:0000325": "stuff accumulating cell",
+    "CL:0011115": "precursor cell",
+    "CL:0011026": "progenitor cell",
+    "CL:0000988": "hematopoietic cell",
+    "CL:0000738": "leukocyte",
+    "CL:0000842": "mononuclear leukocyte",
+    "CL:0000542": "lymphocyte",
+    "CL:0000763": "myeloid cell",
+    "CL:0000766": "myeloid leukocyte",
+    "CL:0000234": "phagocyte",
+    "CL:0000518": "phagocyte (sensu Vertebrata)",
+    "CL:0000145": "professional antigen presenting cell",
+    "CL:0000066": "epithelial cell",
+    "CL:0000499": "stromal cell",
+    "CL:0002320": "connective tissue cell",
+    "CL:0000034": "stem cell",
+    "CL:0000723": "somatic stem cell",
+    "CL:0000081": "blood cell",
+    "CL:0000151": "secretory cell",
+    "CL:0000183": "contractile cell",
+    "CL:0000211": "electrically active cell",
+    "CL:0000215": "barrier cell",
+    "CL:0000393": "electrically responsive cell",
+    "CL:0000404": "electrically signaling cell",
+    "CL:0000473": "defensive cell",
+    "CL:0000630": "supporting cell",
+    "CL:0002319": "neural cell",
+}
+
 
 _CL_ID = re.compile(r"^CL[:_](\d{7})$", re.IGNORECASE)
 _NO_SINGULAR = {"ss", "us", "is", "os"}

@@ -1,8 +1,7 @@
 """Zero-shot annotation on Ray: candidate texts embedded once and broadcast; shards scored.
 
-Driver: build the candidate table (config names / CL ids, or the label column mapped to Cell
-Ontology terms) → ``annotations/label_mapping.parquet``; embed candidate texts with the run's
-text model; compute each method's atlas-mean embedding (for centring). Actors: per shard, read
+Driver: the candidates (:mod:`~raypipe.annotate.prepare` → ``annotations/label_mapping.parquet``)
+and each method's atlas-mean embedding (for centring). Actors: per shard, read
 the method's embedding part (and X for the markers scorer), score, assign, and write
 ``annotations/<method>/part-*.parquet`` atomically with a completion marker.
 """
@@ -10,51 +9,33 @@ the method's embedding part (and X for the markers scorer), score, assign, and w
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, ClassVar
 
 import numpy as np
 import pandas as pd
 
-from raypipe.annotate.checks import check_candidate_keys, label_candidates, markers_in_atlas
 from raypipe.atlas.store import AtlasShardStage
 from raypipe.config import config_hash
-from raypipe.core.outputs import part_path, read_parquet, write_parquet_atomic
+from raypipe.core.outputs import part_path, read_parquet
 from raypipe.core.plan import StagePlan, StageSpec, resolve, stage_hash
 from raypipe.core.stage import set_kernel_threads
 from raypipe.core.storage import AnyPath, as_path, sorted_paths
 from raypipe.errors import ConfigError
 
 if TYPE_CHECKING:
+    from raypipe.annotate.prepare import Candidates
     from raypipe.atlas.store import AtlasInfo
     from raypipe.config import JobConfig
     from raypipe.core.space import FittedSpace
-    from raypipe.genes.space import GeneSpace
 
 __all__ = [
     "AnnotateShards",
-    "Candidates",
     "annotation_fingerprint",
     "build_annotation",
-    "check_annotate_config",
     "embedding_mean",
-    "prepare_candidates",
 ]
 
 log = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True, eq=False)
-class Candidates:
-    """Candidate cell types with their text embeddings and marker columns."""
-
-    table: pd.DataFrame
-    labels: list[str]
-    text_emb: np.ndarray
-    marker_idx: list[np.ndarray]
-    usage: dict[str, Any]
-    marker_weights: list[np.ndarray] | None = None
-    warnings: list[str] | None = None
 
 
 def embedding_mean(out_dir: AnyPath, method: str) -> np.ndarray:
@@ -67,190 +48,6 @@ def embedding_mean(out_dir: AnyPath, method: str) -> np.ndarray:
         total = x.sum(axis=0) if total is None else total + x.sum(axis=0)
         n += len(col)
     return (total / max(n, 1)).astype(np.float32)
-
-
-def _resolver(genes: GeneSpace) -> Any:
-    """Marker name → atlas symbols: official symbol, else alias (e.g. CD16 → FCGR3A, FCGR3B)."""
-    symbols = {s for s in genes.resolution.symbols if s}
-    table = genes.table
-
-    def resolve(name: str) -> list[str]:
-        if name in symbols:
-            return [name]
-        if table is None:
-            return []
-        official = table.lookup_symbol(name)
-        hits = [official] if official else list(table.lookup_alias(name))
-        return [h for h in hits if h in symbols]
-
-    return resolve
-
-
-def _candidate_names(job: JobConfig, atlas: AtlasInfo) -> list[str]:
-    from raypipe.atlas.store import read_obs_columns
-
-    if job.annotate.candidates:
-        return list(job.annotate.candidates)
-    if job.input.label_key:
-        labels = read_obs_columns(atlas.path, [job.input.label_key])[job.input.label_key]
-        return label_candidates(labels)  # blank labels are missing, never a candidate
-    raise ConfigError(
-        "annotate.enabled but there are no candidates",
-        fix="list annotate.candidates, or set input.label_key to map its values to Cell Ontology terms",
-    )
-
-
-def check_annotate_config(job: JobConfig) -> None:
-    """Fail early (before any embedding work) on an ``annotate`` section that cannot run.
-
-    Checks that the ontology loads, that every ``annotate.mapping`` id is a live CL term,
-    that the marker resource (``annotate.marker_db``) is there and readable, and (for
-    candidates the config lists) that markers/mapping keys name candidates; keys against a
-    label column's candidates are checked where its values are read
-    (:func:`check_candidate_keys`).
-    """
-    from raypipe.annotate.mapping import check_overrides
-    from raypipe.annotate.ontology import load_ontology
-
-    if job.annotate.enabled and job.annotate.mapping:
-        check_overrides(job.annotate.mapping, load_ontology(job.annotate.ontology))
-    if job.annotate.enabled and job.annotate.marker_db.enabled:
-        from raypipe.annotate.marker_db import check_marker_db
-
-        check_marker_db(job)
-    if job.annotate.enabled and job.annotate.candidates:
-        blank = [c for c in job.annotate.candidates if not str(c).strip()]
-        if blank:
-            raise ConfigError("annotate.candidates has an empty name", fix="remove the empty entry")
-        check_candidate_keys(job, list(job.annotate.candidates))
-
-
-def prepare_candidates(
-    job: JobConfig, atlas: AtlasInfo, genes: GeneSpace, out_dir: AnyPath
-) -> Candidates:
-    """Map, describe, embed and write the candidates (``annotations/label_mapping.parquet``).
-
-    Labels are mapped to CL terms (:class:`~raypipe.annotate.mapping.LabelMapper`, with the
-    run's text model for the nearest-term fallback), markers gathered
-    (:mod:`~raypipe.annotate.markers`: config, then LLM when ``annotate.llm_markers``, then the
-    ontology), candidate texts embedded once. LLM marker failures go to
-    ``state/failures/annotate_markers.parquet`` (merged into ``failures.parquet``).
-    """
-    import pyarrow as pa
-
-    from raypipe.annotate.candidates import build_candidates, unmatched
-    from raypipe.annotate.mapping import GeneNames, LabelMapper
-    from raypipe.annotate.marker_db import marker_db_for_job
-    from raypipe.annotate.ontology import load_ontology
-    from raypipe.annotate.scorers import marker_indices
-    from raypipe.llm.cost import CostMeter
-    from raypipe.llm.text_stage import embed_texts
-
-    cfg = job.annotate
-    names = _candidate_names(job, atlas)
-    ontology = load_ontology(cfg.ontology)
-    gene_names = GeneNames.from_table(genes.table) if genes.table is not None else None
-    usage = CostMeter()
-
-    def embed(texts: list[str]) -> np.ndarray:
-        emb, _errors, use = embed_texts(list(dict.fromkeys(texts)), job)
-        usage.merge(use)
-        pos = {t: i for i, t in enumerate(dict.fromkeys(texts))}
-        return np.asarray(emb)[[pos[t] for t in texts]]
-
-    mapper = LabelMapper(
-        ontology,
-        genes=gene_names,
-        overrides=cfg.mapping,
-        embed=embed,
-        embed_threshold=cfg.mapping_embed_threshold,
-        tissue=cfg.tissue,
-        species=job.genes.species,
-    )
-    mappings = mapper.map_all(names)
-    resource = marker_db_for_job(job, mapper, out_dir)
-    resolver = _resolver(genes)
-    warnings: list[str] = []
-    llm = None
-    if cfg.llm_markers:
-        from raypipe.annotate.markers import llm_markers
-        from raypipe.genes.space import write_failures
-
-        asks = [(m.label, m.cl_label or m.label, m.cl_id) for m in mappings]
-        known = gene_names.is_gene if gene_names is not None else (lambda g: bool(resolver(g)))
-        llm, fails, llm_usage = llm_markers(asks, job, known)
-        usage.merge(llm_usage)
-        path = out_dir / "state" / "failures" / "annotate_markers.parquet"
-        if fails:
-            write_failures(out_dir, "annotate_markers", fails)
-            warnings.append(
-                f"LLM markers failed for {len(fails)} candidate(s): "
-                + ", ".join(f["item"] for f in fails)
-                + " (see failures.parquet); they fall back to ontology markers"
-            )
-        elif path.exists():
-            path.unlink()
-    descriptions = None
-    if cfg.llm_descriptions:
-        from raypipe.annotate.descriptions import descriptions_for_job
-
-        descriptions, more, llm_usage = descriptions_for_job(job, mappings, out_dir)
-        usage.merge(llm_usage)
-        warnings += more
-    markers = markers_in_atlas(cfg.markers, resolver, warnings)
-    cand = build_candidates(
-        names,
-        ontology,
-        markers=markers or None,
-        llm_markers=llm,
-        resolver=resolver,
-        mapper=mapper,
-        mappings=mappings,
-        use_ontology_markers=cfg.ontology_markers,
-        is_gene=gene_names.is_gene if gene_names is not None else None,
-        resource=resource,
-        negatives=cfg.negative_markers > 0,
-        descriptions=descriptions,
-    )
-    lost = unmatched(cand)
-    if lost:
-        warnings.append(
-            f"{len(lost)} candidate(s) match no Cell Ontology term and are scored on their name "
-            f"alone: {', '.join(lost)} (fix: annotate.mapping {{name: CL id}})"
-        )
-    out = cand.copy()
-    for col in out.columns:
-        if out[col].map(lambda v: isinstance(v, list | tuple | np.ndarray)).any():
-            out[col] = out[col].map(lambda v: list(v) if v is not None else [])
-    write_parquet_atomic(
-        out_dir / "annotations" / "label_mapping.parquet",
-        pa.Table.from_pandas(out, preserve_index=False),
-    )
-    emb, errors, text_usage = embed_texts(list(cand["text"].astype(str)), job)
-    usage.merge(text_usage)
-    bad = [n for n, e in zip(cand["label"], errors, strict=True) if e]
-    if bad:
-        raise ConfigError(
-            f"candidate texts could not be embedded: {', '.join(bad)}", fix="see failures.parquet"
-        )
-    symbols_per_col = [s or "" for s in genes.resolution.symbols]
-    idx, _ = marker_indices([list(m) for m in cand["markers"]], symbols_per_col)
-    pos = {s: i for i, s in enumerate(symbols_per_col) if s}
-    wts = [
-        np.array([w for g, w in zip(m, ws, strict=True) if g in pos], dtype=np.float64)
-        for m, ws in zip(cand["markers"], cand["marker_weights"], strict=True)
-    ]
-    for w in warnings:
-        log.warning(w)
-    return Candidates(
-        cand,
-        [str(x) for x in cand["label"]],
-        emb,
-        idx,
-        usage.to_dict(),
-        marker_weights=wts,
-        warnings=warnings,
-    )
 
 
 class AnnotateShards(AtlasShardStage):
@@ -285,9 +82,13 @@ class AnnotateShards(AtlasShardStage):
         smoothing_graph: str = "embedding",
         threads: int = 1,
         negative: float = 0.0,
+        cl_ids: list[str | None] | None = None,
+        clusters: bool = False,
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
+        self.cl_of = dict(zip(labels, cl_ids or [None] * len(labels), strict=True))
+        self.clusters = clusters
         set_kernel_threads(threads)  # the marker kernel's
         self.method = method  # type: ignore[misc]  # one class serves every embedding method
         self.labels = labels
@@ -357,6 +158,11 @@ class AnnotateShards(AtlasShardStage):
             uncentred = dict(per, text=text_scores(emb, self.text_emb, center=False))
             raw = combine(uncentred, self.weights, standardise=self.standardise)
             pred["label_uncentred"] = assign(raw, self.labels, top_k=1)["best_label"].to_numpy()
+        pred.insert(1, "cl_id", [self.cl_of.get(v) for v in pred["label"]])
+        if self.clusters:
+            from raypipe.annotate.clustering import read_cell_clusters
+
+            pred["cluster"] = read_cell_clusters(self.out_dir, shard)
         pred.insert(0, "row", part["row"].to_numpy())
         pred.insert(0, "shard", shard)
         pred.insert(0, "obs_name", part["obs_name"].to_numpy())
@@ -404,6 +210,7 @@ def annotation_fingerprint(
         stage_hash(cand.text_emb.tobytes()),
         stage_hash(repr([i.tolist() for i in cand.marker_idx]).encode()),
         stage_hash(repr([w.tolist() for w in cand.marker_weights or []]).encode()),
+        cand.discovery or "",
     )
 
 
@@ -477,6 +284,8 @@ def build_annotation(
         "langcell_alpha": job.annotate.langcell_alpha,
         "negative": job.annotate.negative_markers,
         "threads": max(1, round(job.ray.actor_cpus)),
+        "cl_ids": [None if pd.isna(v) else str(v) for v in cand.table["cl_id"]],
+        "clusters": cand.discovery is not None,
     }
     step = StageSpec(AnnotateShards, kwargs, job.ray.actors, job.ray.actor_cpus)
     return StagePlan([step], fp, kind="annotations", notes={"scorers": weights}), ""

@@ -6,7 +6,7 @@ PCA-50 baseline) it times and prints, in one process:
 * **before**: scikit-learn per metric, as the evaluation did until issue #14 — a
   ``NearestNeighbors`` graph inside Leiden (leidenalg), five ``KNeighborsClassifier`` fits for the kNN probe,
   ``silhouette_samples`` (cosine, quadratic), and umap-learn's own neighbour search;
-* **after**: one :func:`~raypipe.evaluate.neighbors.cosine_neighbors` graph shared by Leiden,
+* **after**: one :func:`~raypipe.core.neighbors.cosine_neighbors` graph shared by Leiden,
   the kNN probe and the UMAP, igraph's C Leiden, the linear-time cosine silhouette;
 
 and each metric's value under both (the issue's tolerance is ±0.01)::
@@ -25,7 +25,7 @@ from typing import Any
 import numpy as np
 
 from raypipe.bench.scale import SOURCE
-from raypipe.evaluate.neighbors import bisect_resolution, knn_igraph
+from raypipe.core.neighbors import bisect_resolution, knn_igraph
 
 __all__ = ["main", "reference_metrics"]
 
@@ -97,8 +97,8 @@ def main(argv: list[str] | None = None) -> dict:
     """Print before/after seconds and values; return them."""
     import warnings
 
+    from raypipe.core.neighbors import cosine_neighbors
     from raypipe.evaluate import metrics as M
-    from raypipe.evaluate.neighbors import cosine_neighbors
 
     warnings.filterwarnings("ignore", module="umap")
     p = argparse.ArgumentParser(prog="benchmark.py eval", description=__doc__)

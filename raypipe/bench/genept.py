@@ -128,7 +128,7 @@ class TreeSampler:
 
 # ---------------------------------------------------------------- synthetic data
 def build_synthetic(
-    source: Path, n_cells: int, atlas: Path, h5ad: Path, *, seed: int = 0
+    source: Path, n_cells: int, atlas: Path, h5ad: Path, *, seed: int = 0, pairs: bool = False
 ) -> dict[str, Any]:
     """Write ``n_cells`` resampled cells of ``source`` as a raypipe atlas and as an ``.h5ad``.
 
@@ -145,6 +145,11 @@ def build_synthetic(
         Destinations.
     seed
         Seed of the resampling.
+    pairs
+        Make each cell from two random source cells of the same ``cluster_id``: half of each
+        one's counts (binomial thinning, seeded) added up. Resampled cells then differ (a
+        clustering benchmark needs this: exact copies make cliques in a kNN graph); False
+        copies cells as they are.
 
     Returns
     -------
@@ -161,6 +166,8 @@ def build_synthetic(
     from raypipe.atlas.ingest import chunk_hash, write_atlas_metadata
 
     recipe = {"source": str(source), "n_cells": n_cells, "seed": seed, "rows": ROWS_PER_CHUNK}
+    if pairs:
+        recipe["pairs"] = True
     stamp = atlas.with_name(atlas.name + ".recipe.json")
     ready = atlas.exists() and h5ad.exists() and stamp.exists()
     if ready and json.loads(stamp.read_text()) == recipe:
@@ -169,6 +176,14 @@ def build_synthetic(
     x_src = sp.csr_matrix(src.X, dtype=np.float32)
     rng = np.random.default_rng(seed)
     pick = rng.integers(0, src.n_obs, size=n_cells)
+    thinning = np.random.default_rng([seed, 1])
+    mate = pick.copy()  # pairs: a second cell of the same label for every pick
+    if pairs:
+        labels = np.asarray(src.obs["cluster_id"]).astype(str)
+        for lab in np.unique(labels):
+            same = np.flatnonzero(labels == lab)
+            rows = np.flatnonzero(labels[pick] == lab)
+            mate[rows] = same[thinning.integers(0, same.size, size=rows.size)]
     obs = pd.DataFrame(
         {"cluster_id": pd.Categorical(np.asarray(src.obs["cluster_id"])[pick])},
         index=pd.Index([f"c{i:08d}" for i in range(n_cells)], name="cell_id"),
@@ -198,6 +213,12 @@ def build_synthetic(
             write_elem(fh, "var", var)
             for start in range(0, n_cells, ROWS_PER_CHUNK):
                 x = x_src[pick[start : start + ROWS_PER_CHUNK]]
+                if pairs:
+                    halves = [x, x_src[mate[start : start + ROWS_PER_CHUNK]]]
+                    for h in halves:
+                        h.data = thinning.binomial(h.data.astype(np.int64), 0.5).astype(np.float32)
+                    x = (halves[0] + halves[1]).tocsr()
+                    x.eliminate_zeros()
                 x.sort_indices()
                 hashes.append(chunk_hash(x))
                 zero_cells += int(np.count_nonzero(np.diff(x.indptr) == 0))

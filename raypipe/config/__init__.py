@@ -4,6 +4,8 @@ Validation never touches hardware, network or heavy libraries (no torch, no vllm
 ``import raypipe.config`` is cheap and a test proves it.
 """
 
+from raypipe.config.annotate import AnnotateConfig, EvaluateConfig, ScorerName
+from raypipe.config.discover import DiscoverConfig, NamingName
 from raypipe.config.loading import (
     apply_overrides,
     config_hash,
@@ -11,13 +13,11 @@ from raypipe.config.loading import (
 )
 from raypipe.config.markers import MarkerDBConfig, MarkerDBName
 from raypipe.config.models import (
-    AnnotateConfig,
     CacheConfig,
     CEConfig,
     EmbedConfig,
     EmbedderName,
     EmbedMethod,
-    EvaluateConfig,
     GenePTSConfig,
     GenePTWConfig,
     GeneratorName,
@@ -28,7 +28,6 @@ from raypipe.config.models import (
     LLMConfig,
     Price,
     RayConfig,
-    ScorerName,
     ShardsConfig,
     SomaConfig,
     StorageConfig,
@@ -43,6 +42,7 @@ __all__ = [
     "CEConfig",
     "CacheConfig",
     "ConfigKey",
+    "DiscoverConfig",
     "EmbedConfig",
     "EmbedMethod",
     "EmbedderName",
@@ -58,6 +58,7 @@ __all__ = [
     "LimitsConfig",
     "MarkerDBConfig",
     "MarkerDBName",
+    "NamingName",
     "Price",
     "RayConfig",
     "ScorerName",

@@ -4,17 +4,17 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import Field
+
+from raypipe.config.base import Section
 
 __all__ = ["MarkerDBConfig", "MarkerDBName"]
 
 MarkerDBName = Literal["panglaodb"]  # raypipe.annotate.marker_db.MARKER_DBS
 
 
-class MarkerDBConfig(BaseModel):
+class MarkerDBConfig(Section):
     """A curated marker resource, trusted after config and LLM markers, before the ontology."""
-
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
     enabled: bool = Field(
         False,

@@ -9,9 +9,10 @@ import os
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import Field, field_validator, model_validator
 
-from raypipe.config.markers import MarkerDBConfig
+from raypipe.config.annotate import AnnotateConfig, EvaluateConfig
+from raypipe.config.base import Section
 from raypipe.config.runtime import LeaseConfig, WatchdogConfig
 from raypipe.config.soma import SomaConfig
 
@@ -21,14 +22,9 @@ EmbedMethod = Literal["genept_w", "genept_s", "ce"]  # raypipe.embed.methods.MET
 TextSourceName = Literal["table", "orgdb", "ncbi", "symbol", "llm"]  # genes.sources.TEXT_SOURCES
 EmbedderName = Literal["local", "openai", "vllm"]  # raypipe.llm.backends.EMBEDDERS
 GeneratorName = Literal["openai", "vllm"]  # raypipe.llm.generate.GENERATORS
-ScorerName = Literal["langcell", "markers", "text"]  # raypipe.annotate.scorers.SCORERS
 
 
-class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
-
-
-class InputConfig(_Section):
+class InputConfig(Section):
     """Where the atlas comes from and which obs columns hold labels and batches."""
 
     path: str = Field(
@@ -80,7 +76,7 @@ class InputConfig(_Section):
         return self
 
 
-class ShardsConfig(_Section):
+class ShardsConfig(Section):
     """How the atlas is split into row-range shards (aligned to Zarr row chunks)."""
 
     rows: int = Field(4096, description="Target rows per shard (rounded up to whole Zarr chunks).")
@@ -93,7 +89,7 @@ class ShardsConfig(_Section):
         return v
 
 
-class GenesConfig(_Section):
+class GenesConfig(Section):
     """Gene identity and the text that describes each gene."""
 
     text_source: TextSourceName = Field(
@@ -134,7 +130,7 @@ class GenesConfig(_Section):
     )
 
 
-class TextModelConfig(_Section):
+class TextModelConfig(Section):
     """The text-embedding model that embeds gene and cell-type texts."""
 
     backend: EmbedderName = Field("local", description="Registry name of the embedding backend.")
@@ -156,7 +152,7 @@ class TextModelConfig(_Section):
     )
 
 
-class LLMConfig(_Section):
+class LLMConfig(Section):
     """The generative model that writes gene descriptions (`genes.text_source: llm`)."""
 
     backend: GeneratorName = Field("openai", description="Registry name of the generation backend.")
@@ -173,7 +169,7 @@ class LLMConfig(_Section):
     num_gpus: float = Field(1.0, ge=0, description="GPUs per vLLM actor.")
 
 
-class LimitsConfig(_Section):
+class LimitsConfig(Section):
     """One cluster-wide budget shared by every LLM actor."""
 
     requests_per_minute: float = Field(
@@ -211,7 +207,7 @@ class LimitsConfig(_Section):
     )
 
 
-class CacheConfig(_Section):
+class CacheConfig(Section):
     """Durable caches that outlive runs: LLM results and gene-text embeddings."""
 
     path: str | None = Field(
@@ -222,7 +218,7 @@ class CacheConfig(_Section):
     )
 
 
-class StorageConfig(_Section):
+class StorageConfig(Section):
     """Object storage settings the environment cannot give (credentials never go here)."""
 
     endpoint: str | None = Field(
@@ -244,14 +240,14 @@ class StorageConfig(_Section):
     )
 
 
-class Price(_Section):
+class Price(Section):
     """USD per 1M tokens."""
 
     input: float = 0.0
     output: float = 0.0
 
 
-class GenePTWConfig(_Section):
+class GenePTWConfig(Section):
     """GenePT-w options (measured variants: docs/methods/genept.md)."""
 
     hvg: int | None = Field(
@@ -265,7 +261,7 @@ class GenePTWConfig(_Section):
     target_sum: float = Field(1e4, gt=0, description="Counts per cell after normalisation.")
 
 
-class GenePTSConfig(_Section):
+class GenePTSConfig(Section):
     """GenePT-s options."""
 
     top_n: int = Field(100, gt=0, description="Genes per cell sentence.")
@@ -274,7 +270,7 @@ class GenePTSConfig(_Section):
     )
 
 
-class CEConfig(_Section):
+class CEConfig(Section):
     """Cell-encoder (Geneformer / LangCell) options."""
 
     model: str | None = Field(
@@ -304,7 +300,7 @@ class CEConfig(_Section):
     )
 
 
-class EmbedConfig(_Section):
+class EmbedConfig(Section):
     """Which cell embeddings to compute."""
 
     methods: list[EmbedMethod] = Field(
@@ -316,126 +312,7 @@ class EmbedConfig(_Section):
     ce: CEConfig = Field(default_factory=CEConfig)
 
 
-class AnnotateConfig(_Section):
-    """Zero-shot annotation (defaults chosen by measurement: docs/methods/annotation.md)."""
-
-    enabled: bool = Field(False, description="Annotate cells with zero-shot cell-type calls.")
-    candidates: list[str] = Field(
-        default_factory=list, description="Cell-type names or CL ids; empty = from input.label_key."
-    )
-    ontology: str | None = Field(
-        None, description="Cell Ontology JSON(.gz); default: cellxgene-ontology-guide."
-    )
-    mapping: dict[str, str] = Field(
-        default_factory=dict,
-        description="Candidate name → CL id, overriding the automatic mapping.",
-    )
-    mapping_embed_threshold: float = Field(
-        0.8,
-        ge=-1,
-        le=1,
-        description="Cosine above which the text-embedding fallback maps a label to a CL term.",
-    )
-    scorers: dict[ScorerName, float] = Field(
-        default_factory=lambda: dict[ScorerName, float]({"text": 0.25, "markers": 1.0}),
-        description="Scorer name → weight.",
-    )
-    markers: dict[str, list[str]] = Field(
-        default_factory=dict, description="Candidate → marker genes (trusted first)."
-    )
-    ontology_markers: bool = Field(
-        True, description="Gather markers from the Cell Ontology when no other source gives any."
-    )
-    llm_markers: bool = Field(
-        False, description="Ask the `llm` backend once per candidate for canonical markers."
-    )
-    tissue: str | None = Field(
-        None,
-        description="Tissue of the atlas (`lung`, `kidney`, `blood`; a UBERON name): steers "
-        "label mapping to its terms and is named in LLM prompts.",
-    )
-    marker_db: MarkerDBConfig = Field(
-        default_factory=MarkerDBConfig, description="Curated marker resource (PanglaoDB)."
-    )
-    negative_markers: float = Field(
-        0.5,
-        ge=0,
-        description="Weight of a candidate's negative markers (stated absent: `GENE-` in "
-        '`annotate.markers`, "negative for CD3" in a CL definition), subtracted in the '
-        "`markers` scorer; 0 ignores them.",
-    )
-    center: bool = Field(
-        True, description="Centre cells and candidate texts against their means before cosine."
-    )
-    standardise: Literal["candidate", "cell", "none"] = Field(
-        "candidate",
-        description="Standardise each scorer per candidate over cells, per cell, or not.",
-    )
-    smoothing: float = Field(
-        5.0, ge=0, description="Graph smoothing strength λ of (I + λL)⁻¹ P₀ (0 = off)."
-    )
-    smoothing_k: int = Field(15, gt=0, description="Neighbours per cell in the smoothing graph.")
-    smoothing_block: int = Field(
-        4096,
-        ge=64,
-        description="Most cells in one smoothing graph or PC fit; larger shards use interleaved blocks.",
-    )
-    smoothing_graph: Literal["embedding", "expression"] = Field(
-        "expression", description="Smoothing graph on the cell embedding or on expression PCs."
-    )
-    unassigned_threshold: float | None = Field(
-        None, description="Margin below which a cell is `unassigned`."
-    )
-    top_k: int = Field(3, gt=0, description="Best candidates kept per cell (`top_labels`).")
-    langcell_alpha: float = Field(
-        0.1,
-        ge=0,
-        le=1,
-        description="langcell scorer: score = α·sim + (1−α)·ctm (LangCell's zero-shot uses 0.1).",
-    )
-    langcell_text_max_length: int = Field(
-        512, gt=0, description="langcell scorer: candidate-text tokens kept (LangCell: 512)."
-    )
-    llm_descriptions: bool = Field(
-        False,
-        description="Ask the `llm` backend once per candidate (cached) for a 2-3 sentence "
-        "description, appended to the candidate text the `text` scorer embeds.",
-    )
-
-    @field_validator("mapping")
-    @classmethod
-    def _cl_ids(cls, v: dict[str, str]) -> dict[str, str]:
-        import re
-
-        bad = {k: x for k, x in v.items() if not re.match(r"^CL[:_]\d{7}$", str(x).strip())}
-        if bad:
-            raise ValueError(
-                f"annotate.mapping values must be Cell Ontology ids like CL:0000236; got {bad}"
-            )
-        return v
-
-
-class EvaluateConfig(_Section):
-    """Evaluation reductions."""
-
-    enabled: bool = Field(
-        False, description="Compute metrics.parquet (skipped without input.label_key)."
-    )
-    sample_size: int = Field(
-        20_000, gt=0, description="Cap for quadratic metrics (seeded subsample)."
-    )
-    seed: int = Field(0, description="Seed of the subsample, k-means and Leiden.")
-    pca_components: int = Field(50, gt=0, description="Dimensions of the PCA baseline.")
-    leiden_resolution: float = Field(
-        1.0, gt=0, description="Start of the resolution search for as many clusters as labels."
-    )
-    knn_k: int = Field(
-        15, gt=0, description="Neighbours per cell of the Leiden graph and the kNN probe."
-    )
-    report: bool = Field(True, description="Write report/index.html (UMAPs, confusion, metrics).")
-
-
-class RayConfig(_Section):
+class RayConfig(Section):
     """Where and how the job runs on Ray."""
 
     address: str = Field(
@@ -451,7 +328,7 @@ class RayConfig(_Section):
     )
 
 
-class JobConfig(_Section):
+class JobConfig(Section):
     """A whole raypipe job."""
 
     input: InputConfig

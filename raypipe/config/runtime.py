@@ -5,16 +5,14 @@ Validation never touches hardware, network or heavy libraries.
 
 from __future__ import annotations
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import Field, model_validator
+
+from raypipe.config.base import Section
 
 __all__ = ["LeaseConfig", "WatchdogConfig"]
 
 
-class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
-
-
-class LeaseConfig(_Section):
+class LeaseConfig(Section):
     """One writer per output folder: the lease a run holds while it works (docs/reprocessing.md)."""
 
     heartbeat_s: float = Field(
@@ -39,7 +37,7 @@ class LeaseConfig(_Section):
         return self
 
 
-class WatchdogConfig(_Section):
+class WatchdogConfig(Section):
     """Says what a run waits for when it makes no progress."""
 
     stall_s: float = Field(

@@ -6,15 +6,15 @@ folder holding one) or ``census:<organism>``. Validation never imports ``tiledbs
 
 from __future__ import annotations
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import Field, field_validator
+
+from raypipe.config.base import Section
 
 __all__ = ["SomaConfig"]
 
 
-class SomaConfig(BaseModel):
+class SomaConfig(Section):
     """Which measurement, X layer, cells and obs columns of a SOMA experiment a run reads."""
-
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
     measurement: str = Field(
         "RNA", description="SOMA measurement holding X and var (the Census: `RNA`)."

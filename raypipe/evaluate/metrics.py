@@ -20,19 +20,20 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from raypipe.core.neighbors import (
+    Neighbors,
+    bisect_resolution,
+    cosine_neighbors,
+    knn_igraph,
+    leiden,
+    normalize_rows,
+)
 from raypipe.errors import RaypipeError
 from raypipe.evaluate.confusion import (
     confusion_matrix,
     label_codes,
     merge_confusion,
     present_labels,
-)
-from raypipe.evaluate.neighbors import (
-    Neighbors,
-    bisect_resolution,
-    cosine_neighbors,
-    knn_igraph,
-    normalize_rows,
 )
 from raypipe.evaluate.silhouette import cosine_silhouette_samples
 
@@ -204,29 +205,6 @@ def kmeans_agreement(
     return _agreement(lab, clusters)
 
 
-def _leiden(graph: Any, resolution: float, seed: int) -> np.ndarray:
-    """Cluster with igraph's C Leiden: modularity with a resolution (= leidenalg's RBConfiguration).
-
-    About 15× faster than leidenalg on a 9k-cell graph with the same cluster counts (measured
-    in ``jobs/benchmark.py eval``). igraph draws from Python's ``random``: it is seeded here
-    and its state restored afterwards.
-    """
-    import random
-
-    state = random.getstate()
-    random.seed(seed)
-    try:
-        part = graph.community_leiden(
-            objective_function="modularity",
-            weights="weight",
-            resolution=resolution,
-            n_iterations=2,
-        )
-    finally:
-        random.setstate(state)
-    return np.asarray(part.membership)
-
-
 def leiden_agreement(
     X: np.ndarray,
     labels: Sequence[Any],
@@ -260,7 +238,7 @@ def leiden_agreement(
         )
     graph = knn_igraph(_graph(neighbors, x, n, k_neighbors, seed).indices[:, :k_neighbors])
     res, clusters = bisect_resolution(
-        lambda r: _leiden(graph, r, seed),
+        lambda r: leiden(graph, r, seed=seed),
         k,
         resolution=resolution,
         max_steps=max_steps if match_n_labels else 1,

@@ -3,14 +3,15 @@
 ``metrics.parquet`` columns: ``dataset, method, metric, value, n_cells, sample_size``, with
 metric names (fixed, comparable across runs): accuracy, macro_f1, ari_kmeans, ami_kmeans,
 nmi_kmeans, ari_leiden, ami_leiden, asw_label, asw_batch, avg_bio, s_final, knn_accuracy,
-recall_at_1, recall_at_5, recall_at_10.
+recall_at_1, recall_at_5, recall_at_10, cl_exact, cl_lineage (calls and truth as Cell Ontology
+terms, :mod:`raypipe.evaluate.ontology_metrics`).
 
 Exact metrics (accuracy, macro_f1, retrieval) use every labelled cell. Quadratic ones
 (k-means/Leiden agreement, silhouettes, kNN probe) use one seeded uniform subsample of the
 labelled cells of at most ``evaluate.sample_size`` rows, the same rows for every method.
 AvgBio uses the k-means ARI/NMI; S_final = 0.6·AvgBio + 0.4·ASW_batch.
 
-One cosine kNN graph per embedding (:func:`raypipe.evaluate.neighbors.cosine_neighbors`,
+One cosine kNN graph per embedding (:func:`raypipe.core.neighbors.cosine_neighbors`,
 ``2·knn_k + 5`` neighbours) serves Leiden, the kNN probe and the report's UMAP; each metric's
 seconds are kept in :attr:`Evaluation.timings` (the manifest records them).
 """
@@ -25,9 +26,9 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import pandas as pd
 
+from raypipe.core.neighbors import Neighbors, cosine_neighbors
 from raypipe.errors import InputError
 from raypipe.evaluate import metrics as M
-from raypipe.evaluate.neighbors import Neighbors, cosine_neighbors
 
 if TYPE_CHECKING:
     from raypipe.config import EvaluateConfig
@@ -51,6 +52,8 @@ METRIC_NAMES = [
     "recall_at_1",
     "recall_at_5",
     "recall_at_10",
+    "cl_exact",
+    "cl_lineage",
 ]
 
 

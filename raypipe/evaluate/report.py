@@ -19,6 +19,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from raypipe.core.neighbors import Neighbors, cosine_neighbors
 from raypipe.core.outputs import read_frame
 from raypipe.core.storage import (
     AnyPath,
@@ -30,7 +31,6 @@ from raypipe.core.storage import (
 from raypipe.errors import InputError
 from raypipe.evaluate.baseline import BASELINE_METHOD
 from raypipe.evaluate.metrics import subsample_indices
-from raypipe.evaluate.neighbors import Neighbors, cosine_neighbors
 
 __all__ = ["FIGURES_FILE", "rerender_report", "summary_html", "umap_2d", "write_report"]
 
@@ -193,7 +193,7 @@ def _candidate_section(out_dir: AnyPath) -> list[str]:
 _ORDER = [
     "accuracy", "macro_f1", "ari_kmeans", "ami_kmeans", "nmi_kmeans", "ari_leiden",
     "ami_leiden", "asw_label", "asw_batch", "avg_bio", "s_final", "knn_accuracy",
-    "recall_at_1", "recall_at_5", "recall_at_10",
+    "recall_at_1", "recall_at_5", "recall_at_10", "cl_exact", "cl_lineage",
 ]  # fmt: skip
 
 _CSS = """body{font-family:sans-serif;margin:2em;max-width:1400px}
@@ -291,6 +291,9 @@ def write_report(
     for method, table in (confusion or {}).items():
         _confusion_png(report / f"confusion_{method}.png", method, table)
         figures["confusion"].append(method)
+    from raypipe.evaluate.discovery_report import draw_discovery
+
+    figures["discovered"] = draw_discovery(as_path(out_dir), _read_manifest(as_path(out_dir)))
     atomic_write_json(report / FIGURES_FILE, figures)
     return _write_page(as_path(out_dir), figures, metrics_df, skipped)
 
@@ -372,6 +375,9 @@ def _write_page(
             for r in skipped.itertuples()
         )
         parts += ["<h3>Skipped metrics</h3>", f"<ul>{items}</ul>"]
+    from raypipe.evaluate.discovery_report import discovery_section
+
+    parts += discovery_section(out, manifest, figures)
     parts += _candidate_section(out)
     if figures.get("umap"):
         head = html.escape(str(figures.get("projection", "UMAP")))

@@ -38,8 +38,9 @@ def plan_estimates(job: JobConfig) -> tuple[int, list[str], list[tuple[str, Any]
         if ann.enabled and ann.llm_markers:
             from raypipe.annotate.markers import estimate_cost as marker_cost
 
-            names = list(ann.candidates)
-            if not names and job.input.label_key in src.obs.columns:
+            auto = ann.candidates == "auto"  # discovered names exist only after clustering
+            names = [] if auto else list(ann.candidates)
+            if not names and not auto and job.input.label_key in src.obs.columns:
                 names = sorted({str(v) for v in src.obs[job.input.label_key].dropna()})
             rows.append(("candidate markers (chat)", marker_cost(job, names)))
         if "genept_s" in job.embed.methods:

@@ -2,9 +2,11 @@
 
 Conventions (docs/python.md, "Results as AnnData"): ``obsm["X_<method>"]`` float32, rows in the atlas's obs
 order, empty cells all zeros and flagged in ``obs["<method>_empty"]``;
-``obs["raypipe_<method>_label"]`` (categorical), ``..._score`` and ``..._margin`` for each
-annotated method; ``uns["raypipe"]`` the manifest essentials and the metrics table; ``var`` as
-the atlas has it. Results are read part by part into the output arrays (nothing larger is
+``obs["raypipe_<method>_label"]`` (categorical), ``..._score``, ``..._margin`` and
+``..._cl_id`` (the call's Cell Ontology id: CELLxGENE's ``cell_type`` /
+``cell_type_ontology_term_id`` pair) for each annotated method, ``obs["raypipe_cluster"]``
+when the candidates were discovered (``annotate.candidates: auto``); ``uns["raypipe"]`` the
+manifest essentials and the metrics table; ``var`` as the atlas has it. Results are read part by part into the output arrays (nothing larger is
 held); ``X`` is copied from the atlas row chunk by row chunk; files are written under a
 temporary name and renamed, so an interrupted export leaves nothing behind.
 """
@@ -38,8 +40,11 @@ __all__ = [
     "uns_payload",
 ]
 
-#: Parquet columns of an annotation part copied into obs (as ``raypipe_<method>_<column>``).
+#: Parquet columns of an annotation part copied into obs (as ``raypipe_<method>_<column>``);
+#: ``cl_id`` (the call's Cell Ontology id, CELLxGENE's ``cell_type_ontology_term_id`` beside
+#: the label) and ``cluster`` (``annotate.candidates: auto``) when the part has them.
 ANNOTATION_COLUMNS = ("label", "score", "margin")
+OPTIONAL_COLUMNS = ("cl_id", "cluster")
 
 
 @dataclass
@@ -146,21 +151,27 @@ def read_embedding_matrix(
 def read_annotation_columns(
     out_dir: str | AnyPath, method: str, obs_names: np.ndarray
 ) -> dict[str, np.ndarray]:
-    """Read ``label``, ``score``, ``margin`` of ``annotations/<method>`` in atlas row order."""
+    """Read ``annotations/<method>`` in atlas row order.
+
+    Columns ``label``, ``score``, ``margin``, and ``cl_id`` and ``cluster`` where present.
+    """
     out = as_path(out_dir)
     n = len(obs_names)
     cols: dict[str, np.ndarray] = {}
     seen = np.zeros(n, dtype=np.int32)
     for f in _parts(out, "annotations", method):
-        t = read_parquet(f, columns=["obs_name", "row", *ANNOTATION_COLUMNS])
+        t = read_parquet(f)
+        present = [c for c in OPTIONAL_COLUMNS if c in t.column_names]
+        t = t.select(["obs_name", "row", *ANNOTATION_COLUMNS, *present])
         rows = t.column("row").to_numpy().astype(np.int64)
         _check_rows(
             rows, np.asarray(t.column("obs_name").to_pylist(), dtype=object), obs_names, f, n
         )
-        for c in ANNOTATION_COLUMNS:
+        for c in (*ANNOTATION_COLUMNS, *present):
             values = t.column(c).to_numpy(zero_copy_only=False)
             if c not in cols:
-                cols[c] = np.empty(n, dtype=object if c == "label" else values.dtype)
+                obj = c in ("label", "cl_id")
+                cols[c] = np.empty(n, dtype=object if obj else values.dtype)
             cols[c][rows] = values
         seen[rows] += 1
     _check_complete(seen, out, "annotations", method)
@@ -242,6 +253,11 @@ def collect_results(
         res.obs[f"raypipe_{m}_label"] = pd.Categorical(cols["label"].astype(str))
         res.obs[f"raypipe_{m}_score"] = cols["score"]
         res.obs[f"raypipe_{m}_margin"] = cols["margin"]
+        if "cl_id" in cols:  # CELLxGENE's pair: cell_type + cell_type_ontology_term_id
+            ids = [None if v is None else str(v) for v in cols["cl_id"]]
+            res.obs[f"raypipe_{m}_cl_id"] = pd.Categorical(ids)
+        if "cluster" in cols and "raypipe_cluster" not in res.obs.columns:
+            res.obs["raypipe_cluster"] = pd.Categorical(cols["cluster"].astype(np.int64))
     metrics_path = out / "metrics.parquet"
     metrics = read_frame(metrics_path) if metrics_path.is_file() else None
     res.uns = uns_payload(manifest, metrics)

@@ -138,7 +138,7 @@ def validate_job(job: JobConfig, *, force: bool = False) -> list[str]:
 
 def _check_job_input(job: JobConfig, force: bool) -> list[str]:
     """:func:`validate_job` without the methods' preflights."""
-    from raypipe.annotate.stage import check_annotate_config
+    from raypipe.annotate.prepare import check_annotate_config
     from raypipe.atlas.reader import open_source, resolve_input_path
     from raypipe.atlas.soma import is_soma_input
     from raypipe.atlas.store import open_atlas, read_obs_columns, read_var

@@ -1,8 +1,8 @@
 """``raypipe run``: compose the stages a config names and run them on Ray.
 
 validate the job (read-only) → atlas (ingest on the fly if needed) → gene space (texts,
-embeddings, coverage) → each method's plan, run over the shards its ledger says are pending →
-annotation → evaluation → LLM usage and failures → manifest + summary.
+embeddings, coverage) → cell-type discovery (``annotate.candidates: auto``) → each method's
+plan, run over the shards its ledger says are pending → annotation → evaluation → LLM usage and failures → manifest + summary.
 
 This is the only module that knows every stage; each stage owns its builder
 (``raypipe.embed.methods.METHODS``, ``raypipe.annotate.stage.build_annotation``) and the kit
@@ -59,6 +59,7 @@ class _Run:
         self.out_dir = as_path(job.output_dir)
         self.summary = RunSummary(output_dir=str(self.out_dir))
         self.computed: dict[str, list[Shard]] = {}
+        self.discovered: Any = None  # what annotate.candidates: auto found
 
     def _timed(self, name: str, t0: float) -> None:
         self.lease.check()  # another run took the folder over: stop before writing more
@@ -157,16 +158,35 @@ class _Run:
             }
             self._timed(name, t)
 
-    def candidates(self, atlas: AtlasInfo, genes: GeneSpace) -> Any:
+    def discover(self, atlas: AtlasInfo, genes: GeneSpace, shards: list[Shard]) -> Any:
+        """``annotate.candidates: auto``: clusters → markers → names (annotations/clusters.parquet)."""
+        from raypipe.annotate.discover import CLUSTERS_FILE, discover
+
+        t = time.perf_counter()
+        found = discover(self.job, atlas, shards, genes, self.out_dir, progress=self.progress)
+        self.summary.warnings += found.warnings
+        self.summary.outputs.append(str(self.out_dir / "annotations" / CLUSTERS_FILE))
+        self._timed("discover", t)
+        return found
+
+    def candidates(self, atlas: AtlasInfo, genes: GeneSpace, discovered: Any = None) -> Any:
         """Build, embed and write the annotation candidates (once per run)."""
-        from raypipe.annotate.stage import prepare_candidates
+        from raypipe.annotate.prepare import prepare_candidates
 
         t = time.perf_counter()
         watchdog.activity("the annotation candidates (ontology, markers, texts)")
-        cand = prepare_candidates(self.job, atlas, genes, self.out_dir)
+        cand = prepare_candidates(self.job, atlas, genes, self.out_dir, discovered)
         self.summary.warnings += list(cand.warnings or [])
         self.summary.outputs.append(str(self.out_dir / "annotations" / "label_mapping.parquet"))
         self.manifest.annotate = {"candidates": cand.labels, "methods": {}}
+        if discovered is not None:
+            table = discovered.table
+            self.manifest.annotate["discover"] = {
+                "fingerprint": discovered.fingerprint,
+                "n_clusters": len(table),
+                "named": int((table["candidate"] != "unassigned").sum()),
+                "naming": self.job.annotate.discover.naming,
+            }
         release_text_actors()  # the run's last text to embed: free the model's memory
         self._timed("candidates", t)
         return cand
@@ -246,6 +266,8 @@ class _Run:
 
         job, out_dir = self.job, self.out_dir
         meter = CostMeter().merge(genes.usage or {})
+        if self.discovered is not None:
+            meter.merge(self.discovered.usage or {})
         if candidates is not None:
             meter.merge(candidates.usage or {})
         rows: list[dict[str, Any]] = []
@@ -295,11 +317,13 @@ class _Run:
         if not ann.enabled:
             release_text_actors()  # no candidate texts will follow the gene texts
         candidates = None
+        if ann.enabled and ann.candidates == "auto":
+            self.discovered = self.discover(atlas, genes, shards)
         if ann.enabled and ann.scorers.get("langcell", 0) > 0:  # the CE actors need them
-            candidates = self.candidates(atlas, genes)
+            candidates = self.candidates(atlas, genes, self.discovered)
         self.methods(atlas, genes, shards, candidates)
         if ann.enabled:
-            candidates = candidates or self.candidates(atlas, genes)
+            candidates = candidates or self.candidates(atlas, genes, self.discovered)
             self.annotate(atlas, candidates, shards)
         if self.job.evaluate.enabled:
             self.evaluate(atlas, candidates, previous)
