@@ -128,3 +128,19 @@ def demo_cli_run(tmp_path_factory, session_user_cache) -> CliRun:
     )
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-5000:]
     return CliRun(cwd / "demo", res.stdout, res.stderr)
+
+
+@pytest.fixture(scope="module")
+def ray_fresh(_ray_session):
+    """A local Ray started now, for a module whose workers need the environment it set.
+
+    Ray workers inherit the environment Ray started with (an API key variable set by a
+    module's fixture after the session's Ray started would be missing in them). Shut down
+    after the module: the next test asking for ``ray_local`` starts the shared one again.
+    """
+    ray = _ray_session
+    if ray.is_initialized():
+        ray.shutdown()
+    ray.init(**_RAY_INIT)
+    yield ray
+    ray.shutdown()
