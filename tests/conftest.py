@@ -1,4 +1,4 @@
-"""Shared fixtures: the ../shared/data folder (skip when absent) and a local Ray."""
+"""Shared fixtures: the ../shared/data folder (skip when absent) and one local Ray per session."""
 
 from __future__ import annotations
 
@@ -6,6 +6,7 @@ import os
 from pathlib import Path
 
 import pytest
+from cli_utils import CliRun, raypipe_cli
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = Path(os.environ.get("RAYPIPE_SHARED_DATA", ROOT.parent / "shared" / "data"))
@@ -16,18 +17,40 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line(
+        "markers",
+        "shared_gene_cache: the test's runs share one per-user gene-text embedding cache with "
+        "the session's other such tests (for tests whose subject is not the cache)",
+    )
+
+
+@pytest.fixture(scope="session")
+def session_user_cache(tmp_path_factory) -> Path:
+    """One per-user cache (gene-text embeddings) shared by the session's runs that opt in."""
+    return tmp_path_factory.mktemp("session-user-cache")
+
+
 @pytest.fixture(autouse=True, scope="module")
-def _module_user_cache(tmp_path_factory):
+def _module_user_cache(tmp_path_factory, request, session_user_cache):
     """Each test module gets its own per-user cache (gene-text embeddings), never ~/.cache."""
+    shared = request.node.get_closest_marker("shared_gene_cache") is not None
+    path = session_user_cache if shared else tmp_path_factory.mktemp("user-cache")
     with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("RAYPIPE_CACHE_DIR", str(tmp_path_factory.mktemp("user-cache")))
+        mp.setenv("RAYPIPE_CACHE_DIR", str(path))
         yield
 
 
 @pytest.fixture(autouse=True)
-def _user_cache(tmp_path_factory, monkeypatch):
-    """... and each test its own, so embedding-call counts never see another test's cache."""
-    monkeypatch.setenv("RAYPIPE_CACHE_DIR", str(tmp_path_factory.mktemp("user-cache")))
+def _user_cache(tmp_path_factory, monkeypatch, request, session_user_cache):
+    """... and each test its own, so embedding-call counts never see another test's cache.
+
+    Tests marked ``shared_gene_cache`` (whole runs whose subject is not the cache) share the
+    session's instead: a gene text embedded once is not embedded again by the next run.
+    """
+    shared = request.node.get_closest_marker("shared_gene_cache") is not None
+    path = session_user_cache if shared else tmp_path_factory.mktemp("user-cache")
+    monkeypatch.setenv("RAYPIPE_CACHE_DIR", str(path))
 
 
 @pytest.fixture(scope="session")
@@ -48,19 +71,76 @@ def kang1k5(shared_data: Path) -> Path:
     return shared_data / "cells" / "kang2018_pbmc_ctrl_stim_1.5k_muscat_example_sce.h5ad"
 
 
-@pytest.fixture(scope="module")
-def ray_local():
-    """A module-scoped local Ray (2 CPUs, 1 GiB object store) on 127.0.0.1."""
+_RAY_INIT = {
+    "address": "local",
+    "num_cpus": 2,
+    "object_store_memory": 1 << 30,
+    "include_dashboard": False,
+    "log_to_driver": False,
+    "configure_logging": False,
+}
+
+
+@pytest.fixture(scope="session")
+def _ray_session():
+    """One local Ray for the whole session (shut down at its end), started on first use."""
     import ray
 
+    yield ray
+    if ray.is_initialized():
+        ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def ray_local(_ray_session):
+    """The session's local Ray (2 CPUs, 1 GiB object store) on 127.0.0.1.
+
+    Started once and shared: a Ray start costs seconds, and in-process runs (``run_job``,
+    ``raypipe.run``) use an existing session as it is. A module that needs a Ray of its own
+    (other environment variables for the workers) may shut it down; the next test that asks
+    for ``ray_local`` starts a fresh one.
+    """
+    ray = _ray_session
     if not ray.is_initialized():
-        ray.init(
-            address="local",
-            num_cpus=2,
-            object_store_memory=1 << 30,
-            include_dashboard=False,
-            log_to_driver=False,
-            configure_logging=False,
-        )
+        ray.init(**_RAY_INIT)
+    return ray
+
+
+@pytest.fixture(scope="session")
+def demo_cli_run(tmp_path_factory, session_user_cache) -> CliRun:
+    """The demo job (``configs/demo.yaml``) through the real CLI, once per session.
+
+    Gene text = symbols (the same code path the demo falls back to, without embedding 750
+    long GO descriptions); everything else is the demo as shipped: GenePT-w, annotation,
+    evaluation and the report. Tests read it (export, report, the quiet terminal); a test
+    that changes a run copies it first.
+    """
+    cwd = tmp_path_factory.mktemp("demo")
+    res = raypipe_cli(
+        "run",
+        str(ROOT / "configs" / "demo.yaml"),
+        "--set",
+        f"output_dir={cwd / 'demo'}",
+        "--set",
+        "genes.text_source=symbol",
+        cwd=cwd,
+        env={"RAYPIPE_CACHE_DIR": str(session_user_cache)},
+    )
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-5000:]
+    return CliRun(cwd / "demo", res.stdout, res.stderr)
+
+
+@pytest.fixture(scope="module")
+def ray_fresh(_ray_session):
+    """A local Ray started now, for a module whose workers need the environment it set.
+
+    Ray workers inherit the environment Ray started with (an API key variable set by a
+    module's fixture after the session's Ray started would be missing in them). Shut down
+    after the module: the next test asking for ``ray_local`` starts the shared one again.
+    """
+    ray = _ray_session
+    if ray.is_initialized():
+        ray.shutdown()
+    ray.init(**_RAY_INIT)
     yield ray
     ray.shutdown()

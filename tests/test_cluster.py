@@ -4,7 +4,9 @@ The cluster is started with the `ray` CLI of this venv under a private temp dir 
 tests/cluster_utils.py); only its own processes are ever killed. The output folder lives on
 the local disk both "nodes" share, which models a cluster's shared storage.
 
-Speed (2 cores): one cluster serves every cluster scenario and is stopped before the
+Speed (2 cores): the default suite runs the README's `ray job submit`; the S3, killed-job,
+lost-node and incremental scenarios are `slow` (CI runs them after the default suite). One
+cluster serves every cluster scenario and is stopped before the
 in-process scenario starts its own Ray; the fault-tolerance jobs find their gene embeddings
 in the (text, model)-keyed cache, embedded once per module, so they spend their time on the
 shards; the README job embeds its genes on the cluster for real.
@@ -232,6 +234,7 @@ class TestOnACluster:
         assert (ROOT / "configs" / "cluster-demo.yaml").is_file()
         _check_exact(out, kang)
 
+    @pytest.mark.slow
     def test_job_reads_and_writes_an_s3_bucket(
         self, cluster, kang1k5, gene_table, gene_cache, tmp_path
     ):
@@ -278,6 +281,7 @@ class TestOnACluster:
             storage.reset()
             server.stop()
 
+    @pytest.mark.slow
     def test_killed_job_resumes_from_finished_shards(
         self, cluster, kang8k, gene_table, gene_cache, tmp_path
     ):
@@ -304,6 +308,7 @@ class TestOnACluster:
         assert f"{computed} shards computed, {n - computed} reused" in logs
         _check_exact(out, kang8k)
 
+    @pytest.mark.slow
     def test_job_survives_losing_a_worker_node(
         self, cluster, kang8k, gene_table, gene_cache, tmp_path
     ):
@@ -341,6 +346,7 @@ class TestOnACluster:
         _check_exact(out, kang8k)
 
 
+@pytest.mark.slow
 def test_incremental_reprocessing(
     ray_local, kang1k5, gene_table, other_table, gene_cache, tmp_path
 ):

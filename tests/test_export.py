@@ -1,12 +1,9 @@
-"""``raypipe export`` / ``Run.to_anndata`` round-trip a real run (Kang 8k), refuse what the
+"""``raypipe export`` / ``Run.to_anndata`` round-trip a real run (the demo), refuse what the
 run did not compute, never leave half a file; ``raypipe report`` re-renders from the run's files."""
 
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import anndata as ad
@@ -29,29 +26,18 @@ def _parts(run_dir: Path, kind: str, method: str) -> pd.DataFrame:
 
 
 @pytest.fixture(scope="module")
-def kang_run(kang8k: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The Kang 8k job through the real CLI: GenePT-w, annotation, metrics (no figures)."""
-    out = tmp_path_factory.mktemp("kang") / "run"
-    cmd = [
-        sys.executable, "-m", "raypipe", "run", str(ROOT / "configs" / "kang8k.yaml"),
-        "--set", f"input.path={kang8k}",
-        "--set", f"output_dir={out}",
-        "--set", "genes.text_source=symbol",  # gene text is not what this test is about
-        "--set", "annotate.enabled=true",
-        "--set", "evaluate.enabled=true",
-        "--set", "evaluate.report=false",
-        "--set", "evaluate.sample_size=1000",
-        "--no-progress",
-    ]  # fmt: skip
-    res = subprocess.run(
-        cmd,
-        capture_output=True,
-        text=True,
-        timeout=1200,
-        env={**os.environ, "PYTHONPATH": str(ROOT)},
-    )
-    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-5000:]
-    return out
+def demo_run(demo_cli_run) -> Path:
+    """The demo job through the real CLI (the session's): GenePT-w, annotation, metrics, report."""
+    return demo_cli_run.out
+
+
+@pytest.fixture(scope="module")
+def demo_source():
+    """The demo's input as the run read it: pbmc68k_reduced's log-normalised ``raw``."""
+    import scanpy as sc
+
+    full = sc.datasets.pbmc68k_reduced()
+    return full.raw.to_adata(), full.obs
 
 
 def _bits(x: np.ndarray) -> np.ndarray:
@@ -59,49 +45,50 @@ def _bits(x: np.ndarray) -> np.ndarray:
 
 
 @pytest.mark.integration
-def test_cli_export_h5ad_round_trips_the_kang_run(
-    kang_run: Path, kang8k: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+def test_cli_export_h5ad_round_trips_the_demo_run(
+    demo_run: Path, demo_source, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ):
-    out = tmp_path / "kang.h5ad"
-    assert main(["export", str(kang_run), "--out", str(out)]) == 0
-    assert f"wrote {out}: 8,684 cells; obsm X_genept_w" in capsys.readouterr().out
+    out = tmp_path / "demo.h5ad"
+    assert main(["export", str(demo_run), "--out", str(out)]) == 0
+    assert f"wrote {out}: 700 cells; obsm X_genept_w" in capsys.readouterr().out
     back = ad.read_h5ad(out)
-    src = ad.read_h5ad(kang8k)
+    src, src_obs = demo_source
 
     assert back.obs_names.tolist() == src.obs_names.tolist()
-    emb = _parts(kang_run, "embeddings", "genept_w")
+    emb = _parts(demo_run, "embeddings", "genept_w")
     assert emb["obs_name"].tolist() == back.obs_names.tolist()
     x = back.obsm["X_genept_w"]
     assert x.dtype == np.float32
     assert np.array_equal(_bits(x), _bits(np.stack(emb["embedding"].to_numpy())))
     assert back.obs["genept_w_empty"].tolist() == emb["empty"].tolist()
-    ann = _parts(kang_run, "annotations", "genept_w")
+    ann = _parts(demo_run, "annotations", "genept_w")
     assert back.obs["raypipe_genept_w_label"].astype(str).tolist() == ann["label"].tolist()
     assert np.array_equal(back.obs["raypipe_genept_w_score"].to_numpy(), ann["score"].to_numpy())
     assert np.array_equal(back.obs["raypipe_genept_w_margin"].to_numpy(), ann["margin"].to_numpy())
-    # the atlas as it came in: var untouched, X equal, obs columns kept
+    # the atlas as it came in (the `raw` layer the config names): var names, X and obs kept
     assert back.var_names.tolist() == src.var_names.tolist()
-    assert back.var["ensembl_id"].tolist() == src.var["ensembl_id"].astype(str).tolist()
     assert (back.X != src.X).nnz == 0
-    assert back.obs["cluster_id"].astype(str).tolist() == src.obs["cluster_id"].astype(str).tolist()
+    assert (
+        back.obs["bulk_labels"].astype(str).tolist() == src_obs["bulk_labels"].astype(str).tolist()
+    )
     meta = back.uns["raypipe"]
-    manifest = json.loads((kang_run / "manifest.json").read_text())
+    manifest = json.loads((demo_run / "manifest.json").read_text())
     assert meta["config_hash"] == manifest["config_hash"]
     assert meta["versions"]["raypipe"] == raypipe.__version__
-    assert meta["gene_coverage"]["n_genes"] == 2511
-    assert json.loads(meta["config"])["input"]["path"] == str(kang8k)
-    metrics = pd.read_parquet(kang_run / "metrics.parquet")
+    assert meta["gene_coverage"]["n_genes"] == 765
+    assert json.loads(meta["config"])["input"]["path"] == "builtin:pbmc68k_reduced"
+    metrics = pd.read_parquet(demo_run / "metrics.parquet")
     pd.testing.assert_frame_equal(
         meta["metrics"].reset_index(drop=True), metrics, check_dtype=False
     )
-    assert not [p for p in tmp_path.iterdir() if p.name != "kang.h5ad"]  # no temporary left
+    assert not [p for p in tmp_path.iterdir() if p.name != "demo.h5ad"]  # no temporary left
 
 
 @pytest.mark.integration
-def test_to_anndata_and_zarr_export_match(kang_run: Path, tmp_path: Path):
-    run = raypipe.open_run(kang_run)
+def test_to_anndata_and_zarr_export_match(demo_run: Path, tmp_path: Path):
+    run = raypipe.open_run(demo_run)
     mem = run.to_anndata()
-    assert main(["export", str(kang_run), "--out", str(tmp_path / "k.zarr")]) == 0
+    assert main(["export", str(demo_run), "--out", str(tmp_path / "k.zarr")]) == 0
     disk = ad.read_zarr(tmp_path / "k.zarr")
     assert mem.obs_names.equals(disk.obs_names)
     assert np.array_equal(_bits(mem.obsm["X_genept_w"]), _bits(disk.obsm["X_genept_w"]))
@@ -119,32 +106,32 @@ def test_to_anndata_and_zarr_export_match(kang_run: Path, tmp_path: Path):
 
 @pytest.mark.integration
 def test_export_of_a_method_the_run_did_not_compute(
-    kang_run: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    demo_run: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ):
     out = tmp_path / "x.h5ad"
-    assert main(["export", str(kang_run), "--out", str(out), "--methods", "ce"]) == 2
+    assert main(["export", str(demo_run), "--out", str(out), "--methods", "ce"]) == 2
     err = capsys.readouterr().err
-    assert f"error: run {kang_run} has no embeddings of method 'ce'; it has: genept_w" in err
+    assert f"error: run {demo_run} has no embeddings of method 'ce'; it has: genept_w" in err
     assert "fix: use one of those, or add the method to embed.methods" in err
     assert not list(tmp_path.iterdir())
 
 
 @pytest.mark.integration
 def test_export_refuses_existing_out_and_other_suffixes(
-    kang_run: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    demo_run: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ):
     out = tmp_path / "x.h5ad"
     out.write_text("keep me")
-    assert main(["export", str(kang_run), "--out", str(out)]) == 2
+    assert main(["export", str(demo_run), "--out", str(out)]) == 2
     assert f"error: {out} already exists" in capsys.readouterr().err
     assert out.read_text() == "keep me"
-    assert main(["export", str(kang_run), "--out", str(tmp_path / "x.csv")]) == 2
+    assert main(["export", str(demo_run), "--out", str(tmp_path / "x.csv")]) == 2
     assert "must end in .h5ad or .zarr" in capsys.readouterr().err
 
 
 @pytest.mark.integration
 def test_an_interrupted_export_leaves_nothing(
-    kang_run: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    demo_run: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ):
     from raypipe.orchestrate import export
 
@@ -154,22 +141,27 @@ def test_an_interrupted_export_leaves_nothing(
     monkeypatch.setattr(export, "_write_x_streamed", boom)
     for name in ("x.h5ad", "x.zarr"):
         with pytest.raises(KeyboardInterrupt):
-            raypipe.open_run(kang_run).export(tmp_path / name)
+            raypipe.open_run(demo_run).export(tmp_path / name)
     assert not list(tmp_path.iterdir())
 
 
 @pytest.mark.integration
 def test_cli_report_renders_the_summary_from_the_run_files(
-    kang_run: Path, capsys: pytest.CaptureFixture[str]
+    demo_run: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ):
-    assert main(["report", str(kang_run)]) == 0
+    import shutil
+
+    run = shutil.copytree(demo_run, tmp_path / "demo")  # the session's run stays as it was
+    (run / "report" / "index.html").unlink()
+    assert main(["report", str(run)]) == 0
     index = Path(capsys.readouterr().out.strip())
-    assert index == kang_run / "report" / "index.html"
+    assert index == run / "report" / "index.html"
     page = index.read_text()
     assert page.index("Run summary") < page.index("<h2>Metrics</h2>")
-    assert "8,684 cells × 2,511 genes" in page
+    assert "700 cells × 765 genes" in page
     assert "FALLBACK: gene text = gene symbol only" in page  # what fell back
     assert '<tr class="baseline"><td>pca</td>' in page
+    assert 'src="umap_genept_w.png"' in page  # the figures drawn by the run are kept
 
 
 # ------------------------------------------------------------------ report, no Ray

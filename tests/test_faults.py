@@ -133,6 +133,7 @@ def test_bad_paths_and_values_are_one_message(data, tmp_path, capsys):
         run_job(load_config(cfg, [f"output_dir={h5}/x"]), progress=False)
 
 
+@pytest.mark.slow
 def test_disk_full_in_a_ray_worker_reaches_the_user_as_raypipes_message(ray_local, data, tmp_path):
     h5, table = data
     cfg, out = _config(tmp_path, h5, table)
@@ -153,6 +154,7 @@ def test_disk_full_in_a_ray_worker_reaches_the_user_as_raypipes_message(ray_loca
 # items 8 and 10: kill -9 at three points -------------------------------------------------
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "fault",
     ["ingest_chunk:pause", "genes:pause", "write:pause:/embeddings/genept_w/part-"],

@@ -55,7 +55,7 @@ def srv():
 
 
 @pytest.fixture(scope="module")
-def ray_env(srv, ray_local):
+def ray_env(srv, ray_fresh):
     return srv
 
 

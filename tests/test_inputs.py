@@ -23,7 +23,7 @@ from raypipe.genes.identity import GeneTable, resolve_genes
 from raypipe.orchestrate.prepare import ensure_atlas, validate_job
 from raypipe.orchestrate.runner import run_job
 
-pytestmark = pytest.mark.integration
+pytestmark = [pytest.mark.integration, pytest.mark.shared_gene_cache]
 
 
 @pytest.fixture(scope="module")

@@ -1,6 +1,6 @@
 """LangCell's zero-shot inside ``raypipe run``: the ``langcell`` scorer on the CE actors.
 
-The run (Kang 1.5k, the fixture's random-weight LangCell checkpoint, CL candidates) must give
+The run (400 cells of Kang 1.5k: the size does not matter here, the fixture's random-weight LangCell checkpoint, CL candidates) must give
 every cell the same scores and label as ``raypipe ce score`` gives the same cells tokenised by
 ``raypipe tokenize`` — the command the conformance test checks against LangCell's own code.
 Random weights: this checks the wiring (candidates → CE actors → annotation), not accuracy.
@@ -19,20 +19,24 @@ from raypipe.cli import main
 from raypipe.config import load_config
 from raypipe.orchestrate.runner import run_job
 
-pytestmark = pytest.mark.integration
+pytestmark = [pytest.mark.integration, pytest.mark.shared_gene_cache]
 
 CANDIDATES = ["B cell", "CD14-positive monocyte", "natural killer cell", "megakaryocyte"]
 
 
 def test_run_with_the_langcell_scorer_equals_ce_score(ray_local, shared_data, tmp_path):
-    kang = shared_data / "cells" / "kang2018_pbmc_ctrl_stim_1.5k_muscat_example_sce.h5ad"
+    import anndata as ad
+
+    full = shared_data / "cells" / "kang2018_pbmc_ctrl_stim_1.5k_muscat_example_sce.h5ad"
+    kang = tmp_path / "kang400.h5ad"
+    ad.read_h5ad(full)[::4][:400].copy().write_h5ad(kang)
     ckpt = shared_data / "langcell" / "ckpt"
     out = tmp_path / "run"
     job = load_config(
         {
-            "input": {"path": str(kang), "rows_per_chunk": 256},
+            "input": {"path": str(kang), "rows_per_chunk": 128},
             "output_dir": str(out),
-            "shards": {"rows": 512},
+            "shards": {"rows": 128},
             "genes": {"text_source": "symbol", "min_coverage": 0.1},
             "embed": {
                 "methods": ["ce"],
@@ -50,7 +54,7 @@ def test_run_with_the_langcell_scorer_equals_ce_score(ray_local, shared_data, tm
         }
     )
     summary = run_job(job, progress=False)
-    assert summary.shards_done == {"ce": 4}  # 1,556 cells in shards of 512
+    assert summary.shards_done == {"ce": 4}  # 400 cells in shards of 128
     ann = pd.concat(
         [pd.read_parquet(p) for p in sorted((out / "annotations" / "ce").glob("part-*.parquet"))]
     ).set_index("obs_name")

@@ -110,7 +110,7 @@ def _asw_batch_by_hand(x, labels, batches):
 def _scib(fn: str, *arrays: np.ndarray) -> float:
     """Call ``scib_metrics.<fn>(*arrays)`` in a fresh interpreter.
 
-    scib-metrics (a dev dependency: the cross-check always runs) imports JAX, whose threads
+    scib-metrics (a dev dependency; the cross-check runs in the slow suite) imports JAX, whose threads
     make every later ``fork`` of the test process unsafe; a subprocess keeps JAX out of it.
     """
     import subprocess
@@ -131,7 +131,7 @@ def _scib(fn: str, *arrays: np.ndarray) -> float:
     return float(out.stdout.strip().splitlines()[-1])
 
 
-def test_asw_batch_matches_hand_computation_and_scib():
+def test_asw_batch_matches_hand_computation():
     x, labels, batches = _blobs(n_per=30)
     batches[:5] = "b2"  # uneven batches
     labels = labels.copy()
@@ -139,8 +139,18 @@ def test_asw_batch_matches_hand_computation_and_scib():
     batches[-3:] = "b0"  # single batch → label skipped
     got = M.asw_batch(x, labels, batches)
     assert got == pytest.approx(_asw_batch_by_hand(x, labels.astype(str), batches.astype(str)))
+
+
+@pytest.mark.slow
+def test_asw_batch_matches_scib():
+    """scib-metrics' own ``silhouette_batch`` (JAX: a fresh interpreter, tens of seconds)."""
+    x, labels, batches = _blobs(n_per=30)
+    batches[:5] = "b2"
+    labels = labels.copy()
+    labels[-3:] = "lonely"
+    batches[-3:] = "b0"
     ref = _scib("silhouette_batch", x, labels.astype(str), batches.astype(str))
-    assert got == pytest.approx(ref, abs=1e-5)
+    assert M.asw_batch(x, labels, batches) == pytest.approx(ref, abs=1e-5)
 
 
 def test_avg_bio_and_s_final():

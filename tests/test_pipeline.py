@@ -29,7 +29,7 @@ from raypipe.errors import InputError
 from raypipe.genes.space import CACHE_FILE
 from raypipe.orchestrate.runner import run_job
 
-pytestmark = pytest.mark.integration
+pytestmark = [pytest.mark.integration, pytest.mark.shared_gene_cache]
 
 # The runs here are compared with dense_genept_w, the paper's plain GenePT-w: plain settings.
 PLAIN = {"methods": ["genept_w"], "genept_w": PLAIN_GENEPT_W}

@@ -3,13 +3,12 @@ noise (zarr/anndata, Ray, Ray Data, umap); ``-v`` shows everything."""
 
 from __future__ import annotations
 
-import os
 import re
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
+from cli_utils import raypipe_cli
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -28,16 +27,7 @@ THIRD_PARTY = re.compile(
 
 
 def _run(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    env.pop("RAY_BACKEND_LOG_LEVEL", None)
-    return subprocess.run(
-        [sys.executable, "-m", "raypipe", *args],
-        cwd=cwd,
-        capture_output=True,
-        text=True,
-        timeout=1200,
-        env=env,
-    )
+    return raypipe_cli(*args, cwd=cwd)
 
 
 def _lines(text: str) -> list[str]:
@@ -45,29 +35,19 @@ def _lines(text: str) -> list[str]:
 
 
 @pytest.mark.integration
-def test_the_demo_prints_no_third_party_lines(tmp_path: Path):
-    out = _run(
-        "run",
-        str(ROOT / "configs" / "demo.yaml"),
-        "--set",
-        f"output_dir={tmp_path / 'demo'}",
-        # symbols as gene text: the same code path (orgdb falls back to it too) without
-        # embedding 750 long GO descriptions; everything else is the demo as shipped
-        "--set",
-        "genes.text_source=symbol",
-        cwd=tmp_path,
-    )
-    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-5000:]
+def test_the_demo_prints_no_third_party_lines(demo_cli_run):
+    """The session's demo run (tests/conftest.py: the demo as shipped, symbols as gene text)."""
+    out = demo_cli_run
     noisy = [ln for ln in _lines(out.stdout + "\n" + out.stderr) if THIRD_PARTY.search(ln)]
     assert not noisy, "third-party lines on the terminal:\n" + "\n".join(noisy)
     foreign = [ln for ln in _lines(out.stderr) if not OWN_STDERR.match(ln)]
     assert not foreign, "stderr lines raypipe did not write:\n" + "\n".join(foreign)
     assert out.stdout.startswith("== raypipe run summary ==")
-    for stage in ("ingest", "genept_w", "annotate_genept_w"):
+    for stage in ("ingest", "genes", "genept_w", "annotate_genept_w"):
         assert re.search(rf"^{stage}: 100%\|", out.stderr, flags=re.M), stage
     assert "WARNING: FALLBACK" in out.stdout  # raypipe's own warnings still surface
     # the report drawn during the run shows the finished run's summary
-    page = (tmp_path / "demo" / "report" / "index.html").read_text()
+    page = (out.out / "report" / "index.html").read_text()
     assert "<th>status</th><td>complete</td>" in page
     assert "700 cells × 765 genes" in page
 

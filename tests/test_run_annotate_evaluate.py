@@ -14,7 +14,7 @@ from raypipe.config import load_config
 from raypipe.evaluate.reduce import METRIC_NAMES
 from raypipe.orchestrate.runner import run_job
 
-pytestmark = pytest.mark.integration
+pytestmark = [pytest.mark.integration, pytest.mark.shared_gene_cache]
 
 
 @pytest.fixture(scope="module")

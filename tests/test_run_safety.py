@@ -20,7 +20,7 @@ from raypipe.config import load_config
 from raypipe.errors import InputError
 from raypipe.orchestrate.runner import run_job
 
-pytestmark = pytest.mark.integration
+pytestmark = [pytest.mark.integration, pytest.mark.shared_gene_cache]
 
 
 @pytest.fixture(scope="module")

@@ -68,7 +68,7 @@ def srv():
 
 
 @pytest.fixture(scope="module")
-def ray_env(srv, ray_local):
+def ray_env(srv, ray_fresh):
     """The loopback server's key is set before the module's Ray starts (its workers see it)."""
     return srv
 

@@ -46,8 +46,12 @@ def s3(kang1k5: Path, tmp_path_factory):
     """A moto S3 server with buckets ``atlases`` (the Kang 1.5k file), ``runs``, ``shared``."""
     if not MOTO.exists():
         pytest.skip("moto[server] is not installed (pip install -e '.[dev]')")
+    import ray
+
     from raypipe.core import storage
 
+    if ray.is_initialized():  # an embedded Ray's workers keep the environment it started with:
+        ray.shutdown()  # the runs here start their own, which sees the S3 endpoint and keys
     server = MotoServer()
     try:
         with pytest.MonkeyPatch.context() as mp:
@@ -61,6 +65,8 @@ def s3(kang1k5: Path, tmp_path_factory):
             fs.put_file(str(kang1k5), INPUT.removeprefix("s3://"))
             yield server
     finally:
+        if ray.is_initialized():
+            ray.shutdown()
         storage.reset()
         server.stop()
 
@@ -139,6 +145,7 @@ def _no_secret(prefix: str, texts: list[str]) -> None:
         assert SECRET.encode() not in _fs().cat_file(f), f
 
 
+@pytest.mark.slow
 def test_killed_run_resumes_and_every_stage_writes_to_the_bucket(s3, kang1k5, tmp_path):
     """input, output_dir and cache.path on S3; killed by PID mid-way; re-run; export."""
     import anndata as ad
@@ -217,34 +224,48 @@ def test_killed_run_resumes_and_every_stage_writes_to_the_bucket(s3, kang1k5, tm
     _no_secret(prefix, [out, err, eout, eerr, e2out, e2err])
 
 
-def test_second_atlas_embeds_no_shared_gene_again(s3, kang1k5, tmp_path):
-    """Another atlas with a subset of the genes: every gene text is a cache hit."""
+def test_a_run_on_the_bucket_and_a_second_atlas_that_embeds_no_shared_gene(s3, kang1k5, tmp_path):
+    """In the default suite: input, output and caches on S3; a second atlas hits the cache.
+
+    The first atlas (300 Kang cells, 900 genes) is annotated and evaluated with every output in
+    the bucket; the second (other cells, a subset of those genes) embeds no gene text again.
+    The killed-and-resumed CLI run above (``slow``) covers the report and export too.
+    """
     import anndata as ad
 
     from raypipe.config import load_config
     from raypipe.orchestrate.runner import run_job
 
-    if not _fs().glob("shared/raypipe-cache/gene_embeddings/seg-*.parquet"):
-        pytest.skip("needs the gene-embedding cache the end-to-end test fills")
     adata = ad.read_h5ad(kang1k5)
-    small = adata[:300, :900].copy()
-    local = tmp_path / "small.h5ad"
-    small.write_h5ad(local)
-    _fs().put_file(str(local), "atlases/small.h5ad")
-    cfg = yaml.safe_load(_config(tmp_path).read_text())
-    cfg.update(
-        input={"path": "s3://atlases/small.h5ad", "rows_per_chunk": 128},
-        output_dir="s3://runs/small",
-        annotate={"enabled": False},
-        evaluate={"enabled": False},
-    )
-    cfg["genes"]["min_coverage"] = 0.1
-    summary = run_job(load_config(cfg), progress=False)
+    for name, part in (("first", adata[:300, :900]), ("second", adata[300:600, :600])):
+        local = tmp_path / f"{name}.h5ad"
+        part.copy().write_h5ad(local)
+        _fs().put_file(str(local), f"atlases/{name}.h5ad")
+    cache = "s3://shared/second-atlas-cache"
+
+    def job(name: str, **sets: object) -> dict:
+        cfg = yaml.safe_load(_config(tmp_path, **sets).read_text())
+        cfg["input"].update(path=f"s3://atlases/{name}.h5ad", rows_per_chunk=128)
+        cfg.update(output_dir=f"s3://runs/{name}", cache={"path": cache})
+        cfg["genes"]["min_coverage"] = 0.1
+        return cfg
+
+    first = run_job(load_config(job("first", evaluate__sample_size=200)), progress=False)
+    assert first.shards_done == {"genept_w": 3}
+    manifest = _manifest("runs/first")
+    assert manifest["status"] == "complete"
+    assert manifest["genes"]["cache"]["embedded"] == manifest["genes"]["cache"]["texts"] > 0
+    assert sum(_cells("runs/first").values()) == sum(_cells("runs/first", "annotations").values())
+    assert set(_cells("runs/first")) == set(adata.obs_names[:300])
+    assert _fs().exists("runs/first/metrics.parquet")
+
+    second = job("second", annotate__enabled=False, evaluate__enabled=False)
+    summary = run_job(load_config(second), progress=False)
     assert summary.shards_done == {"genept_w": 3}
-    cache = _manifest("runs/small")["genes"]["cache"]
-    assert cache["embedded"] == 0
-    assert cache["hits"] == cache["texts"] > 0
-    assert cache["path"] == "s3://shared/raypipe-cache/gene_embeddings"
+    stats = _manifest("runs/second")["genes"]["cache"]
+    assert stats["embedded"] == 0
+    assert stats["hits"] == stats["texts"] > 0
+    assert stats["path"] == f"{cache}/gene_embeddings"
 
 
 @pytest.mark.parametrize(
@@ -293,6 +314,7 @@ def test_missing_credentials_fail_naming_the_url(s3, tmp_path, monkeypatch):
     assert not _fs().exists("runs/nocreds/manifest.json")
 
 
+@pytest.mark.slow
 def test_server_gone_mid_run_fails_naming_the_url(s3, kang1k5, tmp_path):
     """A second S3 server dies while the run writes shards: a clear error, never `complete`."""
     other = MotoServer()

@@ -142,8 +142,12 @@ def write_failures(out_dir: AnyPath, stage: str, rows: list[dict[str, Any]]) -> 
     return path
 
 
-def prepare_gene_space(job: JobConfig, atlas: AtlasInfo, out_dir: AnyPath) -> GeneSpace:
+def prepare_gene_space(
+    job: JobConfig, atlas: AtlasInfo, out_dir: AnyPath, *, progress: bool = False
+) -> GeneSpace:
     """Resolve atlas genes, fetch their texts, embed them (cached) and check coverage.
+
+    ``progress`` draws a bar of gene texts embedded (cache hits count as done).
 
     Raises
     ------
@@ -214,7 +218,14 @@ def prepare_gene_space(job: JobConfig, atlas: AtlasInfo, out_dir: AnyPath) -> Ge
             shared.add([str(t) for t in batch["text"][ok]], list(batch["embedding"][ok]))
 
         try:
-            emb, errors, embed_usage = embed_texts(todo, job, on_batch=keep)
+            emb, errors, embed_usage = embed_texts(
+                todo,
+                job,
+                on_batch=keep,
+                progress=progress,
+                desc="genes",
+                cached=cache_stats["hits"],
+            )
         finally:
             shared.flush()
         usage = _merge_usage(usage, embed_usage)

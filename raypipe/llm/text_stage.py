@@ -26,8 +26,9 @@ __all__ = ["LOCAL_BATCH", "THREADS_ENV", "EmbedTexts", "embed_texts", "release_t
 
 THREADS_ENV = "RAYPIPE_TORCH_THREADS"
 """Set by :class:`EmbedTexts` for the local backend: torch threads of this actor."""
-LOCAL_BATCH = 16_384
-"""Texts per Ray batch for a local CPU model (one ``encode`` call, sorted by length)."""
+LOCAL_BATCH = 512
+"""Texts per call of a local CPU model's actor (texts are sorted by length across all batches
+first, so batches pad no more than one big ``encode`` would; small batches move the progress bar)."""
 
 
 class EmbedTexts:
@@ -166,6 +167,9 @@ def embed_texts(
     actors: int | None = None,
     batch_size: int | None = None,
     on_batch: Callable[[pd.DataFrame], None] | None = None,
+    progress: bool = False,
+    desc: str = "texts",
+    cached: int = 0,
 ) -> tuple[np.ndarray, list[str], dict[str, Any]]:
     """Embed unique ``texts`` through an actor pool; return ``(embeddings, errors, usage)`` in order.
 
@@ -184,8 +188,12 @@ def embed_texts(
     on_batch
         Called with each finished batch (columns ``i``, ``text``, ``embedding``, ``error``) as
         it arrives, e.g. to persist it so an interrupted run keeps what was done.
+    progress
+        Draw a progress bar (``desc``) of texts done out of ``cached + len(texts)``, starting at
+        ``cached`` (texts the caller found in a cache).
     """
     import ray
+    from tqdm.auto import tqdm
 
     from raypipe.llm.backends import EMBEDDERS, embedder_resources
     from raypipe.llm.cost import CostMeter
@@ -207,7 +215,8 @@ def embed_texts(
     frame = pd.DataFrame({"i": np.arange(len(texts)), "text": texts})
     batches = []
     if threads:  # one actor: called directly, batch after batch (no Ray Data pipeline)
-        batch_iter = _one_actor(frame, job, threads, bs)
+        by_length = np.argsort([-len(t) for t in texts], kind="stable")
+        batch_iter = _one_actor(frame.iloc[by_length], job, threads, bs)
     else:
         ds: Any = ray.data.from_pandas(frame)
         ds = ds.repartition(max(1, min(len(texts) // bs + 1, 4 * n_actors)))
@@ -220,10 +229,15 @@ def embed_texts(
             num_cpus=job.ray.actor_cpus,
             num_gpus=gpus or None,
         ).iter_batches(batch_format="pandas", batch_size=None)
-    for batch in batch_iter:
-        batches.append(batch)
-        if on_batch is not None:
-            on_batch(batch)
+    bar = tqdm(
+        total=cached + len(texts), initial=cached, unit="text", desc=desc, disable=not progress
+    )
+    with bar:
+        for batch in batch_iter:
+            batches.append(batch)
+            if on_batch is not None:
+                on_batch(batch)
+            bar.update(len(batch))
     out = pd.concat(batches, ignore_index=True).sort_values("i")
     emb = np.stack([np.asarray(e, dtype=np.float32) for e in out["embedding"]])
     meter = CostMeter()

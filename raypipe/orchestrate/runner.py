@@ -107,7 +107,7 @@ class _Run:
         t = time.perf_counter()
         fault_point("genes", self.out_dir)
         watchdog.activity(f"gene texts and their embeddings ({self.job.text_model.model})")
-        genes = prepare_gene_space(self.job, atlas, self.out_dir)
+        genes = prepare_gene_space(self.job, atlas, self.out_dir, progress=self.progress)
         self.summary.coverage = genes.coverage.summary()
         self.summary.warnings += genes.warnings
         self.manifest.genes = {
