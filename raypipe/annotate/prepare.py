@@ -112,8 +112,8 @@ def prepare_candidates(
     from raypipe.annotate.marker_db import marker_db_for_job
     from raypipe.annotate.ontology import load_ontology
     from raypipe.annotate.scorers import marker_indices
+    from raypipe.genes.cache import embed_cached
     from raypipe.llm.cost import CostMeter
-    from raypipe.llm.text_stage import embed_texts
 
     cfg = job.annotate
     names = discovered.names if discovered is not None else _candidate_names(job, atlas)
@@ -124,11 +124,10 @@ def prepare_candidates(
     gene_names = GeneNames.from_table(genes.table) if genes.table is not None else None
     usage = CostMeter()
 
-    def embed(texts: list[str]) -> np.ndarray:
-        emb, _errors, use = embed_texts(list(dict.fromkeys(texts)), job)
-        usage.merge(use)
-        pos = {t: i for i, t in enumerate(dict.fromkeys(texts))}
-        return np.asarray(emb)[[pos[t] for t in texts]]
+    def embed(texts: list[str]) -> np.ndarray:  # the mapper's nearest-term fallback
+        got = embed_cached(texts, job)
+        usage.merge(got.usage)
+        return got.vectors
 
     mapper = LabelMapper(
         ontology,
@@ -213,8 +212,9 @@ def prepare_candidates(
         out_dir / "annotations" / "label_mapping.parquet",
         pa.Table.from_pandas(out, preserve_index=False),
     )
-    emb, errors, text_usage = embed_texts(list(cand["text"].astype(str)), job)
-    usage.merge(text_usage)
+    got = embed_cached(list(cand["text"].astype(str)), job)  # cached: a re-run loads no model
+    emb, errors = got.vectors, got.errors
+    usage.merge(got.usage)
     bad = [n for n, e in zip(cand["label"], errors, strict=True) if e]
     if bad:
         raise ConfigError(

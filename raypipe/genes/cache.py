@@ -1,5 +1,7 @@
-"""The shared gene-text embedding cache: append-only segments keyed by (text hash, model).
+"""The shared text-embedding cache: append-only segments keyed by (text hash, model).
 
+Gene texts, and the other texts a run embeds with its text model (candidate cell-type texts,
+the Cell Ontology names the label mapper compares with: :func:`embed_cached`), live there.
 Lives under ``cache.path`` (default ``$RAYPIPE_CACHE_DIR`` or ``~/.cache/raypipe``; a bucket
 URL works the same), outside any run, so a second atlas, a scheduled re-run or a switch of
 text source A → B → A embeds only texts no run embedded before.
@@ -16,15 +18,21 @@ import hashlib
 import logging
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from raypipe.core.outputs import read_parquet, write_parquet_atomic
 from raypipe.core.storage import AnyPath, as_path, sorted_paths
 
-__all__ = ["GeneEmbeddingCache", "model_key", "text_key"]
+if TYPE_CHECKING:
+    import pandas as pd
+
+    from raypipe.config import JobConfig
+
+__all__ = ["CachedEmbedding", "GeneEmbeddingCache", "embed_cached", "model_key", "text_key"]
 
 log = logging.getLogger(__name__)
 
@@ -112,3 +120,92 @@ class GeneEmbeddingCache:
         name = f"seg-{model_key(self.model)}-{time.time_ns()}-{uuid.uuid4().hex[:8]}.parquet"
         write_parquet_atomic(self.path / name, table)
         self.written += len(rows)
+
+
+@dataclass
+class CachedEmbedding:
+    """What :func:`embed_cached` returns: vectors in input order, per-text errors, usage.
+
+    ``vectors`` rows of texts that failed are zeros (their ``errors`` entry says why);
+    ``stats`` (``texts``, ``hits``, ``embedded``) counts unique texts, for the manifest.
+    """
+
+    vectors: np.ndarray
+    errors: list[str]
+    usage: dict[str, Any]
+    stats: dict[str, int]
+
+
+def embed_cached(
+    texts: list[str],
+    job: JobConfig,
+    *,
+    known: dict[str, np.ndarray] | None = None,
+    progress: bool = False,
+    desc: str = "texts",
+    on_batch: Callable[[pd.DataFrame], None] | None = None,
+) -> CachedEmbedding:
+    """Embed ``texts`` with the run's text model, through the shared (text, model) cache.
+
+    Only texts neither in the cache nor in ``known`` (e.g. a run folder's own copy) are
+    embedded; what is embedded is added to the cache as it arrives (an interrupted call keeps
+    its finished batches), so a re-run, or another run with the same texts, starts no model.
+
+    Parameters
+    ----------
+    texts
+        Texts in the order wanted (duplicates allowed).
+    job
+        The job (``text_model``, ``cache.path``).
+    known
+        Extra text → embedding entries to use before the cache.
+    progress, desc
+        Draw a bar of texts done (cache hits counted as done).
+    on_batch
+        Also called with each embedded batch (see :func:`raypipe.llm.text_stage.embed_texts`).
+    """
+    from raypipe.llm.text_stage import embed_texts
+
+    unique = list(dict.fromkeys(texts))
+    cache = GeneEmbeddingCache(job.gene_cache_dir(), job.text_model.model)
+    have = {**cache.load(), **(known or {})}
+    todo = [t for t in unique if t not in have]
+    errors: dict[str, str] = {}
+    usage: dict[str, Any] = {}
+    if todo:
+
+        def keep(batch: pd.DataFrame) -> None:
+            ok = batch["error"].fillna("") == ""
+            cache.add([str(t) for t in batch["text"][ok]], list(batch["embedding"][ok]))
+            if on_batch is not None:
+                on_batch(batch)
+
+        try:
+            emb, errs, usage = embed_texts(
+                todo,
+                job,
+                on_batch=keep,
+                progress=progress,
+                desc=desc,
+                cached=len(unique) - len(todo),
+            )
+        finally:
+            cache.flush()
+        for t, e, err in zip(todo, emb, errs, strict=True):
+            if err:
+                errors[t] = err
+            else:
+                have[t] = np.asarray(e, dtype=np.float32)
+    dim = len(next(iter(have.values()))) if have else 0
+    zero = np.zeros(dim, dtype=np.float32)
+    vectors = np.stack([have.get(t, zero) for t in texts]) if texts else np.zeros((0, dim))
+    return CachedEmbedding(
+        vectors=vectors.astype(np.float32),
+        errors=[errors.get(t, "") for t in texts],
+        usage=usage,
+        stats={
+            "texts": len(unique),
+            "hits": len(unique) - len(todo),
+            "embedded": len(todo),
+        },
+    )

@@ -21,7 +21,7 @@ import pandas as pd
 from raypipe.core.outputs import read_frame
 from raypipe.core.storage import AnyPath
 from raypipe.errors import InputError
-from raypipe.genes.cache import GeneEmbeddingCache
+from raypipe.genes.cache import GeneEmbeddingCache, embed_cached
 
 if TYPE_CHECKING:
     import scipy.sparse as sp
@@ -161,7 +161,6 @@ def prepare_gene_space(
         resolve_genes,
         text_coverage,
     )
-    from raypipe.llm.text_stage import embed_texts
 
     var = read_var(atlas.path)
     names, ensembl_ids, names_note = gene_names_from_var(var, job.input.gene_symbol_column)
@@ -199,44 +198,26 @@ def prepare_gene_space(
         )
     model = job.text_model.model
     cache_path = out_dir / CACHE_FILE
-    shared = GeneEmbeddingCache(job.gene_cache_dir(), model)
-    cached = {**shared.load(), **load_cached_embeddings(cache_path, model)}
-    needed = set(texts["text"])
-    todo = sorted(t for t in needed if t not in cached)
-    cache_stats = {
-        "path": str(shared.path),
-        "texts": len(needed),
-        "hits": len(needed) - len(todo),
-        "embedded": len(todo),
-    }
-    usage: dict[str, Any] = dict(source.usage())
+    unique = sorted(set(texts["text"]))
+    got = embed_cached(
+        unique,
+        job,
+        known=load_cached_embeddings(cache_path, model),
+        progress=progress,
+        desc="genes",
+    )
+    cache_stats = {"path": str(GeneEmbeddingCache(job.gene_cache_dir(), model).path), **got.stats}
+    usage = _merge_usage(dict(source.usage()), got.usage)
     failures: list[dict[str, Any]] = list(source.failures)
-    if todo:
-
-        def keep(batch: pd.DataFrame) -> None:  # finished batches survive an interruption
-            ok = batch["error"].fillna("") == ""
-            shared.add([str(t) for t in batch["text"][ok]], list(batch["embedding"][ok]))
-
-        try:
-            emb, errors, embed_usage = embed_texts(
-                todo,
-                job,
-                on_batch=keep,
-                progress=progress,
-                desc="genes",
-                cached=cache_stats["hits"],
+    by_text = dict(zip(texts["text"], texts["symbol"], strict=False))
+    cached: dict[str, np.ndarray] = {}
+    for t, e, err in zip(unique, got.vectors, got.errors, strict=True):
+        if err:
+            failures.append(
+                {"stage": "gene_embeddings", "item": by_text.get(t, t[:80]), "reason": err}
             )
-        finally:
-            shared.flush()
-        usage = _merge_usage(usage, embed_usage)
-        by_text = dict(zip(texts["text"], texts["symbol"], strict=False))
-        for t, e, err in zip(todo, emb, errors, strict=True):
-            if err:
-                failures.append(
-                    {"stage": "gene_embeddings", "item": by_text.get(t, t[:80]), "reason": err}
-                )
-            else:
-                cached[t] = e
+        else:
+            cached[t] = e
     if failures:
         from raypipe.llm.cost import check_failure_share
 
