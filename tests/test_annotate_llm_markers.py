@@ -78,6 +78,7 @@ def _cfg(small, tmp_path, srv):
     )
 
 
+@pytest.mark.slow
 def test_llm_markers_asked_once_cached_and_bad_answers_fail_loudly(ray_local, small, tmp_path):
     os.environ[KEY_ENV] = "sk-loopback"
     with FakeOpenAI("sk-loopback", chat_answer=_answer(None)) as srv:

@@ -58,6 +58,7 @@ def offline_run(ray_local, small, tmp_path_factory):
     return out, cfg, summary
 
 
+@pytest.mark.slow
 def test_offline_discovery_writes_clusters_calls_and_cl_metrics(offline_run):
     out, _, summary = offline_run
     clusters = pd.read_parquet(out / "annotations" / "clusters.parquet")
@@ -98,6 +99,7 @@ def test_offline_discovery_writes_clusters_calls_and_cl_metrics(offline_run):
     assert "discover" in summary.timings
 
 
+@pytest.mark.slow
 def test_export_has_the_cellxgene_pair_and_the_cluster(offline_run):
     from raypipe.api import open_run
 
@@ -111,6 +113,7 @@ def test_export_has_the_cellxgene_pair_and_the_cluster(offline_run):
     assert ids[labels != "unassigned"].str.match(r"^CL:\d{7}$").all()
 
 
+@pytest.mark.slow
 def test_rerun_reuses_the_clustering_and_the_report_shows_it(offline_run):
     from raypipe.evaluate.discovery_report import discovery_section, draw_discovery
     from raypipe.orchestrate.manifest import read_manifest

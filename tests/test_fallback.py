@@ -12,6 +12,7 @@ from raypipe.orchestrate.runner import run_job
 pytestmark = pytest.mark.integration
 
 
+@pytest.mark.slow
 def test_missing_orgdb_fails_or_falls_back_loudly(ray_local, tmp_path):
     src = write_h5ad(tmp_path / "cells.h5ad", make_adata(120))
     missing = tmp_path / "no-orgdb-here"

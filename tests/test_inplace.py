@@ -194,6 +194,7 @@ def test_a_zarr_in_a_bucket_is_read_in_place(kang, tmp_path):
 # ------------------------------------------------------------------- end to end (Ray)
 
 
+@pytest.mark.slow
 @pytest.mark.integration
 def test_kang_in_place_equals_ingested_bitwise(kang, table, ray_env, tmp_path):
     store = write_anndata_zarr(tmp_path / "kang.zarr", kang, chunk=32_768)

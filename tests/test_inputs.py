@@ -65,6 +65,7 @@ def test_duplicate_obs_names_are_refused_with_the_names_and_the_fix(table, tmp_p
 # items 5 and 6 (one run) ----------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_symbol_column_beside_ensembl_var_names_and_missing_labels(ray_local, table, tmp_path):
     """CELLxGENE layout: var_names Ensembl ids, symbols in var['feature_name'].
 

@@ -24,6 +24,7 @@ pytestmark = [pytest.mark.integration, pytest.mark.shared_gene_cache]
 CANDIDATES = ["B cell", "CD14-positive monocyte", "natural killer cell", "megakaryocyte"]
 
 
+@pytest.mark.slow
 def test_run_with_the_langcell_scorer_equals_ce_score(ray_local, shared_data, tmp_path):
     import anndata as ad
 

@@ -196,6 +196,7 @@ def test_llm_texts_openai_embeddings_genept_w_and_s_rate_limited_and_free_rerun(
     _no_secret_anywhere(fresh, [])
 
 
+@pytest.mark.slow
 def test_a_gene_that_always_fails_is_recorded_and_the_run_succeeds(env, tmp_path):
     bad = "IL7R" if "IL7R" in env.adata.var_names else str(env.adata.var_names[5])
     out = tmp_path / "run"
@@ -220,6 +221,7 @@ def test_a_gene_that_always_fails_is_recorded_and_the_run_succeeds(env, tmp_path
     assert any("failures.parquet" in w for w in summary.warnings)
 
 
+@pytest.mark.slow
 def test_many_failed_cell_sentences_fail_the_run_with_a_clear_message(env, tmp_path):
     names = [str(n) for n in env.adata.var_names]
     x = env.adata.X

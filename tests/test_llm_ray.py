@@ -39,6 +39,7 @@ def test_two_actors_share_one_budget(ray_local):
     assert len(srv.served) == 24
 
 
+@pytest.mark.slow
 def test_many_actors_with_server_latency_never_exceed_the_budget(ray_local):
     # 3 actors x 8 in flight against a budget of 8 requests per 1.5 s window; the server takes
     # 0.4 s per answer and the machine is loaded: grant-to-arrival delays vary. No safety margin.
@@ -64,6 +65,7 @@ def test_many_actors_with_server_latency_never_exceed_the_budget(ray_local):
     assert set(srv.served.values()) == {1}
 
 
+@pytest.mark.slow
 def test_local_model_embeds_in_one_actor_and_a_model_that_fails_to_load_says_so(
     ray_local, tmp_path
 ):

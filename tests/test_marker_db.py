@@ -209,6 +209,7 @@ def test_trust_order_and_summary_per_source(db, mapper):
     assert "marker_db" in line
 
 
+@pytest.mark.slow
 @pytest.mark.integration
 def test_a_run_uses_the_resource_and_negative_markers(ray_local, kang1k5, shared_data, tmp_path):
     """End to end on 300 real Kang cells: resource markers, recorded mapping, summary line."""

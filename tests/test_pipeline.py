@@ -118,6 +118,7 @@ def test_rerun_reuses_every_shard(env):
     assert before == after
 
 
+@pytest.mark.slow
 def test_independent_of_shard_size_and_actor_count(env):
     hvg = ("embed.genept_w.hvg=20", "embed.genept_w.center=true")
     small = _run(env, env.root / "s64", *hvg, "shards.rows=64", "ray.actors=1")

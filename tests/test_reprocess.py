@@ -134,6 +134,7 @@ def _same_vectors(a, b, names) -> None:
     assert np.array_equal(x, y), "old cells' vectors moved"
 
 
+@pytest.mark.slow
 def test_grown_atlas_computes_only_the_new_shards(first, atlases, shared_data, tmp_path):
     out, summary, manifest = _rerun(first, atlases, shared_data, tmp_path, "grown")
     assert manifest["status"] == "complete"
@@ -183,6 +184,7 @@ def test_grown_atlas_recomputes_annotation_and_evaluation_as_needed(
     pd.testing.assert_frame_equal(old_ann.loc[kept], new_ann.loc[kept])
 
 
+@pytest.mark.slow
 def test_changed_cells_recompute_only_their_shard(first, atlases, shared_data, tmp_path):
     _, _, rows = atlases
     out, _summary, manifest = _rerun(first, atlases, shared_data, tmp_path, "changed")

@@ -30,6 +30,7 @@ def small_kang(kang1k5, tmp_path_factory):
     return path, sub
 
 
+@pytest.mark.slow
 def test_annotate_and_evaluate_write_every_output(ray_local, small_kang, tmp_path):
     path, adata = small_kang
     table = write_gene_table(tmp_path / "genes.tsv")

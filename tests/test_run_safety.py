@@ -10,6 +10,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -29,6 +30,19 @@ def env(tmp_path_factory: pytest.TempPathFactory, ray_local):
     table = write_gene_table(root / "genes.tsv")
     h5 = write_h5ad(root / "cells.h5ad", make_adata(300, seed=5))
     return root, table, h5
+
+
+@pytest.fixture(scope="module")
+def complete(env, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """One finished run that the tests needing one copy (a run costs seconds; a copy nothing)."""
+    out = tmp_path_factory.mktemp("complete") / "run"
+    run_job(_job(env, out), progress=False)
+    return out
+
+
+def _copy_of(complete: Path, out: Path) -> Path:
+    shutil.copytree(complete, out)
+    return out
 
 
 def _job(env, out: Path, *overrides: str, input_path=None):
@@ -53,9 +67,8 @@ def test_overwrite_never_deletes_a_folder_raypipe_did_not_write(env, tmp_path):
     assert (foreign / "manifest.json").read_text() == "{}"
 
 
-def test_overwrite_deletes_only_raypipes_own_entries(env, tmp_path):
-    out = tmp_path / "run"
-    run_job(_job(env, out), progress=False)
+def test_overwrite_deletes_only_raypipes_own_entries(env, complete, tmp_path):
+    out = _copy_of(complete, tmp_path / "run")
     (out / "notes.txt").write_text("mine")
     (out / "embeddings" / "genept_w" / "stale-extra.parquet").write_text("old")
     summary = run_job(_job(env, out), overwrite=True, progress=False)
@@ -66,9 +79,8 @@ def test_overwrite_deletes_only_raypipes_own_entries(env, tmp_path):
     assert _manifest(out)["status"] == "complete"
 
 
-def test_a_failed_rerun_keeps_the_record_of_a_complete_run(env, tmp_path):
-    out = tmp_path / "complete"
-    run_job(_job(env, out), progress=False)
+def test_a_failed_rerun_keeps_the_record_of_a_complete_run(env, complete, tmp_path):
+    out = _copy_of(complete, tmp_path / "complete")
     before = (out / "manifest.json").read_text()
     with pytest.raises(InputError, match="no column 'celltype'"):
         run_job(_job(env, out, "input.label_key=celltype"), progress=False)
@@ -103,15 +115,15 @@ def test_bad_input_creates_nothing(env, tmp_path):
         run_job(_job(env, afile / "sub"), progress=False)
 
 
-def test_same_input_through_dotdot_is_the_same_run(env, tmp_path):
+def test_same_input_through_dotdot_is_the_same_run(env, complete, tmp_path):
     _, _, h5 = env
-    out = tmp_path / "dotdot"
-    run_job(_job(env, out), progress=False)
+    out = _copy_of(complete, tmp_path / "dotdot")
     via = h5.parent / ".." / h5.parent.name / h5.name
     again = run_job(_job(env, out, input_path=via), progress=False)
     assert again.shards_done == {"genept_w": 0}
 
 
+@pytest.mark.slow
 def test_resume_with_default_hvg_reads_no_expression_data(env, tmp_path):
     """The whole second run works without X: every chunk of X is gone from the atlas."""
     _, _, h5 = env

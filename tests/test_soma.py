@@ -101,6 +101,7 @@ def runs(experiment, kang1k5, table, ray_env, tmp_path_factory):
     return root / "h5ad", root / "soma", summary
 
 
+@pytest.mark.slow
 @pytest.mark.integration
 def test_filtered_subset_equals_the_h5ad_path(runs, kang):
     h5ad, soma, summary = runs
@@ -115,6 +116,7 @@ def test_filtered_subset_equals_the_h5ad_path(runs, kang):
     assert (a["empty"].to_numpy() == b["empty"].to_numpy()).all()
 
 
+@pytest.mark.slow
 @pytest.mark.integration
 def test_export_round_trips_through_to_anndata(runs, experiment, kang, tmp_path, capsys):
     from raypipe.cli import main
@@ -166,6 +168,7 @@ def test_export_round_trips_through_to_anndata(runs, experiment, kang, tmp_path,
     assert np.array_equal(again.obsm["X_genept_w"], got)
 
 
+@pytest.mark.slow
 @pytest.mark.integration
 def test_a_soma_run_exports_as_anndata_like_any_run(runs, kang, tmp_path):
     """The atlas view reads like an atlas: `raypipe export --out` streams X from the experiment."""
@@ -217,6 +220,7 @@ def test_dry_run_counts_the_selected_cells(experiment, kang, table, tmp_path):
     assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.slow
 @pytest.mark.integration
 def test_grown_experiment_recomputes_only_new_shards(kang, table, ray_env, tmp_path):
     uri = tmp_path / "growing"
@@ -243,6 +247,7 @@ def test_grown_experiment_recomputes_only_new_shards(kang, table, ray_env, tmp_p
     assert seen == collections.Counter(kang.obs_names)  # every cell exactly once
 
 
+@pytest.mark.slow
 @pytest.mark.integration
 def test_a_changed_filter_is_a_different_job(runs, experiment, table, ray_env):
     _, soma, _ = runs

@@ -224,33 +224,38 @@ def test_killed_run_resumes_and_every_stage_writes_to_the_bucket(s3, kang1k5, tm
     _no_secret(prefix, [out, err, eout, eerr, e2out, e2err])
 
 
-def test_a_run_on_the_bucket_and_a_second_atlas_that_embeds_no_shared_gene(s3, kang1k5, tmp_path):
-    """In the default suite: input, output and caches on S3; a second atlas hits the cache.
-
-    The first atlas (300 Kang cells, 900 genes) is annotated and evaluated with every output in
-    the bucket; the second (other cells, a subset of those genes) embeds no gene text again.
-    The killed-and-resumed CLI run above (``slow``) covers the report and export too.
-    """
+def _bucket_atlases(kang1k5, tmp_path):
+    """Two atlases in the bucket: 300 Kang cells × 900 genes, and 300 others × 600 of them."""
     import anndata as ad
-
-    from raypipe.config import load_config
-    from raypipe.orchestrate.runner import run_job
 
     adata = ad.read_h5ad(kang1k5)
     for name, part in (("first", adata[:300, :900]), ("second", adata[300:600, :600])):
         local = tmp_path / f"{name}.h5ad"
         part.copy().write_h5ad(local)
         _fs().put_file(str(local), f"atlases/{name}.h5ad")
-    cache = "s3://shared/second-atlas-cache"
+    return adata
 
-    def job(name: str, **sets: object) -> dict:
-        cfg = yaml.safe_load(_config(tmp_path, **sets).read_text())
-        cfg["input"].update(path=f"s3://atlases/{name}.h5ad", rows_per_chunk=128)
-        cfg.update(output_dir=f"s3://runs/{name}", cache={"path": cache})
-        cfg["genes"]["min_coverage"] = 0.1
-        return cfg
 
-    first = run_job(load_config(job("first", evaluate__sample_size=200)), progress=False)
+def _bucket_job(tmp_path, name: str, cache: str, out: str = "", **sets: object):
+    from raypipe.config import load_config
+
+    cfg = yaml.safe_load(_config(tmp_path, **sets).read_text())
+    cfg["input"].update(path=f"s3://atlases/{name}.h5ad", rows_per_chunk=128)
+    cfg.update(output_dir=f"s3://runs/{out or name}", cache={"path": cache})
+    cfg["genes"]["min_coverage"] = 0.1
+    return load_config(cfg)
+
+
+def test_a_run_with_input_output_and_caches_in_the_bucket(s3, kang1k5, tmp_path):
+    """In the default suite: input, output and caches on S3, annotated and evaluated.
+
+    The killed-and-resumed CLI run (``slow``) covers the report and export too.
+    """
+    from raypipe.orchestrate.runner import run_job
+
+    adata = _bucket_atlases(kang1k5, tmp_path)
+    job = _bucket_job(tmp_path, "first", "s3://shared/run-cache", evaluate__sample_size=200)
+    first = run_job(job, progress=False)
     assert first.shards_done == {"genept_w": 3}
     manifest = _manifest("runs/first")
     assert manifest["status"] == "complete"
@@ -259,10 +264,18 @@ def test_a_run_on_the_bucket_and_a_second_atlas_that_embeds_no_shared_gene(s3, k
     assert set(_cells("runs/first")) == set(adata.obs_names[:300])
     assert _fs().exists("runs/first/metrics.parquet")
 
-    second = job("second", annotate__enabled=False, evaluate__enabled=False)
-    summary = run_job(load_config(second), progress=False)
+
+@pytest.mark.slow
+def test_a_second_atlas_embeds_no_gene_the_bucket_cache_holds(s3, kang1k5, tmp_path):
+    from raypipe.orchestrate.runner import run_job
+
+    _bucket_atlases(kang1k5, tmp_path)
+    cache = "s3://shared/second-atlas-cache"
+    off = {"annotate__enabled": False, "evaluate__enabled": False}
+    run_job(_bucket_job(tmp_path, "first", cache, "cache-first", **off), progress=False)
+    summary = run_job(_bucket_job(tmp_path, "second", cache, "cache-second", **off), progress=False)
     assert summary.shards_done == {"genept_w": 3}
-    stats = _manifest("runs/second")["genes"]["cache"]
+    stats = _manifest("runs/cache-second")["genes"]["cache"]
     assert stats["embedded"] == 0
     assert stats["hits"] == stats["texts"] > 0
     assert stats["path"] == f"{cache}/gene_embeddings"
