@@ -112,6 +112,7 @@ def _no_secret_anywhere(out: Path, texts: list[str]) -> None:
         assert not leaked
 
 
+@pytest.mark.slow
 def test_llm_texts_openai_embeddings_genept_w_and_s_rate_limited_and_free_rerun(
     env, tmp_path, caplog, capfd
 ):

@@ -17,14 +17,14 @@ pytestmark = pytest.mark.integration
 
 def test_two_actors_share_one_budget(ray_local):
     ray = ray_local
-    # 6 requests per 2 s window for both actors together (each alone would send 6); no
+    # 6 requests per 1 s window for both actors together (each alone would send 6); no
     # safety margin: a slot stays live until one window after its answer
-    with FakeOpenAI(KEY, rpm=6, window_s=2.0) as srv, tempfile.TemporaryDirectory() as out:
-        job = _job(srv.base_url, out, rpm=6 * 30, tpm=1e9, in_flight=8)
+    with FakeOpenAI(KEY, rpm=6, window_s=1.0) as srv, tempfile.TemporaryDirectory() as out:
+        job = _job(srv.base_url, out, rpm=6 * 60, tpm=1e9, in_flight=8)
         cls = ray.remote(num_cpus=0.5, runtime_env={"env_vars": {"RAYPIPE_BENCH_KEY": KEY}})(
             LLMWorker
         )
-        workers = [cls.remote(job.model_dump_json(), 2.0, 0.0) for _ in range(2)]
+        workers = [cls.remote(job.model_dump_json(), 1.0, 0.0) for _ in range(2)]
         genes = [[f"RAYA{i}" for i in range(12)], [f"RAYB{i}" for i in range(12)]]
         done = ray.get([w.describe.remote(g) for w, g in zip(workers, genes, strict=True)])
         assert done == [12, 12]
@@ -34,7 +34,7 @@ def test_two_actors_share_one_budget(ray_local):
         for w in workers:
             ray.kill(w)
     assert srv.status[429] == 0
-    assert srv.max_requests_in_window(2.0) <= 6
+    assert srv.max_requests_in_window(1.0) <= 6
     assert set(srv.served.values()) == {1}
     assert len(srv.served) == 24
 

@@ -135,6 +135,7 @@ def test_independent_of_shard_size_and_actor_count(env):
     assert not np.allclose(_emb(a), _emb(plain), atol=1e-3)
 
 
+@pytest.mark.slow
 def test_changed_setting_recomputes_that_method(env):
     out = env.root / "setting"
     assert _run(env, out).shards_done == {"genept_w": N_SHARDS}
