@@ -167,6 +167,13 @@ def test_ci_runs_the_readme_test_command():
     assert command.strip() in readme
 
 
+def test_ci_runs_the_slow_tests_after_the_readme_command():
+    lines = (ROOT / ".ci" / "run").read_text().splitlines()
+    runs = [i for i, line in enumerate(lines) if "pytest" in line and not line.startswith("#")]
+    assert len(runs) == 2, ".ci/run: the README's test command, then the slow marker"
+    assert '-m "slow and not gpu"' in lines[runs[1]]
+
+
 def test_ci_builds_the_docs_strictly_after_the_tests():
     lines = (ROOT / ".ci" / "run").read_text().splitlines()
     tests = next(i for i, line in enumerate(lines) if "pytest" in line)

@@ -46,6 +46,8 @@ def test_the_demo_prints_no_third_party_lines(demo_cli_run):
     for stage in ("ingest", "genes", "genept_w", "annotate_genept_w"):
         assert re.search(rf"^{stage}: 100%\|", out.stderr, flags=re.M), stage
     assert "WARNING: FALLBACK" in out.stdout  # raypipe's own warnings still surface
+    # the legacy-layout file is read (and warned about) once: input checks and ingest share it
+    assert out.stderr.count("uses a legacy AnnData layout") == 1
     # the report drawn during the run shows the finished run's summary
     page = (out.out / "report" / "index.html").read_text()
     assert "<th>status</th><td>complete</td>" in page
