@@ -154,6 +154,25 @@ def test_offline_naming_from_knowledge_and_unassigned(ontology):
     assert all(r["cl_id"] not in BROAD_CLASSES for r in rows)
 
 
+def test_a_term_supported_by_too_few_genes_names_no_cluster(ontology):
+    know = MarkerKnowledge()
+    for g in ("CD3E", "CD3D"):  # a term known by two genes: two chance hits look significant
+        know.add(T, g, 1.0)
+    for g in ("MS4A1", "CD79A", "CD79B"):
+        know.add(B, g, 1.0)
+    for i in range(40):
+        know.add("CL:0000540", f"G{i}", 0.1)
+    ranked = [["CD3E", "CD3D", "G1"], ["CD3E", "CD3D", "MS4A1", "CD79A", "CD79B"]]
+    two, three = (
+        name_offline(ranked, know, ontology, min_support=1.0, min_genes=n) for n in (2, 3)
+    )
+    assert two[0]["cl_id"] == T
+    assert three[0]["cl_id"] is None
+    assert "min_marker_genes 3" in three[0]["why"]
+    assert three[0]["evidence"] == ["CD3E", "CD3D"]
+    assert three[1]["cl_id"] == B
+
+
 def test_offline_naming_without_any_known_gene(ontology):
     rows = name_offline([["A1", "A2"]], MarkerKnowledge(), ontology, min_support=1.0)
     assert rows[0]["cl_id"] is None

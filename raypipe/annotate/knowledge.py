@@ -392,11 +392,14 @@ def name_offline(
     ontology: Ontology,
     *,
     min_support: float,
+    min_genes: int = 1,
     specific: float = 1.0,
 ) -> list[dict[str, Any]]:
     """Name each cluster from marker knowledge, or leave it ``unassigned``.
 
-    The best-supported non-broad term (:func:`score_terms`) wins; then the deepest term under
+    Only terms that at least ``min_genes`` of the cluster's markers support may name it (a
+    term known by a handful of genes reaches a high enrichment on two chance hits). Among
+    them the best-supported non-broad term (:func:`score_terms`) wins; then the deepest term under
     it that keeps at least ``specific`` of its support (and at least two supporting genes) is
     preferred (the default 1.0: only an equally supported descendant; lower values name more
     specific terms and, measured on Kang, earn less ``cl_lineage``). A cluster whose best
@@ -412,6 +415,8 @@ def name_offline(
         The Cell Ontology (for the term hierarchy).
     min_support
         Least support for a name.
+    min_genes
+        Least number of the cluster's marker genes supporting a name.
     specific
         Share of the best support a more specific term must keep to be preferred.
 
@@ -435,6 +440,21 @@ def name_offline(
                 }
             )
             continue
+        few = table[table["n_genes"] < min_genes]
+        table = table[table["n_genes"] >= min_genes]
+        if table.empty:
+            first = few.iloc[0]
+            out.append(
+                {
+                    "cl_id": None,
+                    "support": round(float(first["support"]), 3),
+                    "evidence": list(first["evidence"]),
+                    "runner_up": "",
+                    "why": f"best term {first['cl_id']} is supported by {int(first['n_genes'])} "
+                    f"marker gene(s) < annotate.discover.min_marker_genes {min_genes}",
+                }
+            )
+            continue
         support = dict(zip(table["cl_id"], table["support"], strict=True))
         n_genes = dict(zip(table["cl_id"], table["n_genes"], strict=True))
         evidence = dict(zip(table["cl_id"], table["evidence"], strict=True))
@@ -443,7 +463,8 @@ def name_offline(
         keep = [
             t
             for t in lineage
-            if support.get(t, 0.0) >= specific * support[top] and n_genes.get(t, 0) >= 2
+            if support.get(t, 0.0) >= specific * support[top]
+            and n_genes.get(t, 0) >= max(2, min_genes)
         ] or [top]
         best = max(keep, key=lambda t: (len(ontology.terms[t].ancestors), support[t], t))
         above = set(ontology.terms[top].ancestors)

@@ -139,7 +139,14 @@ def name_clusters_offline(
     **_: Any,
 ) -> tuple[list[dict[str, Any]], list[dict[str, str]], dict[str, Any]]:
     """Offline naming of every cluster (:func:`name_offline`); no failures, no usage."""
-    rows = name_offline(markers, know, ontology, min_support=job.annotate.discover.min_support)
+    discover = job.annotate.discover
+    rows = name_offline(
+        markers,
+        know,
+        ontology,
+        min_support=discover.min_support,
+        min_genes=discover.min_marker_genes,
+    )
     for r in rows:
         r.update(
             found_by="offline" if r["cl_id"] else "unassigned", name=None, prompt="", answer=""

@@ -74,6 +74,13 @@ class DiscoverConfig(Section):
         description="Offline naming: least enrichment (−log10 p, summed over knowledge sources) "
         "of a cluster's best Cell Ontology term; below it the cluster is `unassigned`.",
     )
+    min_marker_genes: int = Field(
+        3,
+        ge=1,
+        description="Offline naming: a Cell Ontology term names a cluster only when at least "
+        "this many of the cluster's marker genes support it (a term known by a few genes "
+        "reaches a high enrichment on one or two chance hits).",
+    )
     min_cluster_cells: int = Field(
         10, ge=1, description="Smaller clusters are not named (left `unassigned`)."
     )
