@@ -65,6 +65,7 @@ def _tokens(path: Path, n: int = 20, seed: int = 0) -> Path:
     return path
 
 
+@pytest.mark.slow
 def test_smoke_runs_with_only_the_device_packages(tmp_path):
     tokens = _tokens(tmp_path / "tokens.parquet")
     out = tmp_path / "out"

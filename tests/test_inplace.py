@@ -158,37 +158,25 @@ def test_rows_read_in_place_are_checked(kang, tmp_path):
 @pytest.mark.integration
 def test_a_zarr_in_a_bucket_is_read_in_place(kang, tmp_path):
     """On S3 (a moto server) the chunk files' ETags are the cache key: same hashes as locally."""
-    from servers.s3 import MOTO, MotoServer, s3_env
+    from servers.s3 import moto_env
 
     from raypipe.core import storage
 
-    if not MOTO.exists():
-        pytest.skip("moto[server] is not installed (pip install -e '.[dev]')")
     store = write_anndata_zarr(tmp_path / "kang.zarr", kang, chunk=32_768)
     job = _job(store, tmp_path / "local", tmp_path / "t.tsv")
     local = zarr_view(store, inplace_layout(store, job)[0], job, tmp_path / "local")
-    server = MotoServer()
-    try:
-        with pytest.MonkeyPatch.context() as mp:
-            for k, v in s3_env(server.endpoint).items():
-                mp.setenv(k, v)
-            mp.delenv(storage.OPTIONS_ENV, raising=False)
-            storage.reset()
-            fs = storage.open_fs("s3")
-            fs.mkdir("atlases")
-            fs.put(str(store), "atlases/kang.zarr", recursive=True)
-            url = storage.as_path("s3://atlases/kang.zarr")
-            out = tmp_path / "bucket"
-            layout, why = inplace_layout(url, job)
-            assert why == ""
-            view = zarr_view(url, layout, job, out)
-            assert view.chunk_hashes == local.chunk_hashes  # hashes of the same stored bytes
-            assert zarr_view(url, layout, job, out).extra["chunk_files_hashed"] == 0
-            x = read_shard(view.path, 0, view.n_obs)
-            assert (x != sp.csr_matrix(kang.X)).nnz == 0
-    finally:
-        storage.reset()
-        server.stop()
+    with moto_env("atlases"):
+        fs = storage.open_fs("s3")
+        fs.put(str(store), "atlases/kang.zarr", recursive=True)
+        url = storage.as_path("s3://atlases/kang.zarr")
+        out = tmp_path / "bucket"
+        layout, why = inplace_layout(url, job)
+        assert why == ""
+        view = zarr_view(url, layout, job, out)
+        assert view.chunk_hashes == local.chunk_hashes  # hashes of the same stored bytes
+        assert zarr_view(url, layout, job, out).extra["chunk_files_hashed"] == 0
+        x = read_shard(view.path, 0, view.n_obs)
+        assert (x != sp.csr_matrix(kang.X)).nnz == 0
 
 
 # ------------------------------------------------------------------- end to end (Ray)

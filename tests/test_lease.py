@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 import yaml
 from data_factory import job_dict, make_adata, write_gene_table, write_h5ad
-from servers.s3 import MOTO, MotoServer, s3_env
+from servers.s3 import moto_env, s3_env
 
 from raypipe.config import load_config
 from raypipe.core.lease import LEASE, Lease, LeaseHeld
@@ -135,22 +135,8 @@ def test_run_job_refuses_a_held_folder_before_writing(tmp_path):
 
 @pytest.fixture(scope="module")
 def moto():
-    if not MOTO.exists():
-        pytest.skip("moto[server] is not installed (pip install -e '.[dev]')")
-    from raypipe.core import storage
-
-    server = MotoServer()
-    try:
-        with pytest.MonkeyPatch.context() as mp:
-            for k, v in s3_env(server.endpoint).items():
-                mp.setenv(k, v)
-            mp.delenv(storage.OPTIONS_ENV, raising=False)
-            storage.reset()
-            storage.open_fs("s3").mkdir("runs")
-            yield server
-    finally:
-        storage.reset()
-        server.stop()
+    with moto_env("runs") as server:
+        yield server
 
 
 def test_on_s3_a_conditional_create_admits_one_writer(moto):

@@ -125,6 +125,7 @@ def test_restart_pays_only_for_the_missing_half(tmp_path, server):
     assert 0.3 < paid_first / server.tokens_charged < 0.7
 
 
+@pytest.mark.slow
 def test_rate_limit_is_never_exceeded(tmp_path, server):
     # a scaled window: 8 requests and 200 tokens per 1 s window; no safety margin is needed
     # (a slot stays live until one window after its answer)
@@ -250,6 +251,7 @@ def test_the_key_never_leaks(tmp_path, server, caplog, capsys, monkeypatch):
         assert not any(secret.encode() in p.read_bytes() for p in files)
 
 
+@pytest.mark.slow
 def test_concurrent_clients_with_slow_server_never_exceed_the_budget(tmp_path, server):
     # 4 clients (each its own event loop thread) share one budget of 8 requests per 1 s window;
     # the server answers after 0.3 s, so requests are in flight across window edges. No safety

@@ -261,28 +261,16 @@ def test_a_run_uses_the_resource_and_negative_markers(ray_local, kang1k5, shared
 
 
 @pytest.mark.integration
-def test_the_resource_loads_from_a_bucket_url(mapper, monkeypatch):
+def test_the_resource_loads_from_a_bucket_url(mapper):
     """``annotate.marker_db.path: s3://…`` against a real S3 server (moto) on loopback."""
-    from servers.s3 import MOTO, MotoServer, s3_env
+    from servers.s3 import moto_env
 
     from raypipe.core import storage
 
-    if not MOTO.exists():
-        pytest.skip("moto[server] is not installed (pip install -e '.[dev]')")
-    server = MotoServer()
-    try:
-        for k, v in s3_env(server.endpoint).items():
-            monkeypatch.setenv(k, v)
-        monkeypatch.delenv(storage.OPTIONS_ENV, raising=False)
-        storage.reset()
-        fs = storage.open_fs("s3")
-        fs.mkdir("resources")
-        fs.put_file(str(FIXTURE), "resources/panglao.tsv")
+    with moto_env("resources"):
+        storage.open_fs("s3").put_file(str(FIXTURE), "resources/panglao.tsv")
         db = load_marker_db("s3://resources/panglao.tsv", mapper)
         assert len(db.mapping) == 38
         assert "CL:0000236" in db.terms
         with pytest.raises(InputError, match=r"s3://resources/missing\.tsv"):
             load_marker_db("s3://resources/missing.tsv", mapper)
-    finally:
-        storage.reset()
-        server.stop()

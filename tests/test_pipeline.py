@@ -172,6 +172,7 @@ def test_changed_row_recomputes_only_its_shard(env):
     assert diff.tolist() == [300]
 
 
+@pytest.mark.slow
 def test_interrupted_run_recomputes_unfinished_shards(env):
     out = env.root / "crash"
     shutil.copytree(env.base, out)
@@ -208,6 +209,7 @@ def test_failed_run_never_looks_complete(env):
     assert json.loads((out / "manifest.json").read_text())["status"] == "complete"
 
 
+@pytest.mark.slow
 def test_duplicate_genes_summed_like_presummed_columns(env):
     genes = [*GENES, "CD3D"]
     dup = make_adata(200, genes, seed=31, zero_rows=(4,))
@@ -225,6 +227,7 @@ def test_duplicate_genes_summed_like_presummed_columns(env):
     np.testing.assert_allclose(_emb(a), _emb(b), atol=1e-6)
 
 
+@pytest.mark.slow
 def test_genes_in_neither_id_space(env):
     genes = [*GENES[:10], *[f"LOC{i}X" for i in range(30)]]
     h5 = write_h5ad(env.root / "unknown.h5ad", make_adata(64, genes, seed=41))

@@ -29,7 +29,7 @@ import pyarrow.parquet as pq
 import pytest
 import yaml
 from data_factory import GENES, job_dict, make_adata, write_gene_table, write_h5ad
-from servers.s3 import MOTO, MotoServer, s3_env
+from servers.s3 import moto_env
 
 from raypipe.cli import main
 from raypipe.config import load_config
@@ -289,20 +289,12 @@ def test_overwrite_refuses_foreign_files_at_any_depth(tmp_path):
     assert check_output_dir(out, job, overwrite=True, force=True) is not None
 
 
-def test_overwrite_refuses_foreign_objects_at_any_depth_on_s3(tmp_path, monkeypatch):
-    if not MOTO.exists():
-        pytest.skip("moto[server] is not installed")
+def test_overwrite_refuses_foreign_objects_at_any_depth_on_s3(tmp_path):
     from raypipe.core import storage
     from raypipe.orchestrate.outdir import check_output_dir
 
-    server = MotoServer()
-    try:
-        for k, v in s3_env(server.endpoint).items():
-            monkeypatch.setenv(k, v)
-        monkeypatch.delenv(storage.OPTIONS_ENV, raising=False)
-        storage.reset()
+    with moto_env("runs"):
         fs = storage.open_fs("s3")
-        fs.mkdir("runs")
         fs.pipe_file("runs/x/embeddings/genept_w/part-00000.parquet", b"x")
         fs.pipe_file("runs/x/embeddings/genept_w/mine.csv", b"mine")
         out = storage.as_path("s3://runs/x")
@@ -311,9 +303,6 @@ def test_overwrite_refuses_foreign_objects_at_any_depth_on_s3(tmp_path, monkeypa
         with pytest.raises(InputError, match=r"embeddings/genept_w/mine\.csv"):
             check_output_dir(out, job, overwrite=True)
         assert fs.exists("runs/x/embeddings/genept_w/mine.csv")
-    finally:
-        storage.reset()
-        server.stop()
 
 
 # ---------------------------------------------------------------------------- Ctrl-C

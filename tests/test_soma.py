@@ -371,34 +371,22 @@ def test_kang8k_subset_equals_the_h5ad_path(kang8k, shared_data, ray_env, tmp_pa
 @pytest.mark.integration
 def test_an_experiment_in_a_bucket_is_read_like_a_local_one(experiment, kang, tmp_path):
     """soma+s3:// on a moto S3 server: TileDB gets the endpoint; credentials from the env."""
-    from servers.s3 import MOTO, MotoServer, s3_env
+    from servers.s3 import moto_env
 
     from raypipe.atlas.soma import SomaRows, is_soma_input, resolve_selection
     from raypipe.config import SomaConfig
     from raypipe.core import storage
 
-    if not MOTO.exists():
-        pytest.skip("moto[server] is not installed (pip install -e '.[dev]')")
-    server = MotoServer()
-    try:
-        with pytest.MonkeyPatch.context() as mp:
-            for k, v in s3_env(server.endpoint).items():
-                mp.setenv(k, v)
-            mp.delenv(storage.OPTIONS_ENV, raising=False)
-            storage.reset()
-            fs = storage.open_fs("s3")
-            fs.mkdir("experiments")
-            fs.put(str(experiment), "experiments/kang", recursive=True)
-            assert is_soma_input("s3://experiments/kang")  # a bucket's TileDB group, no prefix
-            assert not is_soma_input("s3://experiments/other")
-            cfg = SomaConfig(obs_value_filter=SUBSET)
-            remote = resolve_selection("soma+s3://experiments/kang", cfg, ["cluster_id"])
-            local = resolve_selection(f"soma+file://{experiment}", cfg, ["cluster_id"])
-            assert np.array_equal(remote.joinids, local.joinids)
-            a = SomaRows(remote.source, remote.joinids)
-            b = SomaRows(local.source, local.joinids)
-            assert (a.rows(0, 200) != b.rows(0, 200)).nnz == 0
-            assert a.obs_names(0, 200).tolist() == b.obs_names(0, 200).tolist()
-    finally:
-        storage.reset()
-        server.stop()
+    with moto_env("experiments"):
+        fs = storage.open_fs("s3")
+        fs.put(str(experiment), "experiments/kang", recursive=True)
+        assert is_soma_input("s3://experiments/kang")  # a bucket's TileDB group, no prefix
+        assert not is_soma_input("s3://experiments/other")
+        cfg = SomaConfig(obs_value_filter=SUBSET)
+        remote = resolve_selection("soma+s3://experiments/kang", cfg, ["cluster_id"])
+        local = resolve_selection(f"soma+file://{experiment}", cfg, ["cluster_id"])
+        assert np.array_equal(remote.joinids, local.joinids)
+        a = SomaRows(remote.source, remote.joinids)
+        b = SomaRows(local.source, local.joinids)
+        assert (a.rows(0, 200) != b.rows(0, 200)).nnz == 0
+        assert a.obs_names(0, 200).tolist() == b.obs_names(0, 200).tolist()

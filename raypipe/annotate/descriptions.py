@@ -113,19 +113,16 @@ def descriptions_for_job(
         written to ``state/failures/annotate_descriptions.parquet`` (merged into
         ``failures.parquet``); a clean re-run removes a stale file.
     """
-    from raypipe.genes.space import write_failures
+    from raypipe.genes.space import record_failures
 
     asks = [(m.label, m.cl_label or m.label, m.cl_id) for m in mappings]
     found, fails, usage = llm_descriptions(asks, job)
-    path = out_dir / "state" / "failures" / "annotate_descriptions.parquet"
     warnings: list[str] = []
+    record_failures(out_dir, "annotate_descriptions", fails)
     if fails:
-        write_failures(out_dir, "annotate_descriptions", fails)
         warnings.append(
             f"LLM descriptions failed for {len(fails)} candidate(s): "
             + ", ".join(f["item"] for f in fails)
             + " (see failures.parquet); they keep their ontology text"
         )
-    elif path.exists():
-        path.unlink()
     return found, warnings, usage

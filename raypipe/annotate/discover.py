@@ -150,7 +150,7 @@ def discover(
     from raypipe.annotate.ontology import load_ontology
     from raypipe.config import config_hash
     from raypipe.core.execute import run_plan
-    from raypipe.genes.space import write_failures
+    from raypipe.genes.space import record_failures
 
     cfg = job.annotate.discover
     n = atlas.n_obs
@@ -189,15 +189,12 @@ def discover(
     know = marker_knowledge(job, ontology, mapper, gene_resolver(genes), gene_texts=texts)
     rows, fails, usage = NAMERS.get(cfg.naming)(up, job, know, ontology)
     warnings: list[str] = []
-    fail_path = out_dir / "state" / "failures" / "annotate_discover.parquet"
+    record_failures(out_dir, "annotate_discover", fails)
     if fails:
-        write_failures(out_dir, "annotate_discover", fails)
         warnings.append(
             f"LLM naming failed for {len(fails)} cluster(s) (see failures.parquet); they were "
             "named offline"
         )
-    elif fail_path.exists():
-        fail_path.unlink()
     llm_names = [r["name"] for r in rows if r.get("name")]
     mapped = {m.label: m for m in mapper.map_all(list(dict.fromkeys(llm_names)))}
     records = []

@@ -253,18 +253,10 @@ def marker_knowledge(
             fix="write them as CL ids (CL:0000236) or CL labels, or map them with "
             "annotate.mapping {name: CL id}",
         )
-    cfg_db = job.annotate.marker_db
-    if cfg_db.enabled:  # the curated marker resource (raypipe markers fetch), mapped to CL once
-        from raypipe.annotate.marker_db import load_marker_db
+    if job.annotate.marker_db.enabled:  # the curated marker resource, mapped to CL once
+        from raypipe.annotate.marker_db import load_job_marker_db
 
-        db = load_marker_db(
-            cfg_db.path,
-            mapper,
-            source=cfg_db.source,
-            species=job.genes.species,
-            canonical_only=cfg_db.canonical_only,
-            min_confidence=cfg_db.min_confidence,
-        )
+        db = load_job_marker_db(job, mapper)
         for tid in sorted(db.terms):
             if tid in BROAD_CLASSES:
                 continue

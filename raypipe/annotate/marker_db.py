@@ -76,6 +76,7 @@ __all__ = [
     "default_path",
     "fetch_markers",
     "gene_weight",
+    "load_job_marker_db",
     "load_marker_db",
     "marker_db_for_job",
     "read_marker_file",
@@ -390,6 +391,19 @@ def check_marker_db(job: JobConfig) -> None:
     read_marker_file(_local(cfg.path, cfg.source), cfg.source)
 
 
+def load_job_marker_db(job: JobConfig, mapper: LabelMapper) -> MarkerDB:
+    """:func:`load_marker_db` with the run's ``annotate.marker_db`` and ``genes.species``."""
+    cfg = job.annotate.marker_db
+    return load_marker_db(
+        cfg.path,
+        mapper,
+        source=cfg.source,
+        species=job.genes.species,
+        canonical_only=cfg.canonical_only,
+        min_confidence=cfg.min_confidence,
+    )
+
+
 def marker_db_for_job(job: JobConfig, mapper: LabelMapper, out_dir: Any) -> MarkerDB | None:
     """Load the run's marker resource (``annotate.marker_db``), its mapping written for review.
 
@@ -401,17 +415,9 @@ def marker_db_for_job(job: JobConfig, mapper: LabelMapper, out_dir: Any) -> Mark
 
     from raypipe.core.outputs import write_parquet_atomic
 
-    cfg = job.annotate.marker_db
-    if not cfg.enabled:
+    if not job.annotate.marker_db.enabled:
         return None
-    db = load_marker_db(
-        cfg.path,
-        mapper,
-        source=cfg.source,
-        species=job.genes.species,
-        canonical_only=cfg.canonical_only,
-        min_confidence=cfg.min_confidence,
-    )
+    db = load_job_marker_db(job, mapper)
     table = pa.Table.from_pandas(db.mapping.assign(source=db.source), preserve_index=False)
     write_parquet_atomic(out_dir / "annotations" / "marker_db_mapping.parquet", table)
     n = db.describe()
@@ -423,6 +429,6 @@ def marker_db_for_job(job: JobConfig, mapper: LabelMapper, out_dir: Any) -> Mark
         n["cell_types"],
         n["mapped"],
         n["used"],
-        cfg.min_confidence,
+        job.annotate.marker_db.min_confidence,
     )
     return db

@@ -156,22 +156,19 @@ def prepare_candidates(
     llm = None
     if cfg.llm_markers:
         from raypipe.annotate.markers import llm_markers
-        from raypipe.genes.space import write_failures
+        from raypipe.genes.space import record_failures
 
         asks = [(m.label, m.cl_label or m.label, m.cl_id) for m in mappings]
         known = gene_names.is_gene if gene_names is not None else (lambda g: bool(resolver(g)))
         llm, fails, llm_usage = llm_markers(asks, job, known)
         usage.merge(llm_usage)
-        path = out_dir / "state" / "failures" / "annotate_markers.parquet"
+        record_failures(out_dir, "annotate_markers", fails)
         if fails:
-            write_failures(out_dir, "annotate_markers", fails)
             warnings.append(
                 f"LLM markers failed for {len(fails)} candidate(s): "
                 + ", ".join(f["item"] for f in fails)
                 + " (see failures.parquet); they fall back to ontology markers"
             )
-        elif path.exists():
-            path.unlink()
     descriptions = None
     if cfg.llm_descriptions:
         from raypipe.annotate.descriptions import descriptions_for_job

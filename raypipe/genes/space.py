@@ -37,6 +37,7 @@ __all__ = [
     "gene_table_for",
     "load_cached_embeddings",
     "prepare_gene_space",
+    "record_failures",
     "write_failures",
 ]
 
@@ -142,6 +143,20 @@ def write_failures(out_dir: AnyPath, stage: str, rows: list[dict[str, Any]]) -> 
     return path
 
 
+def record_failures(out_dir: AnyPath, stage: str, rows: list[dict[str, Any]]) -> None:
+    """Record a stage's failed items of this run.
+
+    Written when there are any; otherwise an earlier run's record of the stage is removed, so
+    ``failures.parquet`` lists only what failed this time.
+    """
+    if rows:
+        write_failures(out_dir, stage, rows)
+        return
+    path = out_dir / "state" / "failures" / f"{stage}.parquet"
+    if path.exists():
+        path.unlink()
+
+
 def prepare_gene_space(
     job: JobConfig, atlas: AtlasInfo, out_dir: AnyPath, *, progress: bool = False
 ) -> GeneSpace:
@@ -218,11 +233,11 @@ def prepare_gene_space(
             )
         else:
             cached[t] = e
+    record_failures(out_dir, "genes", failures)
     if failures:
         from raypipe.llm.cost import check_failure_share
 
         warnings.append(f"{len(failures)} genes got no text embedding (see failures.parquet)")
-        write_failures(out_dir, "genes", failures)
         check_failure_share(
             len(failures), max(len(symbols), 1), job.limits.max_failure_share, "genes"
         )

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import socket
 import subprocess
 import sys
 import time
 import urllib.request
+from collections.abc import Iterator
 from pathlib import Path
 
 MOTO = Path(sys.executable).with_name("moto_server")
@@ -54,3 +56,32 @@ def s3_env(endpoint: str, secret: str = "test-secret", key_id: str = "AKIATEST")
         "AWS_SECRET_ACCESS_KEY": secret,
         "AWS_DEFAULT_REGION": "us-east-1",
     }
+
+
+@contextlib.contextmanager
+def moto_env(*buckets: str) -> Iterator[MotoServer]:
+    """A moto server with this process's AWS variables and raypipe's filesystems pointed at it.
+
+    Skips the test when moto[server] is not installed; makes ``buckets``; on exit restores
+    the environment, forgets the cached filesystems and stops the server.
+    """
+    import pytest
+
+    from raypipe.core import storage
+
+    if not MOTO.exists():
+        pytest.skip("moto[server] is not installed (pip install -e '.[dev]')")
+    server = MotoServer()
+    try:
+        with pytest.MonkeyPatch.context() as mp:
+            for k, v in s3_env(server.endpoint).items():
+                mp.setenv(k, v)
+            mp.delenv(storage.OPTIONS_ENV, raising=False)
+            storage.reset()
+            fs = storage.open_fs("s3")
+            for bucket in buckets:
+                fs.mkdir(bucket)
+            yield server
+    finally:
+        storage.reset()
+        server.stop()
