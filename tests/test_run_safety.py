@@ -67,6 +67,7 @@ def test_overwrite_never_deletes_a_folder_raypipe_did_not_write(env, tmp_path):
     assert (foreign / "manifest.json").read_text() == "{}"
 
 
+@pytest.mark.slow
 def test_overwrite_deletes_only_raypipes_own_entries(env, complete, tmp_path):
     out = _copy_of(complete, tmp_path / "run")
     (out / "notes.txt").write_text("mine")
