@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import os
+import shutil
+import tempfile
 from pathlib import Path
 
 import pytest
-from cli_utils import CliRun, raypipe_cli
+from cli_utils import BackgroundCli, CliRun
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = Path(os.environ.get("RAYPIPE_SHARED_DATA", ROOT.parent / "shared" / "data"))
@@ -106,17 +108,19 @@ def ray_local(_ray_session):
     return ray
 
 
-@pytest.fixture(scope="session")
-def demo_cli_run(tmp_path_factory, session_user_cache) -> CliRun:
-    """The demo job (``configs/demo.yaml``) through the real CLI, once per session.
+_DEMO: dict[str, BackgroundCli] = {}
+
+
+def _start_demo() -> BackgroundCli:
+    """The demo job (``configs/demo.yaml``) through the real CLI, started in the background.
 
     Gene text = symbols (the same code path the demo falls back to, without embedding 750
     long GO descriptions); everything else is the demo as shipped: GenePT-w, annotation,
-    evaluation and the report. Tests read it (export, report, the quiet terminal); a test
-    that changes a run copies it first.
+    evaluation and the report. It has its own per-user cache (no other test sees it).
     """
-    cwd = tmp_path_factory.mktemp("demo")
-    res = raypipe_cli(
+    cwd = Path(tempfile.mkdtemp(prefix="raypipe-demo-"))
+    (cwd / "cache").mkdir()
+    return BackgroundCli(
         "run",
         str(ROOT / "configs" / "demo.yaml"),
         "--set",
@@ -124,10 +128,34 @@ def demo_cli_run(tmp_path_factory, session_user_cache) -> CliRun:
         "--set",
         "genes.text_source=symbol",
         cwd=cwd,
-        env={"RAYPIPE_CACHE_DIR": str(session_user_cache)},
+        env={"RAYPIPE_CACHE_DIR": str(cwd / "cache")},
     )
+
+
+def pytest_collection_finish(session: pytest.Session) -> None:
+    """Start the demo run as soon as the session knows a test needs it (it takes the longest
+    of the default suite's runs; beside the quick tests it costs less wall time)."""
+    if any("demo_cli_run" in getattr(i, "fixturenames", ()) for i in session.items):
+        _DEMO["run"] = _start_demo()
+
+
+def pytest_sessionfinish(session: pytest.Session) -> None:
+    demo = _DEMO.pop("run", None)
+    if demo is not None:
+        demo.stop()
+        shutil.rmtree(demo.cwd, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def demo_cli_run() -> CliRun:
+    """The demo run through the real CLI, once per session (:func:`_start_demo`).
+
+    Tests read it (export, report, the quiet terminal); a test that changes a run copies it.
+    """
+    demo = _DEMO.get("run") or _DEMO.setdefault("run", _start_demo())
+    res = demo.result()
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-5000:]
-    return CliRun(cwd / "demo", res.stdout, res.stderr)
+    return CliRun(demo.cwd / "demo", res.stdout, res.stderr)
 
 
 @pytest.fixture(scope="module")
