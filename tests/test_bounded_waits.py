@@ -25,7 +25,7 @@ import pytest
 import yaml
 from data_factory import GENES, job_dict, write_gene_table
 from servers.openai_server import FakeOpenAI, Faults
-from servers.s3 import MOTO, MotoServer, s3_env
+from servers.s3 import moto_env, s3_env
 
 from raypipe.config import load_config
 from raypipe.core.watchdog import Watchdog
@@ -178,64 +178,52 @@ def test_watchdog_says_what_the_run_waits_for():
 @pytest.mark.timeout(600)
 def test_frozen_s3_fails_within_the_bound_naming_the_endpoint(kang1k5, tmp_path):
     """SIGSTOP the S3 server mid-run: the run ends within the configured bound, naming it."""
-    if not MOTO.exists():
-        pytest.skip("moto[server] is not installed")
-    server = MotoServer()
-    env = {**os.environ, **s3_env(server.endpoint), "PYTHONPATH": str(ROOT)}
     from raypipe.core import storage
 
-    try:
-        with pytest.MonkeyPatch.context() as mp:
-            for k, v in s3_env(server.endpoint).items():
-                mp.setenv(k, v)
-            mp.delenv(storage.OPTIONS_ENV, raising=False)
-            storage.reset()
-            fs = storage.open_fs("s3")
-            fs.mkdir("runs")
-            cfg = {
-                "input": {"path": str(kang1k5), "rows_per_chunk": 128},
-                "output_dir": "s3://runs/frozen",
-                "cache": {"path": str(tmp_path / "cache")},
-                "shards": {"rows": 128},
-                "genes": {"text_source": "symbol"},
-                "storage": {"connect_timeout_s": 2, "read_timeout_s": 3, "max_attempts": 2},
-                "lease": {"heartbeat_s": 2, "stale_after_s": 60},
-                "watchdog": {"stall_s": 5},
-                "ray": {"num_cpus": 2, "actors": 1, "actor_cpus": 0.5},
-            }
-            path = tmp_path / "job.yaml"
-            path.write_text(yaml.safe_dump(cfg))
-            run = subprocess.Popen(
-                [sys.executable, "-m", "raypipe", "run", str(path), "--no-progress"],
-                env=env,
-                cwd=ROOT,
-                stdout=subprocess.PIPE,
-                stderr=subprocess.PIPE,
-                text=True,
-                start_new_session=True,
-            )
-            try:
-                deadline = time.time() + 300
-                while not fs.exists("runs/frozen/state/genept_w"):  # shards being written
-                    assert run.poll() is None, run.communicate()[1][-3000:]
-                    assert time.time() < deadline
-                    time.sleep(0.2)
-                os.kill(server.proc.pid, signal.SIGSTOP)
-                t0 = time.time()
-                out, err = run.communicate(timeout=400)
-                took = time.time() - t0
-            finally:
-                with contextlib.suppress(ProcessLookupError):
-                    os.killpg(run.pid, signal.SIGKILL)
-                os.kill(server.proc.pid, signal.SIGCONT)
-            assert run.returncode != 0
-            assert server.endpoint in err, err[-3000:]
-            assert "storage.read_timeout_s=3 s" in err
-            assert took < 240, took  # every request is bounded (and retried a bounded time)
-            assert "status: complete" not in out
-            storage.reset()
-            manifest = json.loads(storage.open_fs("s3").cat_file("runs/frozen/manifest.json"))
-            assert manifest["status"] != "complete"
-    finally:
+    with moto_env("runs") as server:
+        env = {**os.environ, **s3_env(server.endpoint), "PYTHONPATH": str(ROOT)}
+        fs = storage.open_fs("s3")
+        cfg = {
+            "input": {"path": str(kang1k5), "rows_per_chunk": 128},
+            "output_dir": "s3://runs/frozen",
+            "cache": {"path": str(tmp_path / "cache")},
+            "shards": {"rows": 128},
+            "genes": {"text_source": "symbol"},
+            "storage": {"connect_timeout_s": 2, "read_timeout_s": 3, "max_attempts": 2},
+            "lease": {"heartbeat_s": 2, "stale_after_s": 60},
+            "watchdog": {"stall_s": 5},
+            "ray": {"num_cpus": 2, "actors": 1, "actor_cpus": 0.5},
+        }
+        path = tmp_path / "job.yaml"
+        path.write_text(yaml.safe_dump(cfg))
+        run = subprocess.Popen(
+            [sys.executable, "-m", "raypipe", "run", str(path), "--no-progress"],
+            env=env,
+            cwd=ROOT,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            start_new_session=True,
+        )
+        try:
+            deadline = time.time() + 300
+            while not fs.exists("runs/frozen/state/genept_w"):  # shards being written
+                assert run.poll() is None, run.communicate()[1][-3000:]
+                assert time.time() < deadline
+                time.sleep(0.2)
+            os.kill(server.proc.pid, signal.SIGSTOP)
+            t0 = time.time()
+            out, err = run.communicate(timeout=400)
+            took = time.time() - t0
+        finally:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(run.pid, signal.SIGKILL)
+            os.kill(server.proc.pid, signal.SIGCONT)
+        assert run.returncode != 0
+        assert server.endpoint in err, err[-3000:]
+        assert "storage.read_timeout_s=3 s" in err
+        assert took < 240, took  # every request is bounded (and retried a bounded time)
+        assert "status: complete" not in out
         storage.reset()
-        server.stop()
+        manifest = json.loads(storage.open_fs("s3").cat_file("runs/frozen/manifest.json"))
+        assert manifest["status"] != "complete"
